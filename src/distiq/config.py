@@ -20,7 +20,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from distiq.registry import suggest
+from distiq.util import suggest
 
 T = TypeVar("T")
 

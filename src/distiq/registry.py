@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from distiq.util import suggest
+
 T = TypeVar("T")
-
-
-def suggest(name: str, candidates: list[str] | tuple[str, ...], n: int = 3) -> str:
-    """Return ``" (did you mean 'x'?)"`` for the closest candidates, or ``""`` when none is close."""
-    close = difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)
-    if not close:
-        return ""
-    return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
 
 
 class Registry(Generic[T]):

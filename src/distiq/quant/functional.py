@@ -223,11 +223,11 @@ class _RoundSTE(torch.autograd.Function):
     """round() forward, identity backward."""
 
     @staticmethod
-    def forward(ctx, x):  # noqa: D102
+    def forward(ctx, x):
         return torch.round(x)
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102
+    def backward(ctx, grad):
         return grad
 
 

@@ -9,9 +9,11 @@ For each weight shape (out N × in K) and each batch M (1 = one decode step, 204
   M is padded to 32 rows where ``_int_mm`` needs it (M ≤ 16);
 - ``fp8``: ``torch._scaled_mm`` with float8_e4m3 weights and activations, row-wise scales,
   activation cast inside the timed region; M padded to 16 where needed;
-- ``w4a16``: 4-bit asymmetric weights in groups of 128 (distiq's ``QuantSpec(bits=4,
+- ``w4a16_tinygemm``: 4-bit asymmetric weights in groups of 128 (distiq's ``QuantSpec(bits=4,
   symmetric=False, granularity=PerGroup(128))``) run by PyTorch's tinygemm kernel
-  (``torch._weight_int4pack_mm``), bf16 activations.
+  (``torch._weight_int4pack_mm``), bf16 activations;
+- ``w4a16_distiq``: the same weights through ``distiq.kernels.w4a16_linear`` (distiq's Triton
+  GEMV at decode; dequantize + cuBLAS at prefill).
 
 Every kernel's output is first checked against ``x @ dequantize(W)ᵀ`` computed in fp32 from
 distiq's own quantized codes, so a layout mistake shows as an error, not as a fast wrong number.
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_info
+from distiq.kernels import pack_w4a16, w4a16_linear
 from distiq.quant.functional import choose_qparams, dequantize, quantize
 from distiq.quant.spec import PerChannel, PerGroup, QuantSpec
 
@@ -107,6 +110,20 @@ class W4A16:
         return torch._weight_int4pack_mm(x, self.w_packed, self.group, self.scales_and_zeros)
 
 
+class W4A16Distiq:
+    """distiq's own W4A16 path (``distiq.kernels.w4a16_linear``): the Triton GEMV for decode,
+    dequantize + cuBLAS for prefill. Same quantized values as ``W4A16`` (tinygemm)."""
+
+    def __init__(self, w: torch.Tensor):
+        s, z = choose_qparams(w.float(), W4)
+        codes = quantize(w.float(), s, z, W4)
+        self.reference = dequantize(codes, s, z, W4)
+        self.weight = pack_w4a16(codes, s, z, W4.group_size, dtype=torch.bfloat16)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return w4a16_linear(x, self.weight)
+
+
 class BF16:
     def __init__(self, w: torch.Tensor):
         self.w = w
@@ -116,11 +133,17 @@ class BF16:
         return F.linear(x, self.w)
 
 
-KERNELS = {"bf16": BF16, "w8a8": W8A8, "fp8": FP8, "w4a16": W4A16}
+KERNELS = {
+    "bf16": BF16,
+    "w8a8": W8A8,
+    "fp8": FP8,
+    "w4a16_tinygemm": W4A16,
+    "w4a16_distiq": W4A16Distiq,
+}
 
 
 def weight_bytes(name: str, n: int, k: int) -> int:
-    return {"bf16": 2 * n * k, "w8a8": n * k, "fp8": n * k, "w4a16": n * k // 2}[name]
+    return {"bf16": 2 * n * k, "w8a8": n * k, "fp8": n * k}.get(name, n * k // 2)
 
 
 def time_kernel(fns, x, repeats: int, inner: int = 32) -> tuple[float, str]:
@@ -206,7 +229,7 @@ def main() -> None:
                 }
                 records.append(rec)
                 print(
-                    f"{n:>5}×{k:<6} {m:>5} {name:>7} {ms:9.4f} {base_ms / ms:7.2f} {tbps:8.2f} {rel_err:8.1e}"
+                    f"{n:>5}×{k:<6} {m:>5} {name:>14} {ms:9.4f} {base_ms / ms:7.2f} {tbps:8.2f} {rel_err:8.1e}"
                 )
                 torch.cuda.empty_cache()
     result = {

@@ -1,0 +1,209 @@
+"""Quantization-aware terms: prediction difference, Q/K entropy, rounding / range regulariser.
+
+All three are pure functions of tensors; the objective finds the tensors in a model.
+
+- :func:`prediction_difference` (PD-Quant's idea, Liu et al. 2023): a divergence between the
+  student's own full-precision prediction and its quantized prediction on the same input. The
+  full-precision side is the target and is detached by default.
+- :func:`qk_entropy_loss` (EdgeQAT, Shen et al. 2024): ``−Σ_h [log(1 + Var(Q_h)) + log(1 +
+  Var(K_h))]``. Quantization collapses the spread of queries and keys (lower entropy, assuming
+  Gaussian values, entropy grows with log-variance); maximising the variance counters that.
+  As in EdgeQAT's reference code the variance of each token's per-head vector is taken over the
+  head dimension (``correction=0``); ``log(1 + Var)`` is averaged over valid tokens and summed
+  over heads. The term is ≤ 0 and unbounded below: give it a small weight.
+- :func:`rounding_regularizer`: the weight-domain quantization error ``(w − ŵ)²`` with the integer
+  codes ``n = clamp(round(w / s + z), q_min, q_max)`` held constant, ``ŵ = s (n − z)``. Inside
+  the range it is ``s² (x − round x)²`` (``x = w / s + z``): its gradient pulls each weight to
+  the nearest grid point. Outside the range it is the clipping error: its gradient pulls the
+  weight (and, through ``s`` and ``z``, the range) so the range covers the weight. Gradients
+  reach ``scale`` and ``zero_point`` too when they are learnable (LSQ / LSQ+).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from distiq.distill.divergences import (
+    confidence_aware_kl,
+    js_divergence,
+    kl_divergence,
+    tv_distance,
+)
+from distiq.distill.reduction import Reduction, check_reduction, reduce_masked
+
+Divergence = Literal["forward_kl", "reverse_kl", "js", "tv", "confidence_aware_kl"]
+DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "js", "tv", "confidence_aware_kl")
+
+
+def divergence(
+    name: Divergence,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    confidence: float | Tensor | None = None,
+    labels: Tensor | None = None,
+    mask: Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Dispatch to a divergence by its config name (``forward_kl``, ``reverse_kl``, ``js``,
+    ``tv``, ``confidence_aware_kl``). ``beta`` is used by ``js``, ``confidence`` and ``labels`` by
+    ``confidence_aware_kl``. Shapes as :func:`distiq.distill.kl_divergence`."""
+    common = {"temperature": temperature, "mask": mask, "reduction": reduction}
+    if name == "forward_kl":
+        return kl_divergence(student_logits, teacher_logits, direction="forward", **common)
+    if name == "reverse_kl":
+        return kl_divergence(student_logits, teacher_logits, direction="reverse", **common)
+    if name == "js":
+        return js_divergence(student_logits, teacher_logits, beta=beta, **common)
+    if name == "tv":
+        return tv_distance(student_logits, teacher_logits, **common)
+    if name == "confidence_aware_kl":
+        return confidence_aware_kl(
+            student_logits, teacher_logits, confidence=confidence, labels=labels, **common
+        )
+    raise ValueError(f"unknown divergence {name!r}; choose one of {', '.join(DIVERGENCES)}")
+
+
+def prediction_difference(
+    fp_logits: Tensor,
+    quant_logits: Tensor,
+    *,
+    divergence_name: Divergence = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    mask: Tensor | None = None,
+    reduction: Reduction = "mean",
+    detach_fp: bool = True,
+) -> Tensor:
+    """Divergence ``D(p_S^fp ‖ p_Sq)`` between the full-precision and the quantized prediction.
+
+    Args:
+        fp_logits: ``(..., V)`` logits of the student with fake quantization disabled (e.g.
+            under ``distiq.quant.fake_quant_disabled(model)``), same weights, same input.
+        quant_logits: ``(..., V)`` logits of the fake-quantized student (the trained path).
+        divergence_name: which divergence; the fp path plays the teacher's role.
+        detach_fp: treat the fp prediction as a fixed target (PD-Quant); False lets gradients
+            flow through both paths.
+        temperature, beta, mask, reduction: as the divergences.
+    """
+    target = fp_logits.detach() if detach_fp else fp_logits
+    return divergence(
+        divergence_name,
+        quant_logits,
+        target,
+        temperature=temperature,
+        beta=beta,
+        mask=mask,
+        reduction=reduction,
+    )
+
+
+def split_heads(x: Tensor, head_dim: int) -> Tensor:
+    """``(B, T, H·Dh) -> (B, H, T, Dh)`` (the layout of q_proj / k_proj outputs)."""
+    if x.dim() != 3 or x.shape[-1] % head_dim:
+        raise ValueError(
+            f"expected (batch, tokens, heads*head_dim) with a width divisible by head_dim="
+            f"{head_dim}, got {tuple(x.shape)}"
+        )
+    b, t, width = x.shape
+    return x.view(b, t, width // head_dim, head_dim).transpose(1, 2)
+
+
+def _head_log_var(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Σ_h mean over valid (batch, token) of ``log(1 + Var_d x[b, h, t, :])``."""
+    if x.dim() != 4:
+        raise ValueError(
+            f"queries/keys must be (batch, heads, tokens, head_dim), got {tuple(x.shape)}"
+        )
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    log_var = torch.log1p(x.var(dim=-1, correction=0))  # (B, H, T)
+    if mask is None:
+        return log_var.mean(dim=(0, 2)).sum()
+    if mask.shape != (x.shape[0], x.shape[2]):
+        raise ValueError(
+            f"mask must be (batch, tokens) = {(x.shape[0], x.shape[2])}, got {tuple(mask.shape)}"
+        )
+    valid = mask.bool().unsqueeze(1)  # (B, 1, T)
+    kept = torch.where(valid, log_var, log_var.new_zeros(()))
+    return (kept.sum(dim=(0, 2)) / valid.sum().clamp_min(1).to(x.dtype)).sum()
+
+
+def qk_entropy_loss(queries: Tensor, keys: Tensor, *, mask: Tensor | None = None) -> Tensor:
+    """EdgeQAT's entropy term ``−Σ_h [log(1 + Var(Q_h)) + log(1 + Var(K_h))]`` for one layer.
+
+    Args:
+        queries: ``(B, H, T, Dh)`` (quantized) queries; use :func:`split_heads` on q_proj output.
+        keys: ``(B, H_kv, T, Dh)`` keys (grouped-query attention: ``H_kv`` may differ).
+        mask: ``(B, T)`` valid tokens (not padding), or None.
+
+    Returns:
+        A scalar ≤ 0: per head, the mean over valid tokens of ``log(1 + Var_d)`` (variance over
+        the head dimension), summed over heads, for queries plus keys, negated.
+    """
+    return -(_head_log_var(queries, mask) + _head_log_var(keys, mask))
+
+
+def _broadcast_qparam(param: Tensor | float, weight: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    """Return ``(weight_view, param_view)`` that broadcast; handles per-group params
+    ``(out, in // g)`` against a weight ``(out, in)`` by viewing the weight as ``(out, in//g, g)``."""
+    p = param if isinstance(param, Tensor) else torch.tensor(float(param), device=weight.device)
+    try:
+        torch.broadcast_shapes(p.shape, weight.shape)
+        return weight, p
+    except RuntimeError:
+        pass
+    if p.dim() == weight.dim() and p.shape[:-1] == weight.shape[:-1] and p.shape[-1] > 0:
+        groups = p.shape[-1]
+        if weight.shape[-1] % groups == 0:
+            grouped = weight.reshape(*weight.shape[:-1], groups, weight.shape[-1] // groups)
+            return grouped, p.unsqueeze(-1)
+    raise ValueError(
+        f"{what} of shape {tuple(p.shape)} does not broadcast against the weight "
+        f"{tuple(weight.shape)} (and is not a per-group (..., in // group_size) tensor)"
+    )
+
+
+def rounding_regularizer(
+    weight: Tensor,
+    scale: Tensor | float,
+    zero_point: Tensor | float,
+    quant_min: int,
+    quant_max: int,
+    *,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Weight-domain quantization error with the codes held constant (pulls weights to the grid).
+
+    Args:
+        weight: ``(out, in)`` (or any shape) full-precision weight.
+        scale: step size ``s > 0``; a float or a tensor broadcastable to ``weight`` (per tensor
+            ``()``, per channel ``(out, 1)``) or per group ``(out, in // group_size)``.
+        zero_point: ``z`` in code units, same layout as ``scale`` (may be fractional / learnable).
+        quant_min, quant_max: the integer grid ``[q_min, q_max]`` (e.g. −8, 7 for signed 4-bit).
+        reduction: over weight elements: ``"mean"`` (default), ``"sum"``, ``"batchmean"``
+            (sum / ``weight.shape[0]``), ``"none"`` (weight-shaped).
+
+    Returns:
+        ``reduce((w − s · (clamp(round(w / s + z), q_min, q_max) − z))²)``, differentiable in
+        ``weight``, ``scale`` and ``zero_point`` (``round`` / ``clamp`` of the code are treated as
+        constants: no straight-through estimator here, on purpose).
+    """
+    check_reduction(reduction)
+    if quant_min >= quant_max:
+        raise ValueError(f"quant_min ({quant_min}) must be below quant_max ({quant_max})")
+    w, s = _broadcast_qparam(scale, weight, "scale")
+    _, z = _broadcast_qparam(zero_point, weight, "zero_point")
+    s = s.to(w.dtype) if s.dtype != w.dtype else s
+    z = z.to(w.dtype) if z.dtype != w.dtype else z
+    if isinstance(scale, Tensor) and bool((scale <= 0).any()):
+        raise ValueError("scale must be positive everywhere")
+    with torch.no_grad():
+        codes = torch.clamp(torch.round(w / s + z), quant_min, quant_max)
+    dequantized = s * (codes - z)
+    error = (w - dequantized).pow(2).reshape(weight.shape)
+    return reduce_masked(error, None, reduction)

@@ -31,9 +31,11 @@ def test_feature_mse_reference_mask_weights_and_normalisation(feats):
     torch.testing.assert_close(feature_mse(s, t, mask=mask, weights=w), want)
     cos = F.cosine_similarity(s, t, dim=-1)
     torch.testing.assert_close(feature_mse(s, t, normalize="l2"), ((2 - 2 * cos) / 8).mean())
-    standard = lambda x: (
-        (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, correction=0, keepdim=True) + 1e-5)
-    )  # noqa: E731
+
+    def standard(x):
+        centred = x - x.mean(-1, keepdim=True)
+        return centred / torch.sqrt(x.var(-1, correction=0, keepdim=True) + 1e-5)
+
     torch.testing.assert_close(
         feature_mse(s, t, normalize="layer"), ((standard(s) - standard(t)) ** 2).mean()
     )

@@ -82,7 +82,7 @@ def test_rounding_regularizer_reference_and_zero_on_grid():
     assert rounding_regularizer(on_grid, scale, zero, -8, 7).item() == pytest.approx(0.0, abs=1e-12)
     w = torch.randn(4, 6, dtype=torch.float64) * 0.4
     s64, z64 = scale.double(), torch.full((4, 1), 0.3, dtype=torch.float64)
-    ref = (w - s64 * (torch.clamp(torch.round(w / s64 + z64), -8, 7) - z64)) ** 2
+    ref = (w - s64 * (torch.clamp(torch.round(w / s64) + 0.0, -8, 7) - z64)) ** 2  # round(0.3) = 0
     torch.testing.assert_close(rounding_regularizer(w, s64, z64, -8, 7), ref.mean())
     torch.testing.assert_close(rounding_regularizer(w, s64, z64, -8, 7, reduction="none"), ref)
 
@@ -114,9 +114,31 @@ def test_rounding_regularizer_per_group_and_errors():
     s_full = scale.repeat_interleave(2, dim=1)
     ref = (w - s_full * torch.clamp(torch.round(w / s_full), -2, 1)) ** 2
     torch.testing.assert_close(got, ref)
+    # distiq.quant's per-group layout (out, in // g, 1) gives the same
+    torch.testing.assert_close(
+        rounding_regularizer(w, scale.unsqueeze(-1), zero.unsqueeze(-1), -2, 1, reduction="none"),
+        ref,
+    )
     with pytest.raises(ValueError, match="does not broadcast"):
         rounding_regularizer(w, torch.rand(3, 1) + 0.1, 0.0, -2, 1)
     with pytest.raises(ValueError, match="positive"):
         rounding_regularizer(w, torch.zeros(2, 1), 0.0, -2, 1)
     with pytest.raises(ValueError, match="below"):
         rounding_regularizer(w, 0.1, 0.0, 1, 1)
+
+
+def test_rounding_regularizer_is_the_fake_quant_error_of_distiq_quant():
+    from distiq.quant import PerGroup, QuantSpec
+    from distiq.quant.functional import choose_qparams, fake_quantize
+
+    specs = [
+        QuantSpec(bits=4),
+        QuantSpec(bits=3, symmetric=False),
+        QuantSpec(bits=2, granularity=PerGroup(4)),
+    ]
+    for spec in specs:
+        w = torch.randn(6, 16)
+        qp = choose_qparams(w, spec)
+        want = ((w - fake_quantize(w, qp.scale, qp.zero_point, spec)) ** 2).mean()
+        got = rounding_regularizer(w, qp.scale, qp.zero_point, spec.quant_min, spec.quant_max)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)

@@ -12,8 +12,9 @@ All three are pure functions of tensors; the objective finds the tensors in a mo
   head dimension (``correction=0``); ``log(1 + Var)`` is averaged over valid tokens and summed
   over heads. The term is ≤ 0 and unbounded below: give it a small weight.
 - :func:`rounding_regularizer`: the weight-domain quantization error ``(w − ŵ)²`` with the integer
-  codes ``n = clamp(round(w / s + z), q_min, q_max)`` held constant, ``ŵ = s (n − z)``. Inside
-  the range it is ``s² (x − round x)²`` (``x = w / s + z``): its gradient pulls each weight to
+  codes ``n = clamp(round(w / s) + round(z), q_min, q_max)`` held constant, ``ŵ = s (n − z)``
+  (``distiq.quant``'s grid: for an integer ``z``, ``ŵ`` is exactly ``fake_quantize(w)``). Inside
+  the range it is ``s² (w/s − round(w/s))²``: its gradient pulls each weight to
   the nearest grid point. Outside the range it is the clipping error: its gradient pulls the
   weight (and, through ``s`` and ``z``, the range) so the range covers the weight. Gradients
   reach ``scale`` and ``zero_point`` too when they are learnable (LSQ / LSQ+).
@@ -148,24 +149,51 @@ def qk_entropy_loss(queries: Tensor, keys: Tensor, *, mask: Tensor | None = None
     return -(_head_log_var(queries, mask) + _head_log_var(keys, mask))
 
 
-def _broadcast_qparam(param: Tensor | float, weight: Tensor, what: str) -> tuple[Tensor, Tensor]:
-    """Return ``(weight_view, param_view)`` that broadcast; handles per-group params
-    ``(out, in // g)`` against a weight ``(out, in)`` by viewing the weight as ``(out, in//g, g)``."""
-    p = param if isinstance(param, Tensor) else torch.tensor(float(param), device=weight.device)
-    try:
-        torch.broadcast_shapes(p.shape, weight.shape)
-        return weight, p
-    except RuntimeError:
-        pass
-    if p.dim() == weight.dim() and p.shape[:-1] == weight.shape[:-1] and p.shape[-1] > 0:
-        groups = p.shape[-1]
-        if weight.shape[-1] % groups == 0:
-            grouped = weight.reshape(*weight.shape[:-1], groups, weight.shape[-1] // groups)
-            return grouped, p.unsqueeze(-1)
-    raise ValueError(
-        f"{what} of shape {tuple(p.shape)} does not broadcast against the weight "
-        f"{tuple(weight.shape)} (and is not a per-group (..., in // group_size) tensor)"
+def _aligned_qparams(
+    weight: Tensor, scale: Tensor | float, zero_point: Tensor | float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(weight_view, scale, zero_point)`` that broadcast together.
+
+    Per-group parameters come as ``(..., in // g, 1)`` (``distiq.quant``'s layout) or
+    ``(..., in // g)``; the weight ``(..., in)`` is then viewed as ``(..., in // g, g)``.
+    """
+    s = scale if isinstance(scale, Tensor) else torch.tensor(float(scale), device=weight.device)
+    z = (
+        zero_point
+        if isinstance(zero_point, Tensor)
+        else torch.tensor(float(zero_point), device=weight.device)
     )
+    lead, width = weight.shape[:-1], weight.shape[-1] if weight.dim() else 1
+    groups = None
+    if s.dim() == weight.dim() + 1 and s.shape[-1] == 1 and s.shape[:-2] == lead:
+        groups = s.shape[-2]
+    elif (
+        weight.dim() >= 1
+        and s.dim() == weight.dim()
+        and s.shape[:-1] == lead
+        and s.shape[-1] not in (1, width)
+    ):
+        groups = s.shape[-1]
+        s = s.unsqueeze(-1)
+        if z.dim() == weight.dim() and z.shape[-1] == groups:
+            z = z.unsqueeze(-1)
+    if groups is not None:
+        if width % groups:
+            raise ValueError(
+                f"per-group scale with {groups} groups does not divide the weight's last "
+                f"dimension {width}"
+            )
+        weight = weight.unflatten(-1, (groups, width // groups))
+    for what, p in (("scale", s), ("zero_point", z)):
+        try:
+            torch.broadcast_shapes(p.shape, weight.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{what} of shape {tuple(p.shape)} does not broadcast against the weight "
+                f"{tuple(weight.shape)} (per tensor, per channel (out, 1), or per group "
+                "(out, in // group_size[, 1]) are accepted)"
+            ) from None
+    return weight, s.to(weight.dtype), z.to(weight.dtype)
 
 
 def rounding_regularizer(
@@ -182,28 +210,26 @@ def rounding_regularizer(
     Args:
         weight: ``(out, in)`` (or any shape) full-precision weight.
         scale: step size ``s > 0``; a float or a tensor broadcastable to ``weight`` (per tensor
-            ``()``, per channel ``(out, 1)``) or per group ``(out, in // group_size)``.
+            ``()``, per channel ``(out, 1)``) or per group ``(out, in // group_size, 1)`` (the
+            layout of ``distiq.quant.choose_qparams``) or ``(out, in // group_size)``.
         zero_point: ``z`` in code units, same layout as ``scale`` (may be fractional / learnable).
         quant_min, quant_max: the integer grid ``[q_min, q_max]`` (e.g. −8, 7 for signed 4-bit).
         reduction: over weight elements: ``"mean"`` (default), ``"sum"``, ``"batchmean"``
             (sum / ``weight.shape[0]``), ``"none"`` (weight-shaped).
 
     Returns:
-        ``reduce((w − s · (clamp(round(w / s + z), q_min, q_max) − z))²)``, differentiable in
+        ``reduce((w − s · (clamp(round(w / s) + round(z), q_min, q_max) − z))²)``, differentiable in
         ``weight``, ``scale`` and ``zero_point`` (``round`` / ``clamp`` of the code are treated as
         constants: no straight-through estimator here, on purpose).
     """
     check_reduction(reduction)
     if quant_min >= quant_max:
         raise ValueError(f"quant_min ({quant_min}) must be below quant_max ({quant_max})")
-    w, s = _broadcast_qparam(scale, weight, "scale")
-    _, z = _broadcast_qparam(zero_point, weight, "zero_point")
-    s = s.to(w.dtype) if s.dtype != w.dtype else s
-    z = z.to(w.dtype) if z.dtype != w.dtype else z
+    w, s, z = _aligned_qparams(weight, scale, zero_point)
     if isinstance(scale, Tensor) and bool((scale <= 0).any()):
         raise ValueError("scale must be positive everywhere")
     with torch.no_grad():
-        codes = torch.clamp(torch.round(w / s + z), quant_min, quant_max)
+        codes = torch.clamp(torch.round(w * (1.0 / s)) + torch.round(z), quant_min, quant_max)
     dequantized = s * (codes - z)
     error = (w - dequantized).pow(2).reshape(weight.shape)
     return reduce_masked(error, None, reduction)

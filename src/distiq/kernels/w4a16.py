@@ -58,8 +58,10 @@ def pack_w4a16(
     """Pack unsigned 4-bit ``codes (N, K)`` with per-group ``scale`` and ``zero_point``
     (each ``(N, G)`` or ``(N, G, 1)``, distiq's ``PerGroup`` qparams) for ``w4a16_linear``."""
     n, k = codes.shape
-    if k % 2 or k % group_size:
-        raise ValueError(f"in_features {k} must be even and divisible by group_size {group_size}")
+    if k % group_size or group_size % 8:
+        raise ValueError(
+            f"in_features {k} must be divisible by group_size {group_size}, and group_size by 8"
+        )
     if codes.min() < 0 or codes.max() > 15:
         raise ValueError(
             "W4A16 needs unsigned 4-bit codes in [0, 15] (an asymmetric or unsigned spec)"
@@ -103,8 +105,8 @@ def _triton_kernel():
 
     configs = [
         triton.Config({"BLOCK_N": bn, "GROUPS_PER_BLOCK": gpb, "SPLIT_K": sk}, num_warps=w)
-        for bn in (16, 32, 64)
-        for gpb in (1, 2, 4)
+        for bn in (8, 16, 32)
+        for gpb in (1, 2)
         for sk in (1, 2, 4)
         for w in (2, 4)
     ]
@@ -127,35 +129,36 @@ def _triton_kernel():
         GROUPS_PER_BLOCK: tl.constexpr,
         SPLIT_K: tl.constexpr,
     ):
+        # The packed weight is read as int32 words: word j of a row holds codes 8j..8j+7,
+        # code 8j+i in bits 4i..4i+3 (little-endian bytes, low nibble first).
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
-        HALF: tl.constexpr = GROUP // 2
+        WORDS: tl.constexpr = GROUP // 8
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         offs_g = tl.arange(0, GROUPS_PER_BLOCK)
-        offs_h = tl.arange(0, HALF)
+        offs_w = tl.arange(0, WORDS)
+        offs_i = tl.arange(0, 8)
+        shifts = offs_i * 4
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        n_groups = N_GROUPS
-        for i in range(0, tl.cdiv(N_GROUPS, GROUPS_PER_BLOCK * SPLIT_K)):
-            groups = (i * SPLIT_K + pid_k) * GROUPS_PER_BLOCK + offs_g  # (GPB,)
-            g_mask = groups < n_groups
-            col = groups[:, None] * HALF + offs_h[None, :]  # (GPB, HALF) packed columns
+        for it in range(0, tl.cdiv(N_GROUPS, GROUPS_PER_BLOCK * SPLIT_K)):
+            groups = (it * SPLIT_K + pid_k) * GROUPS_PER_BLOCK + offs_g  # (GPB,)
+            g_mask = groups < N_GROUPS
+            word = groups[:, None] * WORDS + offs_w[None, :]  # (GPB, WORDS)
             p = tl.load(
-                w_ptr + offs_n[:, None, None] * stride_wn + col[None, :, :],
+                w_ptr + offs_n[:, None, None] * stride_wn + word[None, :, :],
                 mask=n_mask[:, None, None] & g_mask[None, :, None],
                 other=0,
-            )  # (BN, GPB, HALF) uint8
-            x_even = tl.load(x_ptr + pid_m * stride_xm + 2 * col, mask=g_mask[:, None], other=0.0)
-            x_odd = tl.load(
-                x_ptr + pid_m * stride_xm + 2 * col + 1, mask=g_mask[:, None], other=0.0
-            )
-            x_even = x_even.to(tl.float32)
-            x_odd = x_odd.to(tl.float32)
-            lo = (p & 0xF).to(tl.float32)
-            hi = (p >> 4).to(tl.float32)
-            qx = tl.sum(lo * x_even[None, :, :] + hi * x_odd[None, :, :], axis=2)  # (BN, GPB)
-            sx = tl.sum(x_even + x_odd, axis=1)  # (GPB,)
+            )  # (BN, GPB, WORDS) int32
+            codes = (p[:, :, :, None] >> shifts[None, None, None, :]) & 0xF  # (BN, GPB, WORDS, 8)
+            k_idx = word[:, :, None] * 8 + offs_i[None, None, :]  # (GPB, WORDS, 8)
+            x = tl.load(x_ptr + pid_m * stride_xm + k_idx, mask=g_mask[:, None, None], other=0.0)
+            x = x.to(tl.float32)
+            qx = tl.sum(
+                tl.sum(codes.to(tl.float32) * x[None, :, :, :], axis=3), axis=2
+            )  # (BN, GPB)
+            sx = tl.sum(tl.sum(x, axis=2), axis=1)  # (GPB,)
             sg = offs_n[:, None] * stride_sn + groups[None, :]
             sg_mask = n_mask[:, None] & g_mask[None, :]
             s = tl.load(s_ptr + sg, mask=sg_mask, other=0.0).to(tl.float32)
@@ -185,6 +188,7 @@ def _triton_w4a16(x: torch.Tensor, weight: W4A16Weight, config: dict | None = No
     if x.shape[1] != k:
         raise ValueError(f"x has {x.shape[1]} features, the weight expects {k}")
     x = x.contiguous()
+    words = weight.packed.view(torch.int32)  # (N, K/8): 8 codes per word
     out = torch.zeros(x.shape[0], n, device=x.device, dtype=torch.float32)
 
     def grid(meta):
@@ -192,13 +196,13 @@ def _triton_w4a16(x: torch.Tensor, weight: W4A16Weight, config: dict | None = No
 
     kernel[grid](
         x,
-        weight.packed,
+        words,
         weight.scale,
         weight.zero_scaled,
         out,
         n,
         x.stride(0),
-        weight.packed.stride(0),
+        words.stride(0),
         weight.scale.stride(0),
         out.stride(0),
         N_GROUPS=k // weight.group_size,

@@ -88,7 +88,9 @@ def w4a16_linear(
 ) -> torch.Tensor:
     """``x (..., K) @ wᵀ (+ bias) -> (..., N)`` in ``x.dtype``."""
     rows = x.numel() // x.shape[-1]
-    if x.is_cuda and rows <= GEMV_MAX_ROWS and _triton_kernel() is not None:
+    group = weight.group_size
+    power_of_two = group & (group - 1) == 0  # Triton tiles have power-of-two sizes
+    if x.is_cuda and rows <= GEMV_MAX_ROWS and power_of_two and _triton_kernel() is not None:
         out = _triton_w4a16(x.reshape(rows, x.shape[-1]), weight).reshape(*x.shape[:-1], -1)
         return out if bias is None else out + bias
     return F.linear(x, dequantize_w4a16(weight, x.dtype), bias)

@@ -1,0 +1,215 @@
+"""VQA: official answer normalisation rule by rule, leave-one-out accuracy, aggregation, loss."""
+
+import itertools
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distiq.tasks._vqa_tables import CONTRACTIONS
+from distiq.tasks.vqa import (
+    VQAAccuracy,
+    VQATask,
+    answer_token_loss,
+    answer_token_mask,
+    infer_answer_type,
+    normalize_answer,
+    process_punctuation,
+    vqa_accuracy,
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        # whitespace: newlines and tabs become spaces, ends stripped, runs collapsed by split/join
+        ("  yes\n", "yes"),
+        ("red\tball", "red ball"),
+        ("red   ball", "red ball"),
+        # case
+        ("YES", "yes"),
+        # a mark touching a space is deleted; elsewhere it becomes a space
+        ("yes , sir", "yes sir"),
+        ("red,blue", "red blue"),
+        ("red/blue", "red blue"),
+        ("left (mostly)", "left mostly"),
+        ("it's", "it s"),
+        ('"hello"', "hello"),
+        ("what?", "what"),
+        ("a=b+c", "b c"),  # '=' and '+' become spaces, then the article "a" goes
+        ("foo_bar", "foo bar"),
+        ("x;y:z", "x y z"),
+        ("back\\slash", "back slash"),
+        ("<tag>", "tag"),
+        ("user@host", "user host"),
+        ("`tick`", "tick"),
+        ("[1]", "1"),
+        # a comma between digits deletes the comma, and then every other mark too
+        ("1,000", "1000"),
+        ("1,000/2", "10002"),
+        ("1,000 (approx)", "1000 approx"),
+        # periods are dropped unless a digit follows
+        ("yes.", "yes"),
+        ("e.g.", "eg"),
+        ("3.5", "3.5"),
+        (".5", ".5"),
+        ("5.", "5"),
+        # marks the official list leaves alone
+        ("yes!", "yes!"),
+        ("t-shirt", "t-shirt"),
+        # number words up to ten, and "none" -> 0
+        ("two", "2"),
+        ("Ten", "10"),
+        ("none", "0"),
+        ("zero", "0"),
+        ("eleven", "eleven"),
+        ("two dogs", "2 dogs"),
+        # articles
+        ("a dog", "dog"),
+        ("an apple", "apple"),
+        ("The Cat", "cat"),
+        ("another", "another"),
+        # contractions (the official table, typographic apostrophes included)
+        ("dont", "don’t"),
+        ("cant", "can't"),
+        ("whats", "what’s"),
+        ("wheres", "where's"),
+        ("Im", "im"),  # capitalised keys in the table never match after lower-casing
+        ("don't", "don t"),  # the apostrophe itself is punctuation
+    ],
+)
+def test_normalize_answer_rules(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+def test_punctuation_step_alone_keeps_case():
+    assert process_punctuation("Yes, Sir.") == "Yes Sir"
+    assert process_punctuation("A/B") == "A B"
+
+
+def test_period_strip_stops_after_32_like_the_official_code():
+    # vqaEval.py passes re.UNICODE (= 32) as the `count` argument of re.sub.
+    assert normalize_answer("." * 33 + "x") == ".x"
+    assert normalize_answer("." * 32 + "x") == "x"
+
+
+def test_contraction_table_is_the_official_one():
+    assert len(CONTRACTIONS) == 120
+    assert CONTRACTIONS["somebody’d"] == "somebodyd"
+    assert CONTRACTIONS["couldn'tve"] == "couldn’t’ve"
+    assert sum("'" in v for v in CONTRACTIONS.values()) == 8
+
+
+def test_human_answers_get_punctuation_only_and_only_when_they_differ():
+    # differing answers: punctuation is processed, but not lower-casing / articles / digits
+    assert vqa_accuracy("yes", ["yes."] * 3 + ["no"] * 7) == pytest.approx(0.9)
+    assert vqa_accuracy("2", ["two"] * 5 + ["2"] * 5) == pytest.approx(1.0)  # "two" kept as-is
+    assert vqa_accuracy("two", ["two"] * 5 + ["three"] * 5) == 0.0  # prediction became "2"
+    # identical answers are not processed at all (official quirk)
+    assert vqa_accuracy("yes", ["yes."] * 10) == 0.0
+    assert vqa_accuracy("Yes.", ["yes"] * 10) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("matches", "expected"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)]
+)
+def test_leave_one_out_accuracy(matches, expected):
+    humans = ["cat"] * matches + [f"other{i}" for i in range(10 - matches)]
+    assert vqa_accuracy("cat", humans) == pytest.approx(expected)
+    assert vqa_accuracy("The cat.", humans) == pytest.approx(expected)
+
+
+def test_leave_one_out_against_explicit_subsets():
+    rng = random.Random(0)
+    for _ in range(200):
+        humans = [rng.choice(["red", "blue", "2", "two"]) for _ in range(10)]
+        prediction = rng.choice(["red", "blue", "2", "green"])
+        subsets = itertools.combinations(range(10), 9)
+        expected = sum(min(1.0, sum(humans[j] == prediction for j in s) / 3) for s in subsets) / 10
+        assert vqa_accuracy(prediction, humans) == pytest.approx(expected, abs=1e-12)
+
+
+def test_single_human_answer_is_normalised_exact_match():
+    assert vqa_accuracy("two", ["Two."]) == 1.0
+    assert vqa_accuracy("a red car", ["The red car"]) == 1.0
+    assert vqa_accuracy("blue", ["red"]) == 0.0
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="empty"):
+        vqa_accuracy("yes", [])
+    with pytest.raises(TypeError, match="list of answer strings"):
+        vqa_accuracy("yes", "yes")
+    with pytest.raises(TypeError):
+        vqa_accuracy(None, ["yes"] * 10)
+
+
+def test_accumulator_per_question_and_answer_type():
+    acc = VQAAccuracy()
+    acc.update(
+        ["yes", "3", "red"],
+        {
+            "answers": [["yes"] * 10, ["3"] * 2 + ["4"] * 8, ["blue"] * 10],
+            "question_type": ["exist", "count", "color"],
+        },
+    )
+    other = VQAAccuracy()
+    other.update(["no"], {"answers": [["no"] * 10], "question_type": ["exist"]})
+    acc.merge(other)
+    out = acc.compute()
+    assert out["vqa_accuracy"] == pytest.approx((1 + 0.6 + 0 + 1) / 4)
+    assert out["num_questions"] == 4
+    assert out["vqa_accuracy/question_type/exist"] == 1.0
+    assert out["vqa_accuracy/question_type/count"] == pytest.approx(0.6)
+    assert out["vqa_accuracy/answer_type/yes/no"] == 1.0
+    assert out["vqa_accuracy/answer_type/number"] == pytest.approx(0.6)
+    assert out["vqa_accuracy/answer_type/other"] == 0.0
+    acc.reset()
+    with pytest.raises(ValueError, match="update"):
+        acc.compute()
+
+
+def test_infer_answer_type():
+    assert infer_answer_type(["Yes"] * 6 + ["no"] * 4) == "yes/no"
+    assert infer_answer_type(["two"] * 10) == "number"
+    assert infer_answer_type(["red"] * 10) == "other"
+
+
+def test_answer_token_loss_matches_reference_and_ignores_prompt():
+    logits = torch.randn(2, 5, 7, dtype=torch.float64)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 6, 0]])
+    # reference: token t+1 predicted from logits at t, mean over answer tokens
+    terms = [
+        -F.log_softmax(logits[b, t - 1], -1)[labels[b, t]]
+        for b in range(2)
+        for t in range(1, 5)
+        if labels[b, t] != -100
+    ]
+    expected = torch.stack(terms).mean()
+    assert torch.allclose(answer_token_loss(logits, labels), expected.float(), atol=1e-6)
+    mask = answer_token_mask(labels)
+    assert mask.tolist() == [[False, True, True, False, False], [True, True, True, True, False]]
+    changed = logits.clone()
+    changed[0, 0] += 100.0  # position 0 of sample 0 predicts a prompt token: no effect
+    assert torch.allclose(answer_token_loss(changed, labels), answer_token_loss(logits, labels))
+    with pytest.raises(ValueError, match="no answer token"):
+        answer_token_loss(logits, torch.full_like(labels, -100))
+
+
+def test_vqa_task_interface():
+    task = VQATask()
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    batch = {"labels": torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 6, 0]])}
+    out = task.loss({"logits": logits}, batch)
+    assert torch.equal(out.total, sum(out.terms.values()))
+    assert out.stats["answer_tokens"] == 6
+    out.total.backward()
+    view = task.distill_view(logits, batch)
+    assert view["distributions"]["answer_tokens"]["mask"].sum() == 6
+    assert view["regressions"] == {}
+    assert task.predict(["yes", "2"]) == ["yes", "2"]
+    with pytest.raises(TypeError, match="decode"):
+        task.predict(logits)
+    with pytest.raises(KeyError, match="labels"):
+        task.loss(logits, {})

@@ -1,4 +1,5 @@
-"""Box operations in torch (torchvision is not available here): IoU, GIoU, NMS.
+"""Box operations in torch (torchvision is not available here): IoU, GIoU, NMS, and reading a
+detection batch's ground truth (``ground_truth_of``).
 
 Boxes are ``(..., 4)`` ``(x1, y1, x2, y2)`` in pixels with ``x2 >= x1`` and ``y2 >= y1``; areas
 have no "+1" (as in pycocotools and torchvision).

@@ -209,10 +209,11 @@ def decode_detections(
         B dicts ``{"boxes": (K, 4) xyxy float, "scores": (K,), "labels": (K,) int64}``, sorted by
         decreasing score.
     """
-    cls_logits, box_ltrb = outputs["cls_logits"], outputs["box_ltrb"]
-    points = outputs["points"].to(box_ltrb.dtype)
-    image_size = image_size or outputs.get("image_size")
-    num_classes = cls_logits.shape[-1]
+    num_classes = outputs["cls_logits"].shape[-1] if "cls_logits" in outputs else 0
+    cls_logits, box_ltrb, points = _check_outputs(outputs, num_classes)
+    points = points.to(box_ltrb.dtype)
+    if image_size is None:
+        image_size = outputs.get("image_size")
     results = []
     for scores, ltrb in zip(torch.sigmoid(cls_logits.float()), box_ltrb.float()):
         flat = scores.reshape(-1)  # (P * C,), index = point * C + class

@@ -178,7 +178,7 @@ class VQAAccuracy:
         self.answer_types += other.answer_types
 
     def reset(self) -> None:
-        self.__init__()
+        self.scores, self.question_types, self.answer_types = [], [], []
 
     def compute(self) -> dict[str, float]:
         if not self.scores:

@@ -1,0 +1,598 @@
+"""The training loop: one explicit function, used for the teacher and for every student.
+
+Per optimizer step: ``grad_accum`` micro-batches, each ``step_fn(model, batch, step)`` under
+autocast, every term checked to be finite, ``backward(total / grad_accum)`` (no all-reduce on
+all but the last micro-batch); then the global gradient norm is measured (and clipped), checked
+finite, AdamW steps, the LR schedule steps. Then, as due: a metrics line, an evaluation (with
+best-checkpoint selection), a checkpoint, the ``on_step`` callback. SIGTERM/SIGINT stop the run
+at the next step boundary with a checkpoint; ``resume=True`` continues it exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distiq.config import dump_yaml, to_dict
+from distiq.train.batches import as_batch_source, move_to_device
+from distiq.train.checkpoint import (
+    BEST_FORMAT,
+    CHECKPOINT_FORMAT,
+    atomic_torch_save,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    seed_everything,
+)
+from distiq.train.config import RESUMABLE_CHANGES, TrainConfig
+from distiq.train.distributed import (
+    DistContext,
+    autocast,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    resolve_precision,
+    setup_distributed,
+)
+from distiq.train.metrics import MetricsWriter, check_tensorboard
+from distiq.train.schedule import LRSchedule, build_scheduler
+from distiq.train.state import (
+    LoopState,
+    LossOutputLike,
+    NonFiniteLossError,
+    RunInterrupted,
+    SignalGuard,
+    StepInfo,
+    TrainResult,
+)
+from distiq.util import suggest
+
+logger = logging.getLogger(__name__)
+
+StepFn = Callable[[Any, Any, int], Any]
+EvalFn = Callable[[nn.Module], Mapping[str, float]]
+
+
+def train(
+    model: nn.Module,
+    step_fn: StepFn,
+    train_data: Any,
+    *,
+    config: TrainConfig,
+    run_dir: str | Path,
+    eval_fn: EvalFn | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    optimizer_params: Iterable[Any] | None = None,
+    stateful: Mapping[str, Any] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_step: Callable[[StepInfo], None] | None = None,
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place for ``config.steps`` optimizer steps.
+
+    Args:
+        model: the module to train (moved to the run's device). Parameters with
+            ``requires_grad=False`` are frozen. Keep a frozen teacher *outside* it (close over it
+            in ``step_fn``) so checkpoints hold only what is trained.
+        step_fn: ``step_fn(model, batch, step) -> LossOutput`` with ``total`` a 0-dim tensor
+            and ``terms`` a ``{name: 0-dim tensor}`` (a bare tensor or a ``(total, terms)``
+            tuple also works). ``batch`` is already on the device; ``step`` is the number of
+            optimizer steps already taken (0-based). Under DDP ``model`` is the wrapper: call
+            ``model(...)`` for the forward pass, ``distiq.train.unwrap_model(model)`` for
+            attributes. Mean-reduce the loss over the batch.
+        train_data: a ``torch.utils.data.Dataset`` (batched with ``config.batch_size`` in a
+            seeded, resumable order, split across processes), a ``ResumableBatches`` (or any
+            object with ``state_dict``/``load_state_dict``), or an iterable of ready batches
+            (replayed on resume; not split across processes).
+        config: the :class:`TrainConfig`.
+        run_dir: gets ``metrics.jsonl``, ``train_config.yaml``, ``checkpoints/last.pt`` and,
+            with ``config.best_metric``, ``checkpoints/best.pt``.
+        eval_fn: ``eval_fn(model) -> {metric: float}`` on the **validation** split, called on
+            every process in eval mode under ``torch.no_grad()`` with the plain (unwrapped)
+            model; the main process's result is used (see ``distiq.train.distributed`` for
+            helpers to split the work and gather the results).
+        collate_fn: collates samples when ``train_data`` is a dataset.
+        optimizer_params: parameters or AdamW parameter groups (default: trainable parameters,
+            weight decay on those with ``ndim >= 2`` only).
+        stateful: extra objects with ``state_dict``/``load_state_dict`` (a learned loss
+            weighting, an EMA) saved in checkpoints and restored on resume.
+        resume: continue from ``checkpoints/last.pt``: model, optimizer, schedule, step, data
+            position, RNG states and best-so-far are restored, so the run ends exactly as an
+            uninterrupted one would.
+        overwrite: start over in a run directory that already holds a run.
+        on_step: called with a :class:`StepInfo` after every step (main process only).
+        on_eval: called with ``(step, metrics)`` after every evaluation (main process only).
+
+    Raises:
+        NonFiniteLossError: a term, the total or the gradient norm is NaN/Inf (names the step
+            and the terms; the last checkpoint is left as it was).
+        RunInterrupted: SIGTERM/SIGINT arrived; a checkpoint of the last finished step exists.
+    """
+    config.check()
+    run_dir = Path(run_dir)
+    ctx = setup_distributed(config)
+    last_path = run_dir / "checkpoints" / "last.pt"
+    best_path = run_dir / "checkpoints" / "best.pt"
+    _prepare_run_dir(run_dir, last_path, best_path, ctx, resume=resume, overwrite=overwrite)
+    if config.tensorboard:
+        check_tensorboard()
+    precision = resolve_precision(ctx.device, config.precision)
+    seed_everything(config.seed + ctx.rank)
+
+    model.to(ctx.device)
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, optimizer_params, config.weight_decay),
+        lr=config.lr,
+        betas=config.betas,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+    )
+    scheduler = build_scheduler(
+        optimizer,
+        config.schedule,
+        config.steps,
+        warmup_steps=config.warmup_steps,
+        min_lr_ratio=config.min_lr_ratio,
+    )
+    batches = as_batch_source(
+        train_data,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        collate_fn=collate_fn,
+        shuffle=config.shuffle,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        num_workers=config.num_workers,
+    )
+    wrapped, optimizer = ctx.prepare(model, optimizer)
+    stateful = dict(stateful or {})
+
+    state = LoopState()
+    if resume:
+        state = _restore(last_path, config, ctx, wrapped, optimizer, scheduler, batches, stateful)
+    elif ctx.is_main:
+        dump_yaml(config, run_dir / "train_config.yaml")
+
+    def save_last() -> Path:
+        _save_checkpoint(
+            last_path, config, ctx, wrapped, optimizer, scheduler, batches, stateful, state
+        )
+        return last_path
+
+    def evaluate() -> None:
+        assert eval_fn is not None
+        started = time.perf_counter()
+        wrapped.eval()
+        with torch.no_grad(), autocast(ctx.device, precision):
+            raw = eval_fn(ctx.unwrap(wrapped) if not ctx.is_fsdp else wrapped)
+        wrapped.train()
+        metrics = broadcast_object(_float_metrics(raw))
+        is_best = False
+        if config.best_metric is not None:
+            if config.best_metric not in metrics:
+                raise KeyError(
+                    f"best_metric {config.best_metric!r} is not among the metrics eval_fn "
+                    f"returned ({', '.join(metrics) or 'none'})"
+                    f"{suggest(config.best_metric, list(metrics))}"
+                )
+            is_best = state.improves(metrics[config.best_metric], config.best_mode)
+            if is_best:
+                state.best_step = state.step
+                state.best_value = metrics[config.best_metric]
+                state.best_metrics = metrics
+                _save_best(best_path, config, ctx, wrapped, state.step, metrics)
+        state.eval_metrics = metrics
+        seconds = time.perf_counter() - started
+        writer.write(
+            {
+                "kind": "eval",
+                "step": state.step,
+                "metrics": metrics,
+                "best": is_best,
+                "seconds": seconds,
+            }
+        )
+        logger.info("step %d eval %s%s", state.step, _fmt(metrics), "  (best)" if is_best else "")
+        if on_eval is not None and ctx.is_main:
+            on_eval(state.step, metrics)
+
+    writer = MetricsWriter(
+        run_dir,
+        enabled=ctx.is_main,
+        resume_step=state.step if resume else None,
+        tensorboard=config.tensorboard,
+    )
+    last_log: dict[str, Any] | None = None
+    saved_at: int | None = state.step if resume else None
+    wrapped.train()
+    optimizer.zero_grad(set_to_none=True)
+    iterator = iter(batches)
+    try:
+        with SignalGuard() as guard:
+            while state.step < config.steps:
+                if ctx.any_true(guard.requested is not None):
+                    if saved_at != state.step:
+                        save_last()
+                    name = guard.requested or "a signal on another process"
+                    raise RunInterrupted(
+                        f"training stopped by {name} after step {state.step} of {config.steps}; "
+                        f"checkpoint written to {last_path}; continue with resume=True",
+                        step=state.step,
+                        signal_name=name,
+                        checkpoint=last_path,
+                    )
+                started = time.perf_counter()
+                step_total, step_terms = 0.0, {}
+                for micro in range(config.grad_accum):
+                    batch = move_to_device(next(iterator), ctx.device)
+                    last_micro = micro == config.grad_accum - 1
+                    with ctx.no_sync(wrapped, skip=not last_micro):
+                        with autocast(ctx.device, precision):
+                            output = step_fn(wrapped, batch, state.step)
+                        total, terms = _unpack(output)
+                        values = _checked_values(total, terms, state, config, ctx, micro, last_path)
+                        ctx.backward(total / config.grad_accum)
+                    step_total += values[0] / config.grad_accum
+                    for name, value in zip(terms, values[1:]):
+                        step_terms[name] = step_terms.get(name, 0.0) + value / config.grad_accum
+                grad_norm = float(ctx.clip_grad_norm(wrapped, config.grad_clip))
+                if not math.isfinite(grad_norm):
+                    raise NonFiniteLossError(
+                        f"non-finite gradient norm ({grad_norm}) at step {state.step + 1} "
+                        f"(step_fn step={state.step}) although every loss term was finite; "
+                        f"parameters were not updated. {_last_good(last_path)}",
+                        step=state.step + 1,
+                        terms=["grad_norm"],
+                    )
+                lr = float(optimizer.param_groups[0]["lr"])
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                seconds = time.perf_counter() - started
+                state.window.add(step_total, step_terms, grad_norm, seconds)
+
+                logged = state.step % config.log_every == 0 or state.step == config.steps
+                if logged:
+                    last_log = _log_line(state, ctx, lr, getattr(batches, "epoch", 0))
+                    writer.write(last_log)
+                if eval_fn is not None and (
+                    state.step == config.steps
+                    or (config.eval_every and state.step % config.eval_every == 0)
+                ):
+                    evaluate()
+                if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                    save_last()
+                    saved_at = state.step
+                if on_step is not None and ctx.is_main:
+                    on_step(
+                        StepInfo(
+                            step=state.step,
+                            steps=config.steps,
+                            epoch=int(getattr(batches, "epoch", 0)),
+                            lr=lr,
+                            total=step_total,
+                            terms=dict(step_terms),
+                            grad_norm=grad_norm,
+                            seconds=seconds,
+                            logged=logged,
+                        )
+                    )
+        if saved_at != state.step:
+            save_last()
+        if config.load_best_at_end and best_path.is_file():
+            best = load_checkpoint(best_path, expect=BEST_FORMAT)
+            ctx.load_model_state_dict(wrapped, best["model"])
+            logger.info("loaded the best weights (step %d) into the model", best["step"])
+    finally:
+        writer.close()
+    barrier()
+    return TrainResult(
+        step=state.step,
+        run_dir=run_dir,
+        checkpoint=last_path,
+        best_checkpoint=best_path if state.best_step is not None else None,
+        best_step=state.best_step,
+        best_value=state.best_value,
+        best_metrics=state.best_metrics,
+        eval_metrics=state.eval_metrics,
+        last_log=last_log,
+    )
+
+
+def unwrap_model(model: Any) -> nn.Module:
+    """The plain module inside a DDP/accelerate wrapper (the module itself otherwise)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def _prepare_run_dir(
+    run_dir: Path,
+    last_path: Path,
+    best_path: Path,
+    ctx: DistContext,
+    *,
+    resume: bool,
+    overwrite: bool,
+) -> None:
+    """Refuse to clobber or to resume nothing, before any long work (every process checks the
+    same files before anything is deleted, so they all fail alike)."""
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: pick one")
+    if resume:
+        if not last_path.is_file():
+            raise FileNotFoundError(
+                f"cannot resume: there is no checkpoint at {last_path}; start without resume"
+            )
+        return
+    existing = [p for p in (last_path, best_path, run_dir / "metrics.jsonl") if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{run_dir} already holds a run ({', '.join(p.name for p in existing)}); pass "
+            "resume=True to continue it, overwrite=True to start over, or use a new directory"
+        )
+    barrier()
+    if ctx.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"cannot create the run directory {run_dir}: {exc}") from exc
+        if overwrite:
+            for path in existing:
+                path.unlink()
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    barrier()
+
+
+def _param_groups(model: nn.Module, params: Iterable[Any] | None, weight_decay: float) -> list[Any]:
+    if params is not None:
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer_params is empty: nothing would be trained")
+        return groups
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    if not decay and not no_decay:
+        raise ValueError(
+            "the model has no trainable parameters (all have requires_grad=False); "
+            "unfreeze some or pass optimizer_params"
+        )
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _unpack(output: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    if isinstance(output, LossOutputLike):
+        total, terms = output.total, dict(output.terms)
+    elif isinstance(output, torch.Tensor):
+        total, terms = output, {}
+    elif isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], Mapping):
+        total, terms = output[0], dict(output[1])
+    else:
+        raise TypeError(
+            f"step_fn returned {type(output).__name__}; return a LossOutput(total, terms), a "
+            "(total, terms) tuple or a 0-dim loss tensor"
+        )
+    if not isinstance(total, torch.Tensor) or total.numel() != 1:
+        raise TypeError(f"step_fn's total must be a one-element tensor, got {total!r:.80}")
+    if not total.requires_grad:
+        raise RuntimeError(
+            "step_fn's total does not require grad: no trainable parameter reaches the loss "
+            "(frozen model, or the loss computed under torch.no_grad())"
+        )
+    return total.reshape(()), terms
+
+
+def _checked_values(
+    total: torch.Tensor,
+    terms: dict[str, Any],
+    state: LoopState,
+    config: TrainConfig,
+    ctx: DistContext,
+    micro: int,
+    last_path: Path,
+) -> list[float]:
+    """``[total, *terms]`` as floats (one device sync); raise if any is NaN/Inf on any process."""
+    parts = [total.detach().float()]
+    for name, value in terms.items():
+        value = torch.as_tensor(value)
+        if value.numel() != 1:
+            raise ValueError(
+                f"loss term {name!r} has shape {tuple(value.shape)}; terms must be scalars"
+            )
+        parts.append(value.detach().float().reshape(()).to(parts[0].device))
+    values = torch.stack(parts).cpu().tolist()
+    bad = [name for name, v in zip(["total", *terms], values) if not math.isfinite(v)]
+    if not ctx.any_true(bool(bad)):
+        return values
+    everywhere = gather_objects(bad)
+    named = sorted({n for per_rank in everywhere for n in per_rank if n != "total"})
+    shown = ", ".join(f"{n}={v}" for n, v in zip(["total", *terms], values) if n in bad) or (
+        "finite here, non-finite on another process"
+    )
+    where = f" (process {ctx.rank} of {ctx.world_size})" if ctx.world_size > 1 else ""
+    raise NonFiniteLossError(
+        f"non-finite loss at step {state.step + 1} (step_fn step={state.step}, micro-batch "
+        f"{micro + 1} of {config.grad_accum}){where}: "
+        f"{'term(s) ' + ', '.join(repr(n) for n in named) if named else 'the total'} blew up "
+        f"[{shown}]; parameters were not updated. {_last_good(last_path)}",
+        step=state.step + 1,
+        terms=named or ["total"],
+    )
+
+
+def _last_good(last_path: Path) -> str:
+    if last_path.is_file():
+        return f"The last good checkpoint, {last_path}, is intact."
+    return "No checkpoint was written before it."
+
+
+def _float_metrics(raw: Mapping[str, Any]) -> dict[str, float]:
+    if not isinstance(raw, Mapping):
+        raise TypeError(
+            f"eval_fn must return a mapping of metric names to numbers, got {type(raw).__name__}"
+        )
+    metrics = {}
+    for name, value in raw.items():
+        try:
+            metrics[str(name)] = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"eval_fn's metric {name!r} is not a number: {value!r:.80}") from None
+    return metrics
+
+
+def _log_line(state: LoopState, ctx: DistContext, lr: float, epoch: int) -> dict[str, Any]:
+    window = state.window
+    names = sorted(window.terms)
+    means = ctx.mean_floats(window.means())
+    total, term_values, grad_norm, seconds = means[0], means[1:-2], means[-2], means[-1]
+    terms = dict(zip(names, term_values))
+    record = {
+        "kind": "train",
+        "step": state.step,
+        "epoch": int(epoch),
+        "lr": lr,
+        "total": total,
+        "terms": terms,
+        "grad_norm": grad_norm,
+        "seconds": seconds,
+    }
+    logger.info(
+        "step %d  loss %.4f%s  lr %.3g  grad %.3g  %.3fs/step",
+        state.step,
+        total,
+        f" ({_fmt(terms)})" if terms else "",
+        lr,
+        grad_norm,
+        seconds,
+    )
+    state.window = type(window)()
+    return record
+
+
+def _fmt(values: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+
+
+def _save_checkpoint(
+    path: Path,
+    config: TrainConfig,
+    ctx: DistContext,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    batches: Any,
+    stateful: Mapping[str, Any],
+    state: LoopState,
+) -> None:
+    """Collective: every process takes part (RNG states are gathered); the main one writes."""
+    model_state = ctx.model_state_dict(model)
+    optimizer_state = ctx.optimizer_state_dict(model, optimizer)
+    rng = gather_objects(capture_rng_state())
+    if ctx.is_main:
+        atomic_torch_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "step": state.step,
+                "config": to_dict(config),
+                "world_size": ctx.world_size,
+                "model": model_state,
+                "optimizer": optimizer_state,
+                "scheduler": scheduler.state_dict(),
+                "data": batches.state_dict(),
+                "rng": rng,
+                "loop": state.to_dict(),
+                "stateful": {name: obj.state_dict() for name, obj in stateful.items()},
+            },
+            path,
+        )
+        logger.info("checkpoint at step %d: %s", state.step, path)
+    barrier()
+
+
+def _save_best(
+    path: Path, config: TrainConfig, ctx: DistContext, model: Any, step: int, metrics: dict
+) -> None:
+    model_state = ctx.model_state_dict(model)
+    if ctx.is_main:
+        atomic_torch_save(
+            {
+                "format": BEST_FORMAT,
+                "step": step,
+                "metric": config.best_metric,
+                "mode": config.best_mode,
+                "metrics": metrics,
+                "model": model_state,
+            },
+            path,
+        )
+    barrier()
+
+
+def _restore(
+    path: Path,
+    config: TrainConfig,
+    ctx: DistContext,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    batches: Any,
+    stateful: Mapping[str, Any],
+) -> LoopState:
+    ckpt = load_checkpoint(path)
+    old, new = ckpt["config"], to_dict(config)
+    changed = sorted(k for k in new if old.get(k) != new[k])
+    fixed = [k for k in changed if k not in RESUMABLE_CHANGES]
+    if fixed:
+        diffs = "; ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in fixed)
+        raise ValueError(
+            f"cannot resume {path}: the config changed in ways that alter the steps already "
+            f"taken ({diffs}); resume with the original values or start a new run"
+        )
+    if changed:
+        logger.warning("resuming with changed settings: %s", ", ".join(changed))
+    missing = sorted(set(stateful) - set(ckpt["stateful"]))
+    if missing:
+        raise KeyError(f"the checkpoint has no state for stateful object(s) {missing}")
+    ctx.load_model_state_dict(model, ckpt["model"])
+    ctx.load_optimizer_state_dict(model, optimizer, ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if old.get("steps") != config.steps:  # follow the new length from the restored step on
+        schedule = LRSchedule(
+            config.schedule, config.steps, config.warmup_steps, config.min_lr_ratio
+        )
+        scheduler.lr_lambdas = [schedule] * len(optimizer.param_groups)
+        for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * schedule(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    batches.load_state_dict(ckpt["data"])
+    for name, obj in stateful.items():
+        obj.load_state_dict(ckpt["stateful"][name])
+    rng = ckpt["rng"]
+    if len(rng) == ctx.world_size:
+        restore_rng_state(rng[ctx.rank])
+    else:
+        logger.warning(
+            "the checkpoint was written by %d processes, this run has %d: RNG states are re-seeded "
+            "(the run continues, but not bit-identically)",
+            len(rng),
+            ctx.world_size,
+        )
+        seed_everything(config.seed + ctx.rank + ckpt["step"])
+    logger.info("resumed %s at step %d of %d", path, ckpt["step"], config.steps)
+    return LoopState.from_dict(ckpt["loop"])

@@ -81,8 +81,8 @@ def test_rounding_regularizer_reference_and_zero_on_grid():
     on_grid = codes * scale
     assert rounding_regularizer(on_grid, scale, zero, -8, 7).item() == pytest.approx(0.0, abs=1e-12)
     w = torch.randn(4, 6, dtype=torch.float64) * 0.4
-    s64, z64 = scale.double(), torch.full((4, 1), 0.3, dtype=torch.float64)
-    ref = (w - s64 * (torch.clamp(torch.round(w / s64) + 0.0, -8, 7) - z64)) ** 2  # round(0.3) = 0
+    s64, z64 = scale.double(), torch.full((4, 1), 1.6, dtype=torch.float64)  # round(z) = 2
+    ref = (w - s64 * (torch.clamp(torch.round(w / s64) + 2.0, -8, 7) - 2.0)) ** 2
     torch.testing.assert_close(rounding_regularizer(w, s64, z64, -8, 7), ref.mean())
     torch.testing.assert_close(rounding_regularizer(w, s64, z64, -8, 7, reduction="none"), ref)
 

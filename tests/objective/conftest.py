@@ -92,3 +92,13 @@ def reference_ce(logits, labels):
 @pytest.fixture
 def hf_ce():
     return reference_ce
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and do not suffer from a busy machine's
+    oversubscription); the previous setting is restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -12,8 +12,9 @@ All three are pure functions of tensors; the objective finds the tensors in a mo
   head dimension (``correction=0``); ``log(1 + Var)`` is averaged over valid tokens and summed
   over heads. The term is ≤ 0 and unbounded below: give it a small weight.
 - :func:`rounding_regularizer`: the weight-domain quantization error ``(w − ŵ)²`` with the integer
-  codes ``n = clamp(round(w / s) + round(z), q_min, q_max)`` held constant, ``ŵ = s (n − z)``
-  (``distiq.quant``'s grid: for an integer ``z``, ``ŵ`` is exactly ``fake_quantize(w)``). Inside
+  codes ``n = clamp(round(w / s) + round(z), q_min, q_max)`` held constant, ``ŵ = s (n − round(z))``
+  (``distiq.quant``'s grid: ``ŵ`` is exactly ``fake_quantize(w)``; ``round(z)`` passes its
+  gradient straight through, as LSQ+ does). Inside
   the range it is ``s² (w/s − round(w/s))²``: its gradient pulls each weight to
   the nearest grid point. Outside the range it is the clipping error: its gradient pulls the
   weight (and, through ``s`` and ``z``, the range) so the range covers the weight. Gradients
@@ -218,9 +219,9 @@ def rounding_regularizer(
             (sum / ``weight.shape[0]``), ``"none"`` (weight-shaped).
 
     Returns:
-        ``reduce((w − s · (clamp(round(w / s) + round(z), q_min, q_max) − z))²)``, differentiable in
-        ``weight``, ``scale`` and ``zero_point`` (``round`` / ``clamp`` of the code are treated as
-        constants: no straight-through estimator here, on purpose).
+        ``reduce((w − s · (clamp(round(w / s) + round(z), q_min, q_max) − round(z)))²)``,
+        differentiable in ``weight``, ``scale`` and ``zero_point``: the codes are constants (no
+        straight-through estimator for them, on purpose), ``round(z)`` is straight-through.
     """
     check_reduction(reduction)
     if quant_min >= quant_max:
@@ -228,8 +229,9 @@ def rounding_regularizer(
     w, s, z = _aligned_qparams(weight, scale, zero_point)
     if isinstance(scale, Tensor) and bool((scale <= 0).any()):
         raise ValueError("scale must be positive everywhere")
+    z_int = z + (torch.round(z) - z).detach()  # round(z) forward, identity gradient (LSQ+)
     with torch.no_grad():
-        codes = torch.clamp(torch.round(w * (1.0 / s)) + torch.round(z), quant_min, quant_max)
-    dequantized = s * (codes - z)
+        codes = torch.clamp(torch.round(w * (1.0 / s)) + z_int, quant_min, quant_max)
+    dequantized = s * (codes - z_int)
     error = (w - dequantized).pow(2).reshape(weight.shape)
     return reduce_masked(error, None, reduction)

@@ -359,7 +359,7 @@ class QuantDistillObjective(nn.Module):
                 extras[f"log_var/{name}"] = self.balancer.log_vars[name].detach()
             else:
                 terms[name], weights[name] = w * value, w
-        total = sum(terms.values(), start=torch.zeros((), device=self._device(raw)))
+        total = sum(terms.values(), start=torch.zeros((), device=self._device(batch, raw)))
         self._calls += 1
         return LossOutput(
             total=total,
@@ -370,7 +370,9 @@ class QuantDistillObjective(nn.Module):
         )
 
     @staticmethod
-    def _device(raw: Mapping[str, Tensor]) -> torch.device:
+    def _device(batch: Batch, raw: Mapping[str, Tensor]) -> torch.device:
+        if batch.student_logits is not None:
+            return batch.student_logits.device
         for value in raw.values():
             return value.device
         return torch.device("cpu")

@@ -16,13 +16,11 @@ log = logging.getLogger(__name__)
 
 
 def _quant_api():
+    """``(fake_quant_disabled, fake_quant_modules)`` from ``distiq.quant``."""
     try:
         from distiq.quant import fake_quant_disabled, fake_quant_modules
-    except ImportError as exc:  # pragma: no cover - only while distiq.quant is incomplete
-        raise RuntimeError(
-            "distiq.quant does not provide fake_quant_disabled / fake_quant_modules; the 'pd' and "
-            "'rounding' terms need them"
-        ) from exc
+    except ImportError:
+        from distiq.quant.modules import fake_quant_disabled, fake_quant_modules
     return fake_quant_disabled, fake_quant_modules
 
 
@@ -45,43 +43,36 @@ def fp_forward(student: nn.Module, inputs: Mapping[str, Any] | Sequence[Any]) ->
         return student(*inputs)
 
 
-def _first_attr(obj: object, names: Sequence[str]) -> Any:
-    for name in names:
-        value = getattr(obj, name, None)
-        if value is not None:
-            return value
-    return None
-
-
 def weight_quantizers(
     model: nn.Module, patterns: Sequence[str] = ("**",)
 ) -> list[tuple[str, Tensor, Tensor, Tensor, int, int]]:
-    """``(name, weight, scale, zero_point, quant_min, quant_max)`` of every fake-quant module
+    """``(name, weight_2d, scale, zero_point, quant_min, quant_max)`` of every fake-quant module
     whose name matches ``patterns`` and whose weight is quantized on an integer grid.
 
-    Stored (learnable) scales are returned as they are (gradients reach them); a module without
-    stored weight qparams gets them from ``choose_qparams`` on its detached weight.
+    The weight is the module's own parameter viewed 2-D ``(out, in·k·k)`` (the view its
+    ``WeightQuantizer`` quantizes). Learnable (LSQ / LSQ+) scales and zero-points are returned
+    as the parameters themselves, so the regulariser's gradient reaches them; otherwise the
+    qparams are recomputed from the detached weight, as the quantizer does at every call.
+    nf4 / fp8 weights have no integer grid and are skipped.
     """
-    from distiq.quant import QuantSpec
     from distiq.quant.functional import choose_qparams
+    from distiq.quant.lsq import SCALE_MIN
 
     _, fake_quant_modules = _quant_api()
     out = []
     for name, module in fake_quant_modules(model):
+        quantizer = getattr(module, "weight_quant", None)
+        if quantizer is None or quantizer.spec.format != "int":
+            continue
         if not any(glob_match(name, p) for p in patterns):
             continue
-        spec = _first_attr(module, ("weight_spec",))
-        weight = getattr(module, "weight", None)
-        if not isinstance(spec, QuantSpec) or not isinstance(weight, Tensor):
-            continue
-        if spec.format != "int":
-            continue
-        scale = _first_attr(module, ("weight_scale",))
-        zero = _first_attr(module, ("weight_zero_point",))
-        if not isinstance(scale, Tensor):
+        spec = quantizer.spec
+        weight = module.weight.reshape(module.weight.shape[0], -1)
+        lsq = getattr(quantizer, "lsq", None)
+        if lsq is not None:
+            scale, zero = lsq.scale.clamp(min=SCALE_MIN), lsq.zero_point
+        else:
             scale, zero = choose_qparams(weight.detach(), spec)
-        if not isinstance(zero, Tensor):
-            zero = torch.zeros_like(scale)
         out.append((name, weight, scale, zero, spec.quant_min, spec.quant_max))
     return out
 

@@ -1,0 +1,247 @@
+"""Cost of one QAD training step (full objective) vs a plain full-precision fine-tuning step.
+
+Model: a tiny Llama (transformers ``LlamaForCausalLM`` built from a config), teacher and student
+of the same shape. Modes, each one optimizer step (AdamW) on the same batch shape:
+
+- ``fp_finetune`` (baseline): student forward, causal-LM cross-entropy, backward, step.
+- ``qat_task``: the fake-quantized student (W4 per-channel LSQ, A8 per-token dynamic), task loss
+  only — the cost of fake quantization alone.
+- ``qad_no_pd``: teacher forward (no grad) + fake-quant student forward/backward + task, kd (τ=2),
+  feat (hidden states of every layer, by hooks), qk_entropy and rounding terms.
+- ``qad_full``: ``qad_no_pd`` + the prediction-difference term every step (one more no-grad
+  student forward with fake quantization disabled).
+- ``qad_pd_every4``: ``qad_full`` with ``pd.every: 4``.
+
+Modes are interleaved in every repeat (so drift hits them all alike); the reported time is the
+median over repeats of each repeat's median step time; ratios are against ``fp_finetune`` of the
+same run. Writes ``benchmarks/results/objective_overhead.json``.
+
+    .venv/bin/python benchmarks/objective_overhead.py [--quick] [--threads 2] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from _machine import machine_info  # benchmarks/ is on sys.path when run as a script
+
+RESULTS = Path(__file__).resolve().parent / "results" / "objective_overhead.json"
+
+
+def build_models(args, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 4,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=args.seq,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(config).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = copy.deepcopy(teacher).train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return teacher, student
+
+
+def quantize_student(student):
+    from distiq.quant import PerToken, QuantConfig, QuantSpec, quantize_
+
+    config = QuantConfig(
+        weight=QuantSpec(bits=4, learnable=True),
+        activation=QuantSpec(bits=8, symmetric=False, granularity=PerToken(), dynamic=True),
+        include=("model.layers.**",),
+    )
+    quantize_(student, config, step="prepare")
+    return student
+
+
+def batch(args, device):
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    labels[:, : args.seq // 2] = -100  # the "prompt" half carries no loss
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention_mask.to(device),
+    }, labels.to(device)
+
+
+def causal_ce(logits, labels):
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+def objective_config(with_pd: bool, pd_every: int = 1) -> dict:
+    terms = {
+        "task": {"weight": 1.0},
+        "kd": {"weight": 1.0, "temperature": 2.0},
+        "feat": {
+            "weight": 0.5,
+            "student_layers": ["model.layers.*"],
+            "teacher_layers": ["model.layers.*"],
+        },
+        "qk_entropy": {"weight": 0.01},
+        "rounding": {"weight": 1.0e-4},
+    }
+    if with_pd:
+        terms["pd"] = {"weight": 0.1, "every": pd_every}
+    return {"terms": terms}
+
+
+class Runner:
+    """One mode: its own student copy and optimizer, a ``step()`` closure."""
+
+    def __init__(self, name, args, teacher, base_student, inputs, labels):
+        from distiq.objective import QuantDistillObjective
+
+        self.name = name
+        self.inputs, self.labels = inputs, labels
+        self.teacher = teacher
+        self.student = copy.deepcopy(base_student)
+        self.objective = None
+        self.step_index = 0
+        if name != "fp_finetune":
+            quantize_student(self.student)
+        if name.startswith("qad"):
+            config = objective_config(
+                with_pd=name != "qad_no_pd", pd_every=4 if name == "qad_pd_every4" else 1
+            )
+            self.objective = QuantDistillObjective(config).to(inputs["input_ids"].device)
+            self.objective.attach(student=self.student, teacher=teacher)
+        params = list(self.student.parameters())
+        if self.objective is not None:
+            params += list(self.objective.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step(self):
+        if self.objective is None:
+            logits = self.student(**self.inputs).logits
+            loss = causal_ce(logits, self.labels)
+        else:
+            with torch.no_grad():
+                teacher_logits = self.teacher(**self.inputs).logits
+            logits = self.student(**self.inputs).logits
+            out = self.objective(
+                step=self.step_index,
+                student_logits=logits,
+                teacher_logits=teacher_logits,
+                labels=self.labels,
+                attention_mask=self.inputs["attention_mask"],
+                student_inputs=self.inputs,
+            )
+            loss = out.total
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_index += 1
+        return loss
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_block(runner, steps, device):
+    times = []
+    for _ in range(steps):
+        sync(device)
+        start = time.perf_counter()
+        runner.step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per block")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.hidden, args.layers, args.vocab, args.seq, args.batch = 64, 2, 256, 32, 4
+        args.steps, args.repeats, args.warmup = 3, 2, 1
+        if args.out == RESULTS:
+            args.out = RESULTS.with_name("objective_overhead_quick.json")
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    teacher, student = build_models(args, device)
+    inputs, labels = batch(args, device)
+    modes = ["fp_finetune", "qat_task", "qad_no_pd", "qad_full", "qad_pd_every4"]
+    runners = [Runner(m, args, teacher, student, inputs, labels) for m in modes]
+    for runner in runners:
+        for _ in range(args.warmup):
+            runner.step()
+    blocks = {m: [] for m in modes}
+    for _ in range(args.repeats):
+        for runner in runners:
+            blocks[runner.name].append(time_block(runner, args.steps, device))
+    medians = {m: statistics.median(v) for m, v in blocks.items()}
+    base = medians["fp_finetune"]
+    rows = [
+        {
+            "mode": m,
+            "median_step_ms": round(1000 * medians[m], 2),
+            "ratio_vs_fp_finetune": round(medians[m] / base, 3),
+            "block_medians_ms": [round(1000 * t, 2) for t in blocks[m]],
+        }
+        for m in modes
+    ]
+    print(f"{'mode':<16}{'step ms':>10}{'x fp':>8}")
+    for row in rows:
+        print(f"{row['mode']:<16}{row['median_step_ms']:>10.1f}{row['ratio_vs_fp_finetune']:>8.2f}")
+    result = {
+        "benchmark": "objective_overhead",
+        "machine": machine_info(),
+        "device": str(device),
+        "sizes": {
+            k: getattr(args, k) for k in ("hidden", "layers", "heads", "vocab", "seq", "batch")
+        },
+        "steps_per_block": args.steps,
+        "repeats": args.repeats,
+        "goal": "qad_full <= 1.6x fp_finetune",
+        "results": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {os.path.relpath(args.out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,10 +7,10 @@ package's light modules (never torch).
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,7 +65,11 @@ def render_chunk(task: ChunkTask) -> list[dict[str, Any]]:
     categories = config.categories
     shape_count = len(config.shapes)
     nouns = config.nouns
-    root = Path(task.root)
+    # Plain string paths: pathlib costs more than the PNG encoding of a 64×64 mask.
+    image_dir, mask_dir, colour_dir = (
+        os.path.join(task.root, folder, task.split)
+        for folder in ("images", "masks", "colour_masks")
+    )
     bank = _DIGIT_BANKS[task.bank]
     margin = config.position_margin * size
     # Question balancing state is per chunk; its seed depends only on (seed, first image id).
@@ -90,7 +94,7 @@ def render_chunk(task: ChunkTask) -> list[dict[str, Any]]:
             colour_jitter=config.colour_jitter,
         )
         name = vqa_image_name(task.split, image_id, ".png")
-        save_png(root / "images" / task.split / name, image)
+        save_png(os.path.join(image_dir, name), image)
         # Semantic masks: 0 = background, 1 + index for categories / colours (index -1 -> 0).
         category_lut = np.array([0] + [o.category + 1 for o in objects], dtype=np.uint8)
         colour_lut = np.array([0] + [o.colour + 1 for o in objects], dtype=np.uint8)
@@ -112,8 +116,8 @@ def render_chunk(task: ChunkTask) -> list[dict[str, Any]]:
                     cy=(obj.box[1] + obj.box[3]) / 2.0,
                 )
             )
-        save_mask_png(root / "masks" / task.split / name, category_mask)
-        save_mask_png(root / "colour_masks" / task.split / name, colour_mask)
+        save_mask_png(os.path.join(mask_dir, name), category_mask)
+        save_mask_png(os.path.join(colour_dir, name), colour_mask)
         options = candidates(
             question_objects, size=size, colours=config.colours, nouns=nouns, margin=margin
         )

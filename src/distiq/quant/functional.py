@@ -186,7 +186,7 @@ def quantize(
     if spec.format == "nf4":
         from distiq.quant.nf4 import nf4_codes
 
-        return nf4_codes(xv / scale).reshape(x.shape)
+        return nf4_codes(xv * (1.0 / scale)).reshape(x.shape)  # bitsandbytes' arithmetic
     if spec.format == "fp8_e4m3":
         return (
             (xv * (1.0 / scale))
@@ -231,6 +231,72 @@ class _RoundSTE(torch.autograd.Function):
         return grad
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: ``x_hat`` exactly (not ``x + (x_hat - x)``, which rounds); backward: the
+    gradient goes to ``x`` unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, x_hat):
+        return x_hat
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return grad.sum_to_size(shape) if grad.shape != shape else grad
+
+
+class _FakeQuantizeAffine(torch.autograd.Function):
+    """Integer fake quantization with the straight-through / LSQ gradients.
+
+    Forward (the arithmetic of ``torch.fake_quantize_per_*_affine``):
+        r = round(x · (1/s)),  q = r + round(z),  x̂ = (clamp(q, qmin, qmax) − round(z)) · s
+    Backward, with ``inside = qmin <= q <= qmax``:
+        ∂x = ∂x̂ · inside                                  (exactly torch's mask)
+        ∂s = Σ ∂x̂ · (inside ? r − x·(1/s) : clamp(q) − round(z))   (LSQ)
+        ∂z = Σ ∂x̂ · (inside ? 0 : −s)                      (LSQ+; through round, straight-through)
+    summed over the broadcast dimensions of ``s`` / ``z``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, quant_min, quant_max):
+        inv = 1.0 / scale
+        z = torch.round(zero_point) if zero_point.requires_grad else zero_point
+        scaled = x * inv
+        q = torch.round(scaled) + z
+        inside = (q >= quant_min) & (q <= quant_max)
+        out = (torch.clamp(q, quant_min, quant_max) - z) * scale
+        ctx.quant_range = (quant_min, quant_max)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            ctx.save_for_backward(inside, x, scale, z)
+        else:
+            ctx.save_for_backward(inside)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside = ctx.saved_tensors[0]
+        grad_x = grad_scale = grad_zero = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad * inside
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            _, x, scale, z = ctx.saved_tensors
+            quant_min, quant_max = ctx.quant_range
+            scaled = x * (1.0 / scale)
+            q = torch.round(scaled) + z
+            if ctx.needs_input_grad[1]:
+                ds = torch.where(
+                    inside, torch.round(scaled) - scaled, torch.clamp(q, quant_min, quant_max) - z
+                )
+                grad_scale = _sum_to(grad * ds, scale.shape)
+            if ctx.needs_input_grad[2]:
+                dz = torch.where(inside, torch.zeros_like(scaled), -scale.expand_as(scaled))
+                grad_zero = _sum_to(grad * dz, z.shape)
+        return grad_x, grad_scale, grad_zero, None, None
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """``round(x)`` whose gradient is the identity (straight-through)."""
     return _RoundSTE.apply(x)
@@ -244,17 +310,9 @@ def fake_quantize(
     exactly."""
     xv = group_view(x, spec)
     if spec.format == "int":
-        z = round_ste(zero_point) if zero_point.requires_grad else zero_point
-        q = torch.clamp(round_ste(xv * (1.0 / scale)) + z, spec.quant_min, spec.quant_max)
-        out = (q - z) * scale
-    else:
-        out = dequantize(
-            quantize(xv.detach(), scale.detach(), zero_point, spec),
-            scale.detach(),
-            zero_point,
-            spec,
-            dtype=torch.float32,
-        )
-        out = out.reshape(xv.shape)
-        out = xv + (out - xv).detach()  # plain straight-through estimator for nf4 / fp8
+        out = _FakeQuantizeAffine.apply(xv, scale, zero_point, spec.quant_min, spec.quant_max)
+    else:  # nf4 / fp8: quantize → dequantize, plain straight-through gradient
+        codes = quantize(x.detach(), scale.detach(), zero_point, spec)
+        values = dequantize(codes, scale.detach(), zero_point, spec, dtype=x.dtype)
+        return _StraightThrough.apply(x, values)
     return out.reshape(x.shape).to(x.dtype)

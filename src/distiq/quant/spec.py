@@ -229,11 +229,37 @@ class QuantConfig:
 
     def _validate(self) -> list[str]:
         errors = []
+        if not isinstance(self.low_bits, int) or not 2 <= self.low_bits <= 8:
+            errors.append(f"low_bits={self.low_bits!r} is outside 2-8")
+        if self.token_importance and self.activation is None:
+            errors.append(
+                "token_importance mixes activation precisions: set an activation spec "
+                "(e.g. activation: {bits: 8, dynamic: true, granularity: per_token})"
+            )
+        for name in ("include", "exclude"):
+            patterns = getattr(self, name)
+            if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+                errors.append(f"{name} must be a list of glob strings, got {patterns!r}")
         for pattern, change in self.overrides.items():
             if not isinstance(change, dict) or set(change) - {"weight", "activation"}:
                 errors.append(
                     f"overrides[{pattern!r}] must be a mapping with keys 'weight' and/or 'activation'"
                 )
+                continue
+            for key, fields in change.items():
+                if fields is None or isinstance(fields, QuantSpec):
+                    continue
+                if not isinstance(fields, dict):
+                    errors.append(
+                        f"overrides[{pattern!r}].{key} must be a mapping of QuantSpec fields or "
+                        f"null, got {fields!r}"
+                    )
+                    continue
+                base = getattr(self, key)
+                try:
+                    from_dict(QuantSpec, {**(to_dict(base) if base else {}), **fields})
+                except ValueError as exc:
+                    errors.append(f"overrides[{pattern!r}].{key}: {exc}")
         return errors
 
     def __post_init__(self) -> None:

@@ -12,6 +12,10 @@ of the same shape. Modes, each one optimizer step (AdamW) on the same batch shap
   student forward with fake quantization disabled).
 - ``qad_pd_every4``: ``qad_full`` with ``pd.every: 4``.
 
+Components (not training steps; for the breakdown): ``teacher_forward`` (one no-grad teacher
+forward) and ``objective_terms`` (the objective's task, kd, feat and rounding terms, forward and
+backward, on precomputed logits and hidden states).
+
 Modes are interleaved in every repeat (so drift hits them all alike); the reported time is the
 median over repeats of each repeat's median step time; ratios are against ``fp_finetune`` of the
 same run. Writes ``benchmarks/results/objective_overhead.json``.
@@ -65,14 +69,20 @@ def build_models(args, device):
 
 
 def quantize_student(student):
-    from distiq.quant import PerToken, QuantConfig, QuantSpec, quantize_
+    """W4 (per-channel, learnable LSQ scales) A8 (per-token dynamic) on every decoder linear."""
+    from torch import nn
 
-    config = QuantConfig(
-        weight=QuantSpec(bits=4, learnable=True),
-        activation=QuantSpec(bits=8, symmetric=False, granularity=PerToken(), dynamic=True),
-        include=("model.layers.**",),
-    )
-    quantize_(student, config, step="prepare")
+    from distiq.quant import PerToken, QuantSpec
+    from distiq.quant.modules import FakeQuantLinear
+
+    weight = QuantSpec(bits=4, learnable=True)
+    activation = QuantSpec(bits=8, symmetric=False, granularity=PerToken(), dynamic=True)
+    for parent_name, parent in list(student.named_modules()):
+        if not parent_name.startswith("model.layers."):
+            continue
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and not isinstance(child, FakeQuantLinear):
+                setattr(parent, name, FakeQuantLinear.from_float(child, weight, activation))
     return student
 
 
@@ -123,20 +133,63 @@ class Runner:
         self.student = copy.deepcopy(base_student)
         self.objective = None
         self.step_index = 0
-        if name != "fp_finetune":
+        if name not in ("fp_finetune", "teacher_forward"):
             quantize_student(self.student)
-        if name.startswith("qad"):
+        if name.startswith("qad"):  # the full step: teacher + fake-quant student + objective
             config = objective_config(
                 with_pd=name != "qad_no_pd", pd_every=4 if name == "qad_pd_every4" else 1
             )
             self.objective = QuantDistillObjective(config).to(inputs["input_ids"].device)
             self.objective.attach(student=self.student, teacher=teacher)
+        if name == "objective_terms":
+            self._init_terms_only(inputs)
         params = list(self.student.parameters())
         if self.objective is not None:
             params += list(self.objective.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=1e-4)
 
+    def _init_terms_only(self, inputs):
+        """The objective alone: task, kd, feat and rounding on precomputed tensors (gradients
+        flow to leaf copies of the student's logits / hidden states and to its weights)."""
+        from distiq.distill import FeatureCapture
+        from distiq.objective import QuantDistillObjective
+
+        terms = objective_config(with_pd=False)["terms"]
+        feat = {k: v for k, v in terms["feat"].items() if not k.endswith("_layers")}
+        config = {
+            "terms": {
+                "task": terms["task"],
+                "kd": terms["kd"],
+                "feat": feat,
+                "rounding": terms["rounding"],
+            }
+        }
+        self.objective = QuantDistillObjective(config).attach(student=self.student)
+        with torch.no_grad():
+            with FeatureCapture(self.teacher, "model.layers.*") as cap:
+                self.teacher_logits = self.teacher(**inputs).logits
+                self.teacher_feats = cap.features()
+            with FeatureCapture(self.student, "model.layers.*") as cap:
+                self.student_logits = self.student(**inputs).logits
+                self.student_feats = cap.features()
+
     def step(self):
+        if self.name == "teacher_forward":
+            with torch.no_grad():
+                return self.teacher(**self.inputs).logits
+        if self.name == "objective_terms":
+            out = self.objective(
+                step=self.step_index,
+                student_logits=self.student_logits.detach().requires_grad_(),
+                teacher_logits=self.teacher_logits,
+                labels=self.labels,
+                attention_mask=self.inputs["attention_mask"],
+                student_features=[f.detach().requires_grad_() for f in self.student_feats],
+                teacher_features=self.teacher_feats,
+            )
+            out.total.backward()
+            self.student.zero_grad(set_to_none=True)
+            return out.total
         if self.objective is None:
             logits = self.student(**self.inputs).logits
             loss = causal_ce(logits, self.labels)
@@ -183,10 +236,10 @@ def main(argv=None):
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per block")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per block")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
@@ -203,7 +256,15 @@ def main(argv=None):
 
     teacher, student = build_models(args, device)
     inputs, labels = batch(args, device)
-    modes = ["fp_finetune", "qat_task", "qad_no_pd", "qad_full", "qad_pd_every4"]
+    modes = [
+        "fp_finetune",
+        "qat_task",
+        "qad_no_pd",
+        "qad_full",
+        "qad_pd_every4",
+        "teacher_forward",
+        "objective_terms",
+    ]
     runners = [Runner(m, args, teacher, student, inputs, labels) for m in modes]
     for runner in runners:
         for _ in range(args.warmup):

@@ -186,15 +186,21 @@ def _aligned_qparams(
             )
         weight = weight.unflatten(-1, (groups, width // groups))
     for what, p in (("scale", s), ("zero_point", z)):
-        try:
-            torch.broadcast_shapes(p.shape, weight.shape)
-        except RuntimeError:
+        if not _broadcasts(p.shape, weight.shape):
             raise ValueError(
                 f"{what} of shape {tuple(p.shape)} does not broadcast against the weight "
                 f"{tuple(weight.shape)} (per tensor, per channel (out, 1), or per group "
                 "(out, in // group_size[, 1]) are accepted)"
-            ) from None
+            )
     return weight, s.to(weight.dtype), z.to(weight.dtype)
+
+
+def _broadcasts(param: torch.Size, target: torch.Size) -> bool:
+    """Whether ``param`` broadcasts to ``target`` without changing it (a fast pure-Python
+    check; ``torch.broadcast_shapes`` is slow enough to matter once per module and step)."""
+    if len(param) > len(target):
+        return False
+    return all(p in (1, t) for p, t in zip(reversed(param), reversed(target)))
 
 
 def rounding_regularizer(
@@ -205,6 +211,7 @@ def rounding_regularizer(
     quant_max: int,
     *,
     reduction: Reduction = "mean",
+    check_scale: bool = True,
 ) -> Tensor:
     """Weight-domain quantization error with the codes held constant (pulls weights to the grid).
 
@@ -217,6 +224,8 @@ def rounding_regularizer(
         quant_min, quant_max: the integer grid ``[q_min, q_max]`` (e.g. −8, 7 for signed 4-bit).
         reduction: over weight elements: ``"mean"`` (default), ``"sum"``, ``"batchmean"``
             (sum / ``weight.shape[0]``), ``"none"`` (weight-shaped).
+        check_scale: raise when a scale is not positive (one device sync); callers that clamp
+            their scales themselves (the objective, with ``distiq.quant``'s LSQ floor) skip it.
 
     Returns:
         ``reduce((w − s · (clamp(round(w / s) + round(z), q_min, q_max) − round(z)))²)``,
@@ -227,11 +236,15 @@ def rounding_regularizer(
     if quant_min >= quant_max:
         raise ValueError(f"quant_min ({quant_min}) must be below quant_max ({quant_max})")
     w, s, z = _aligned_qparams(weight, scale, zero_point)
-    if isinstance(scale, Tensor) and bool((scale <= 0).any()):
+    if check_scale and isinstance(scale, Tensor) and bool((scale <= 0).any()):
         raise ValueError("scale must be positive everywhere")
-    z_int = z + (torch.round(z) - z).detach()  # round(z) forward, identity gradient (LSQ+)
+    if z.requires_grad:
+        z = z + (torch.round(z) - z).detach()  # round(z) forward, identity gradient (LSQ+)
+    else:
+        z = torch.round(z)
     with torch.no_grad():
-        codes = torch.clamp(torch.round(w * (1.0 / s)) + z_int, quant_min, quant_max)
-    dequantized = s * (codes - z_int)
-    error = (w - dequantized).pow(2).reshape(weight.shape)
-    return reduce_masked(error, None, reduction)
+        codes = torch.clamp(torch.round(w * torch.reciprocal(s)) + z, quant_min, quant_max)
+    error = (w - s * (codes - z)).square()
+    if reduction == "mean":
+        return error.mean()
+    return reduce_masked(error.reshape(weight.shape), None, reduction)

@@ -16,7 +16,7 @@ from distiq.config import ConfigError
 from distiq.distill import FeatureCapture, FeatureProjection, map_layers
 from distiq.objective.balancing import UncertaintyWeighting
 from distiq.objective.config import UNBALANCED_TERMS, ObjectiveConfig
-from distiq.objective.quant_access import fp_forward, rounding_value
+from distiq.objective.quant_access import fp_forward, int_weight_modules, rounding_value
 from distiq.objective.terms import (
     Batch,
     attention_value,
@@ -127,6 +127,7 @@ class QuantDistillObjective(nn.Module):
         self._models: dict[str, nn.Module] = {}  # not registered: their parameters are not ours
         self._captures: dict[str, FeatureCapture] = {}
         self._head_dims: list[int] = []
+        self._rounding_cache: tuple[int, list[tuple[str, nn.Module]]] | None = None
         self._calls = 0
         log.info(
             "objective terms: %s; balancing: %s",
@@ -349,7 +350,7 @@ class QuantDistillObjective(nn.Module):
                     raise ValueError(
                         "the 'rounding' term needs the student: attach(student) or student="
                     )
-                raw[name] = rounding_value(student, term.modules)  # type: ignore[attr-defined]
+                raw[name] = rounding_value(self._rounding_modules(student), term.modules)  # type: ignore[attr-defined]
         terms: dict[str, Tensor] = {}
         weights: dict[str, float | Tensor] = {}
         for name, value in raw.items():
@@ -403,6 +404,13 @@ class QuantDistillObjective(nn.Module):
             )
         pairs = map_layers(len(student_maps), len(teacher_maps), term.layer_map)
         return attention_value(term, batch, student_maps, teacher_maps, pairs)
+
+    def _rounding_modules(self, student: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The student's integer-grid fake-quant modules, found once per student."""
+        if self._rounding_cache is None or self._rounding_cache[0] != id(student):
+            patterns = self.active["rounding"].modules  # type: ignore[attr-defined]
+            self._rounding_cache = (id(student), int_weight_modules(student, patterns))
+        return self._rounding_cache[1]
 
     def _qk_entropy(self, batch: Batch) -> Tensor:
         queries, keys = self._captured("qk.query"), self._captured("qk.key")

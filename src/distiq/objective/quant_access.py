@@ -43,48 +43,55 @@ def fp_forward(student: nn.Module, inputs: Mapping[str, Any] | Sequence[Any]) ->
         return student(*inputs)
 
 
-def weight_quantizers(
+def int_weight_modules(
     model: nn.Module, patterns: Sequence[str] = ("**",)
-) -> list[tuple[str, Tensor, Tensor, Tensor, int, int]]:
-    """``(name, weight_2d, scale, zero_point, quant_min, quant_max)`` of every fake-quant module
-    whose name matches ``patterns`` and whose weight is quantized on an integer grid.
-
-    The weight is the module's own parameter viewed 2-D ``(out, in·k·k)`` (the view its
-    ``WeightQuantizer`` quantizes). Learnable (LSQ / LSQ+) scales and zero-points are returned
-    as the parameters themselves, so the regulariser's gradient reaches them; otherwise the
-    qparams are recomputed from the detached weight, as the quantizer does at every call.
-    nf4 / fp8 weights have no integer grid and are skipped.
-    """
-    from distiq.quant.functional import choose_qparams
-    from distiq.quant.lsq import SCALE_MIN
-
+) -> list[tuple[str, nn.Module]]:
+    """Fake-quant modules whose name matches ``patterns`` and whose weight is quantized on an
+    integer grid (nf4 / fp8 weights have none and are skipped)."""
     _, fake_quant_modules = _quant_api()
     out = []
     for name, module in fake_quant_modules(model):
         quantizer = getattr(module, "weight_quant", None)
         if quantizer is None or quantizer.spec.format != "int":
             continue
-        if not any(glob_match(name, p) for p in patterns):
-            continue
-        spec = quantizer.spec
-        weight = module.weight.reshape(module.weight.shape[0], -1)
-        lsq = getattr(quantizer, "lsq", None)
-        if lsq is not None:
-            scale, zero = lsq.scale.clamp(min=SCALE_MIN), lsq.zero_point
-        else:
-            scale, zero = choose_qparams(weight.detach(), spec)
-        out.append((name, weight, scale, zero, spec.quant_min, spec.quant_max))
+        if any(glob_match(name, p) for p in patterns):
+            out.append((name, module))
     return out
 
 
-def rounding_value(model: nn.Module, patterns: Sequence[str]) -> Tensor:
-    """Mean over the selected fake-quant modules of :func:`distiq.distill.rounding_regularizer`
-    (each the mean over its weight elements)."""
-    quantizers = weight_quantizers(model, patterns)
-    if not quantizers:
+def weight_qparams(module: nn.Module) -> tuple[Tensor, Tensor, Tensor, int, int]:
+    """``(weight_2d, scale, zero_point, quant_min, quant_max)`` of a fake-quant module.
+
+    The weight is the module's own parameter viewed 2-D ``(out, in·k·k)`` (the view its
+    ``WeightQuantizer`` quantizes). Learnable (LSQ / LSQ+) scales and zero-points are the
+    parameters themselves (floored as the quantizer floors them), so gradients reach them;
+    otherwise the qparams are recomputed from the detached weight, as the quantizer does at
+    every call.
+    """
+    from distiq.quant.functional import choose_qparams
+    from distiq.quant.lsq import SCALE_MIN
+
+    quantizer = module.weight_quant
+    spec = quantizer.spec
+    weight = module.weight.reshape(module.weight.shape[0], -1)
+    lsq = getattr(quantizer, "lsq", None)
+    if lsq is not None:
+        scale, zero = lsq.scale.clamp(min=SCALE_MIN), lsq.zero_point
+    else:
+        scale, zero = choose_qparams(weight.detach(), spec)
+    return weight, scale, zero, spec.quant_min, spec.quant_max
+
+
+def rounding_value(modules: Sequence[tuple[str, nn.Module]], patterns: Sequence[str]) -> Tensor:
+    """Mean over ``modules`` (from :func:`int_weight_modules`) of
+    :func:`distiq.distill.rounding_regularizer` (each the mean over its weight elements)."""
+    if not modules:
         raise ValueError(
             "the 'rounding' term found no fake-quantized module with an integer weight grid "
             f"matching {list(patterns)}; quantize the student first or remove the term"
         )
-    values = [rounding_regularizer(w, s, z, qmin, qmax) for _, w, s, z, qmin, qmax in quantizers]
+    values = []
+    for _, module in modules:
+        weight, scale, zero, qmin, qmax = weight_qparams(module)
+        values.append(rounding_regularizer(weight, scale, zero, qmin, qmax, check_scale=False))
     return torch.stack(values).mean()

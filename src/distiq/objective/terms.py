@@ -107,6 +107,17 @@ class Batch:
         )
 
 
+def _compact(mask: Tensor | None, *tensors: Tensor | None) -> list[Tensor | None]:
+    """Keep only the valid positions: ``(..., X) -> (N, X)`` for each tensor (None stays None).
+
+    A token-mean over valid positions is unchanged, and the per-class work (softmax over the
+    vocabulary) is done for answer tokens only — in a VQA batch a small part of the sequence.
+    """
+    if mask is None:
+        return list(tensors)
+    return [None if t is None else t[mask] for t in tensors]
+
+
 def task_value(term: TaskTerm, batch: Batch) -> Tensor:
     """The caller's ``task_loss``, or cross-entropy of the student logits on the labels."""
     if batch.task_loss is not None:
@@ -122,6 +133,8 @@ def task_value(term: TaskTerm, batch: Batch) -> Tensor:
             "task_loss (e.g. detection or segmentation losses from distiq.tasks)"
         )
     logits = batch.require_student_logits("task")
+    logits, targets = _compact(targets != batch.ignore_index, logits, targets)
+    assert logits is not None and targets is not None
     return cross_entropy(
         logits, targets, ignore_index=batch.ignore_index, label_smoothing=term.label_smoothing
     )
@@ -157,17 +170,18 @@ def kd_value(term: KDTerm, batch: Batch, temperature: float) -> tuple[Tensor, Te
                 "a cached top-k teacher holds log-probabilities at one temperature; remove "
                 "kd.temperature_schedule or pass full teacher_logits"
             )
-        log_p, indices = batch.teacher_topk
-        value = topk_kl_divergence(student, log_p, indices, temperature=temperature, mask=mask)
-        return value, None
+        student, log_p, indices = _compact(mask, student, *batch.teacher_topk)
+        assert student is not None and log_p is not None and indices is not None
+        return topk_kl_divergence(student, log_p, indices, temperature=temperature), None
     if batch.teacher_logits is None:
         raise ValueError("the 'kd' term needs teacher_logits (..., V) or a cached teacher_topk")
-    teacher = batch.teacher_logits.detach()
-    check_vocabularies(student, teacher, "kd")
-    confidence: Tensor | float | None = term.confidence
+    check_vocabularies(student, batch.teacher_logits, "kd")
     labels = batch.targets() if batch.labels is not None else None
+    student, teacher, labels = _compact(mask, student, batch.teacher_logits.detach(), labels)
+    assert student is not None and teacher is not None
+    confidence: Tensor | float | None = term.confidence
     if term.divergence == "confidence_aware_kl" and confidence is None:
-        confidence = teacher_confidence(teacher, labels, mask=mask, ignore_index=batch.ignore_index)
+        confidence = teacher_confidence(teacher, labels, ignore_index=batch.ignore_index)
     kwargs = {"temperature": temperature, "beta": term.beta, "confidence": confidence}
     if term.distribution == "sigmoid":
         per_class = divergence(
@@ -177,9 +191,9 @@ def kd_value(term: KDTerm, batch: Batch, temperature: float) -> tuple[Tensor, Te
             reduction="none",
             **kwargs,
         )
-        value = reduce_masked(per_class.sum(-1), mask, "mean")
+        value = reduce_masked(per_class.sum(-1), None, "mean")
     else:
-        value = divergence(term.divergence, student, teacher, mask=mask, **kwargs)
+        value = divergence(term.divergence, student, teacher, **kwargs)
     gamma = confidence if isinstance(confidence, Tensor) else None
     return value, gamma
 
@@ -188,13 +202,14 @@ def pd_value(term: PDTerm, batch: Batch, fp_logits: Tensor) -> Tensor:
     """``D(p_S^fp ‖ p_Sq)`` over the term's tokens (no τ²)."""
     quant = batch.require_student_logits("pd")
     check_vocabularies(quant, fp_logits, "pd")
+    fp_logits, quant = _compact(batch.token_mask(term.tokens, "pd"), fp_logits, quant)
+    assert fp_logits is not None and quant is not None
     return prediction_difference(
         fp_logits,
         quant,
         divergence_name=term.divergence,
         temperature=term.temperature,
         beta=term.beta,
-        mask=batch.token_mask(term.tokens, "pd"),
     )
 
 

@@ -70,19 +70,14 @@ def build_models(args, device):
 
 def quantize_student(student):
     """W4 (per-channel, learnable LSQ scales) A8 (per-token dynamic) on every decoder linear."""
-    from torch import nn
+    from distiq.quant import PerToken, QuantConfig, QuantSpec, quantize_
 
-    from distiq.quant import PerToken, QuantSpec
-    from distiq.quant.modules import FakeQuantLinear
-
-    weight = QuantSpec(bits=4, learnable=True)
-    activation = QuantSpec(bits=8, symmetric=False, granularity=PerToken(), dynamic=True)
-    for parent_name, parent in list(student.named_modules()):
-        if not parent_name.startswith("model.layers."):
-            continue
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and not isinstance(child, FakeQuantLinear):
-                setattr(parent, name, FakeQuantLinear.from_float(child, weight, activation))
+    config = QuantConfig(
+        weight=QuantSpec(bits=4, learnable=True),
+        activation=QuantSpec(bits=8, symmetric=False, granularity=PerToken(), dynamic=True),
+        include=("model.layers",),
+    )
+    quantize_(student, config, step="prepare")
     return student
 
 

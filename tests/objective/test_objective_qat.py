@@ -4,12 +4,17 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from distiq.distill import FeatureCapture, prediction_difference
 from distiq.objective import QuantDistillObjective
-from distiq.quant import PerToken, QuantSpec
-from distiq.quant.modules import FakeQuantLinear, fake_quant_disabled, fake_quant_modules
+from distiq.quant import (
+    PerToken,
+    QuantConfig,
+    QuantSpec,
+    fake_quant_disabled,
+    fake_quant_modules,
+    quantize_,
+)
 
 W4 = QuantSpec(bits=4, learnable=True)  # per-channel LSQ scales
 A8 = QuantSpec(bits=8, symmetric=False, granularity=PerToken(), dynamic=True)
@@ -17,12 +22,9 @@ A8 = QuantSpec(bits=8, symmetric=False, granularity=PerToken(), dynamic=True)
 
 def fake_quantize_model(model, weight_spec=W4, activation_spec=A8):
     """Every nn.Linear but lm_head becomes a FakeQuantLinear sharing its parameters."""
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and f"{parent_name}.{name}".strip(".") != "lm_head":
-                setattr(
-                    parent, name, FakeQuantLinear.from_float(child, weight_spec, activation_spec)
-                )
+    config = QuantConfig(weight=weight_spec, activation=activation_spec, exclude=("lm_head",))
+    report = quantize_(model, config, step="prepare")
+    assert len(report.changes) == 2 * 6  # 2 layers x (q, k, v, o, mlp.0, mlp.2)
     return model
 
 
@@ -155,3 +157,17 @@ def test_full_objective_trains_a_fake_quantized_transformer(pair, make_batch, on
         pass
     for module in student.modules():
         assert not module._forward_hooks
+
+
+def test_rounding_modules_select_subtrees(pair):
+    _, student = pair
+    first_layer = QuantDistillObjective({"terms": {"rounding": {"modules": ["layers.0"]}}}).attach(
+        student=student
+    )
+    first_layer(step=0)
+    names = [n for n, _ in first_layer._rounding_cache[1]]
+    assert len(names) == 6 and all(n.startswith("layers.0.") for n in names)
+    with pytest.raises(ValueError, match="no fake-quantized module"):
+        QuantDistillObjective({"terms": {"rounding": {"modules": ["lm_head"]}}})(
+            step=0, student=student
+        )

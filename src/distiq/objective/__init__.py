@@ -64,7 +64,7 @@ YAML schema (a recipe's ``objective:`` section; every key optional; defaults sho
           head_dim: null         # null = the parent attention module's head_dim attribute
         rounding:                # mean over fake-quant modules of the weight-domain rounding error
           weight: 1.0
-          modules: ["**"]        # globs over fake-quant module names
+          modules: ["**"]        # globs; one names a module and everything under it
 
     schedule:  {kind: constant | linear | cosine | warmup, start: 0.0, end: 1.0, steps: 0, delay: 0}
       multiplies the term's weight: constant → end; linear / cosine: start → end over `steps`
@@ -74,7 +74,10 @@ Example (the brief's recipe): ``terms: {task: {weight: 1.0}, kd: {weight: 1.0, d
 forward_kl, temperature: 2.0, schedule: {kind: warmup, steps: 100}}, pd: {weight: 0.1},
 rounding: {weight: 1.0e-4}}`` — write small numbers with a dot (``1.0e-4``): PyYAML reads
 ``1e-4`` as a string. Unknown keys and bad values are reported together, with "did you mean".
-Globs: ``*`` stays within one dotted name component, ``**`` spans components.
+Globs: ``*`` stays within one dotted name component, ``**`` spans components; layer patterns
+name exactly the modules to capture (``model.layers.*`` = each decoder layer), while
+``rounding.modules`` patterns select subtrees like ``quantize_``'s (``model.language_model``).
+Note that ``quantize_`` itself uses ``fnmatch`` (there ``*`` also crosses dots).
 
 The Hinton loss ``α·T²·KL(p_T^T ‖ p_S^T) + (1 − α)·CE`` is ``task: {weight: 1 − α}``, ``kd:
 {weight: α, temperature: T, tokens: all}``. Token-mean reduction equals torch's

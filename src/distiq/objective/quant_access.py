@@ -46,17 +46,25 @@ def fp_forward(student: nn.Module, inputs: Mapping[str, Any] | Sequence[Any]) ->
 def int_weight_modules(
     model: nn.Module, patterns: Sequence[str] = ("**",)
 ) -> list[tuple[str, nn.Module]]:
-    """Fake-quant modules whose name matches ``patterns`` and whose weight is quantized on an
-    integer grid (nf4 / fp8 weights have none and are skipped)."""
+    """Fake-quant modules selected by ``patterns`` (a pattern selects the module it names and
+    everything under it) whose weight is quantized on an integer grid (nf4 / fp8 weights have
+    none and are skipped)."""
     _, fake_quant_modules = _quant_api()
     out = []
     for name, module in fake_quant_modules(model):
         quantizer = getattr(module, "weight_quant", None)
         if quantizer is None or quantizer.spec.format != "int":
             continue
-        if any(glob_match(name, p) for p in patterns):
+        if any(_selects(name, p) for p in patterns):
             out.append((name, module))
     return out
+
+
+def _selects(name: str, pattern: str) -> bool:
+    """``pattern`` names the module or one of its ancestors (a subtree, as ``quantize_``'s
+    patterns select: ``model.language_model`` covers every layer under it)."""
+    parts = name.split(".")
+    return any(glob_match(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
 
 
 def weight_qparams(module: nn.Module) -> tuple[Tensor, Tensor, Tensor, int, int]:

@@ -15,11 +15,14 @@ exactly there; with a ``minmax`` observer only a few extreme values clip).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from distiq.quant.functional import (
     QParams,
+    _check_finite,
     _qparams_from_range,
     choose_qparams,
     group_view,
@@ -96,7 +99,9 @@ def fake_quantize_weight(
         o.round_()
         if with_zero:
             o.add_(z)
-        low, high = torch.aminmax(o)
+        low, high = (float(v) for v in torch.aminmax(o))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            _check_finite(weight, "weight")  # raises, counting the NaN/Inf values
         if low < qmin or high > qmax:
             hit = ((o < qmin) | (o > qmax)).reshape(-1).nonzero().squeeze(1)
             clipped.append(hit + start * row_numel)

@@ -113,7 +113,8 @@ class QuantSpec:
     Args:
         bits: code width, 2-8 for ``int``; 4 for ``nf4``; 8 for ``fp8_e4m3``.
         symmetric: zero-point fixed at the grid centre (True) or computed from min/max (False).
-        granularity: ``PerTensor()``, ``PerChannel(axis)``, ``PerGroup(size)``, ``PerToken()``.
+        granularity: ``PerTensor()``, ``PerChannel(axis)``, ``PerGroup(size)``, ``PerToken()``
+            (or their YAML spelling, ``"per_group(64)"``).
         format: ``int`` (uniform affine grid), ``nf4`` (QLoRA NormalFloat, blockwise absmax) or
             ``fp8_e4m3`` (scaled float8).
         dynamic: activations only; scales computed from each input at run time instead of being
@@ -143,6 +144,8 @@ class QuantSpec:
     mse_norm: float = 2.4
 
     def __post_init__(self) -> None:
+        if isinstance(self.granularity, str | dict):  # QuantSpec(granularity="per_group(64)")
+            object.__setattr__(self, "granularity", parse_granularity(self.granularity))
         errors = self._validate()
         if errors:
             raise ValueError("; ".join(errors))

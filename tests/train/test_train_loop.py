@@ -12,10 +12,15 @@ from distiq.config import ConfigError, from_dict
 from distiq.train import StepInfo, TrainConfig, load_model_weights, read_metrics, train
 
 
+def cpu_config(**values) -> TrainConfig:
+    """Every test pins the CPU, so that a CUDA machine runs them the same way."""
+    return TrainConfig(**{"device": "cpu", **values})
+
+
 def test_training_reduces_the_loss_and_logs_every_term(toys, tmp_path):
     data = toys.ToyData(96)
     model = toys.make_model()
-    config = TrainConfig(steps=40, lr=2e-2, batch_size=16, log_every=5, warmup_steps=4)
+    config = cpu_config(steps=40, lr=2e-2, batch_size=16, log_every=5, warmup_steps=4)
     result = train(model, toys.plain_step, data, config=config, run_dir=tmp_path)
     lines = read_metrics(tmp_path / "metrics.jsonl", "train")
     assert [line["step"] for line in lines] == list(range(5, 41, 5))
@@ -43,7 +48,7 @@ def test_training_reduces_the_loss_and_logs_every_term(toys, tmp_path):
 
 
 def test_logged_lr_follows_the_schedule(toys, tmp_path):
-    config = TrainConfig(
+    config = cpu_config(
         steps=12, lr=0.1, warmup_steps=4, schedule="linear", batch_size=8, log_every=1
     )
     train(toys.make_model(), toys.plain_step, toys.ToyData(32), config=config, run_dir=tmp_path)
@@ -64,7 +69,7 @@ def test_gradient_accumulation_matches_one_big_batch(toys, tmp_path):
         big,
         toys.plain_step,
         data,
-        config=TrainConfig(batch_size=16, **base),
+        config=cpu_config(batch_size=16, **base),
         run_dir=tmp_path / "a",
     )
     small = toys.make_model()
@@ -73,7 +78,7 @@ def test_gradient_accumulation_matches_one_big_batch(toys, tmp_path):
         small,
         toys.plain_step,
         data,
-        config=TrainConfig(batch_size=4, grad_accum=4, **base),
+        config=cpu_config(batch_size=4, grad_accum=4, **base),
         run_dir=tmp_path / "b",
     )
     for key, value in big.state_dict().items():
@@ -89,7 +94,7 @@ def test_gradient_clipping_matches_a_hand_made_clipped_adamw(toys, tmp_path):
     equal a hand-written clip + AdamW (and differ from the unclipped result)."""
     data = toys.ToyData(16)
     model = toys.make_model()
-    config = TrainConfig(
+    config = cpu_config(
         steps=2,
         lr=0.1,
         batch_size=8,
@@ -131,7 +136,7 @@ def test_weight_decay_only_on_weights(toys, tmp_path):
     def zero_step(model, batch, step):
         return 0.0 * model(batch["x"]).sum()
 
-    config = TrainConfig(steps=1, lr=0.1, weight_decay=0.5, batch_size=8, grad_clip=None)
+    config = cpu_config(steps=1, lr=0.1, weight_decay=0.5, batch_size=8, grad_clip=None)
     train(model, zero_step, toys.ToyData(8), config=config, run_dir=tmp_path)
     after = model.state_dict()
     torch.testing.assert_close(after["fc1.weight"], before["fc1.weight"] * (1 - 0.1 * 0.5))
@@ -151,7 +156,7 @@ def test_evaluation_and_best_checkpoint_by_max_and_min(toys, tmp_path):
         snapshots[step] = toys.params_of(model)
 
     model = toys.make_model()
-    config = TrainConfig(
+    config = cpu_config(
         steps=8, batch_size=8, eval_every=2, best_metric="accuracy", best_mode="max"
     )
     result = train(
@@ -174,7 +179,7 @@ def test_evaluation_and_best_checkpoint_by_max_and_min(toys, tmp_path):
 
     losses = iter([3.0, 2.0, 2.5])
     model = toys.make_model()
-    config = TrainConfig(
+    config = cpu_config(
         steps=6,
         batch_size=8,
         eval_every=2,
@@ -207,7 +212,7 @@ def test_real_eval_fn_runs_in_eval_mode_without_grad(toys, tmp_path):
         return inner(model)
 
     model = toys.make_model(dropout=0.5)
-    config = TrainConfig(steps=4, batch_size=8, eval_every=2, best_metric="accuracy")
+    config = cpu_config(steps=4, batch_size=8, eval_every=2, best_metric="accuracy")
     result = train(
         model, toys.plain_step, toys.ToyData(32), config=config, run_dir=tmp_path, eval_fn=eval_fn
     )
@@ -221,7 +226,7 @@ def test_real_eval_fn_runs_in_eval_mode_without_grad(toys, tmp_path):
 
 
 def test_unknown_best_metric_is_named(toys, tmp_path):
-    config = TrainConfig(steps=2, batch_size=8, eval_every=1, best_metric="acuracy")
+    config = cpu_config(steps=2, batch_size=8, eval_every=1, best_metric="acuracy")
     with pytest.raises(KeyError, match=r"'acuracy'.*did you mean 'accuracy'"):
         train(
             toys.make_model(),
@@ -235,7 +240,7 @@ def test_unknown_best_metric_is_named(toys, tmp_path):
 
 def test_on_step_sees_every_step(toys, tmp_path):
     infos: list[StepInfo] = []
-    config = TrainConfig(steps=7, batch_size=8, log_every=3)
+    config = cpu_config(steps=7, batch_size=8, log_every=3)
     train(
         toys.make_model(),
         toys.plain_step,
@@ -263,7 +268,7 @@ def test_ready_made_batches_and_step_outputs(toys, tmp_path):
         toys.make_model(),
         tensor_step,
         batches,
-        config=TrainConfig(steps=9, log_every=9),
+        config=cpu_config(steps=9, log_every=9),
         run_dir=tmp_path / "a",
     )
     assert result.step == 9 and result.last_log["terms"] == {} and result.last_log["epoch"] == 2
@@ -276,7 +281,7 @@ def test_ready_made_batches_and_step_outputs(toys, tmp_path):
         toys.make_model(),
         tuple_step,
         batches,
-        config=TrainConfig(steps=2, log_every=1),
+        config=cpu_config(steps=2, log_every=1),
         run_dir=tmp_path / "b",
     )
     assert set(result.last_log["terms"]) == {"ce"}
@@ -284,7 +289,7 @@ def test_ready_made_batches_and_step_outputs(toys, tmp_path):
 
 def test_bad_step_outputs_are_explained(toys, tmp_path):
     data = toys.ToyData(16)
-    config = TrainConfig(steps=1, batch_size=8)
+    config = cpu_config(steps=1, batch_size=8)
     with pytest.raises(TypeError, match="step_fn returned dict"):
         train(
             toys.make_model(),
@@ -315,7 +320,7 @@ def test_bad_step_outputs_are_explained(toys, tmp_path):
 
 def test_run_directory_is_not_clobbered(toys, tmp_path):
     data = toys.ToyData(16)
-    config = TrainConfig(steps=1, batch_size=8, best_metric="accuracy", eval_every=1)
+    config = cpu_config(steps=1, batch_size=8, best_metric="accuracy", eval_every=1)
     train(
         toys.make_model(),
         toys.plain_step,
@@ -340,7 +345,7 @@ def test_run_directory_is_not_clobbered(toys, tmp_path):
         toys.make_model(),
         toys.plain_step,
         data,
-        config=TrainConfig(steps=1, batch_size=8),
+        config=cpu_config(steps=1, batch_size=8),
         run_dir=tmp_path,
         overwrite=True,
     )
@@ -377,17 +382,15 @@ def test_config_validation_lists_every_problem():
     assert len(info.value.errors) == 5  # steps, lr, warmup > steps, grad_clip, device
     assert from_dict(TrainConfig, {"steps": 10, "betas": [0.9, 0.95]}).betas == (0.9, 0.95)
     with pytest.raises(ConfigError, match="load_best_at_end needs best_metric"):
-        TrainConfig(steps=3, load_best_at_end=True).check()
+        cpu_config(steps=3, load_best_at_end=True).check()
 
 
-def test_bf16_is_refused_without_cuda(toys, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    config = TrainConfig(steps=1, batch_size=8, precision="bf16")
+def test_bf16_is_refused_off_cuda(toys, tmp_path):
+    config = cpu_config(steps=1, batch_size=8, precision="bf16")
     with pytest.raises(RuntimeError, match="bf16 needs a CUDA device"):
         train(toys.make_model(), toys.plain_step, toys.ToyData(8), config=config, run_dir=tmp_path)
-    # auto falls back to fp32 on CPU
-    config = TrainConfig(steps=1, batch_size=8, precision="auto")
+    # auto falls back to fp32 off CUDA
+    config = cpu_config(steps=1, batch_size=8, precision="auto")
     train(
         toys.make_model(),
         toys.plain_step,
@@ -400,7 +403,7 @@ def test_bf16_is_refused_without_cuda(toys, tmp_path):
 def test_config_is_saved_with_the_run(toys, tmp_path):
     from distiq.config import load_yaml
 
-    config = TrainConfig(steps=1, batch_size=8, lr=3e-3)
+    config = cpu_config(steps=1, batch_size=8, lr=3e-3)
     train(toys.make_model(), toys.plain_step, toys.ToyData(8), config=config, run_dir=tmp_path)
     assert from_dict(TrainConfig, load_yaml(tmp_path / "train_config.yaml")) == config
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1

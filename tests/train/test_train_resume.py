@@ -22,6 +22,11 @@ from distiq.train import (
 STEPS = 12
 
 
+def cpu_config(**values) -> TrainConfig:
+    """Every test pins the CPU, so that a CUDA machine runs them the same way."""
+    return TrainConfig(**{"device": "cpu", **values})
+
+
 class Killed(Exception):
     pass
 
@@ -53,7 +58,7 @@ def _config(**overrides):
         seed=7,
     )
     values.update(overrides)
-    return TrainConfig(**values)
+    return cpu_config(**values)
 
 
 def _run(toys, run_dir, *, kill_at=None, resume=False, sigterm_at=None, config=None):
@@ -157,7 +162,7 @@ def _nan_after(toys, bad_step, term):
 
 
 def test_nan_term_stops_the_run_and_keeps_the_last_good_checkpoint(toys, tmp_path):
-    config = TrainConfig(
+    config = cpu_config(
         steps=10, batch_size=8, checkpoint_every=2, seed=1, grad_accum=2, schedule="constant"
     )
     model = toys.make_model()
@@ -192,7 +197,7 @@ def test_nan_term_stops_the_run_and_keeps_the_last_good_checkpoint(toys, tmp_pat
 
 
 def test_inf_total_and_inf_gradient_are_reported(toys, tmp_path):
-    config = TrainConfig(steps=3, batch_size=8)
+    config = cpu_config(steps=3, batch_size=8)
 
     def inf_total(model, batch, step):
         out = toys.plain_step(model, batch, step)
@@ -218,3 +223,15 @@ def test_inf_total_and_inf_gradient_are_reported(toys, tmp_path):
 
     with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm \(nan|inf\) at step 2"):
         train(toys.make_model(), inf_grad, toys.ToyData(16), config=config, run_dir=tmp_path / "b")
+
+
+@pytest.mark.gpu
+def test_resume_on_cuda_with_bf16_autocast_is_bit_identical(toys, tmp_path):
+    config = _config(device="cuda", precision="bf16")
+    reference, _, _ = _run(toys, tmp_path / "ref", config=config)
+    with pytest.raises(Killed):
+        _run(toys, tmp_path / "run", kill_at=6, config=config)
+    model, _, _ = _run(toys, tmp_path / "run", resume=True, config=config)
+    assert next(model.parameters()).is_cuda
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key

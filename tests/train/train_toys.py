@@ -78,10 +78,12 @@ def make_eval(data: ToyData):
     def eval_fn(model):
         from distiq.train.distributed import gather_objects, shard_range
 
+        device = next(model.parameters()).device
         mine = list(shard_range(len(data)))
-        logits = model(data.x[mine])
-        correct = int((logits.argmax(-1) == data.y[mine]).sum())
-        loss_sum = float(F.cross_entropy(logits, data.y[mine], reduction="sum"))
+        x, y = data.x[mine].to(device), data.y[mine].to(device)
+        logits = model(x).float()
+        correct = int((logits.argmax(-1) == y).sum())
+        loss_sum = float(F.cross_entropy(logits, y, reduction="sum"))
         parts = gather_objects((correct, loss_sum, len(mine)))
         n = sum(p[2] for p in parts)
         return {

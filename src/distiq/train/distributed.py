@@ -154,7 +154,10 @@ class DistContext:
         limit = float("inf") if max_norm is None else float(max_norm)
         params = [p for p in model.parameters() if p.grad is not None]
         if self.accelerator is not None:
-            return torch.as_tensor(self.accelerator.clip_grad_norm_(model.parameters(), limit))
+            norm = self.accelerator.clip_grad_norm_(model.parameters(), limit)
+            if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
+                norm = norm.full_tensor()
+            return torch.as_tensor(norm)
         if not params:
             return torch.zeros(())
         return torch.nn.utils.clip_grad_norm_(params, limit)
@@ -274,6 +277,14 @@ def setup_distributed(config: TrainConfig) -> DistContext:
             DistributedDataParallelKwargs(find_unused_parameters=config.ddp_find_unused_parameters)
         ],
     )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and "FSDP" not in str(
+        accelerator.distributed_type
+    ):
+        logger.warning(
+            "FSDP was asked for (ACCELERATE_USE_FSDP) but accelerate runs %s: FSDP needs GPUs, so "
+            "this run is plain data-parallel (DDP)",
+            accelerator.distributed_type,
+        )
     context = DistContext(
         device=accelerator.device,
         rank=accelerator.process_index,

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from distiq.config import atomic_write
+from distiq.train.checkpoint import default_file_mode
 from distiq.util import suggest
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, default_file_mode())
         save_file(tensors, tmp)
         os.replace(tmp, path)
     except BaseException:

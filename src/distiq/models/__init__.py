@@ -1,0 +1,84 @@
+"""Model adapters, the built-in edge VLM, and detection / segmentation heads.
+
+- ``load(path)`` -> ``LoadedVLM(model, adapter)`` for a local Hugging Face VLM directory
+  (LLaVA, Idefics3 / SmolVLM, Qwen2-VL / Qwen2.5-VL, PaliGemma; ``register_adapter`` adds more).
+- ``VLMAdapter``: module names, default quantization targets, feature-capture points,
+  ``build_inputs(samples)``, ``generate_answers(model, samples)``.
+- ``build_edge_vlm(vocabulary, preset)``: the built-in LLaVA-architecture edge VLM.
+- ``DetectionHead``, ``SegmentationHead``, ``VLMWithHeads``; ``describe(model)``.
+
+Importing this package does not import transformers (that happens on first use).
+"""
+
+from distiq.models import idefics3, llava, paligemma, qwen2_vl  # noqa: F401  (register adapters)
+from distiq.models.adapter import DEFAULT_PARTS, PARTS, VLMAdapter
+from distiq.models.describe import ModelDescription, describe
+from distiq.models.edge_vlm import (
+    EDGE_PRESETS,
+    EdgeVLMConfig,
+    build_edge_processor,
+    build_edge_vlm,
+    edge_vlm_config,
+)
+from distiq.models.heads import DetectionHead, SegmentationHead
+from distiq.models.idefics3 import Idefics3Adapter
+from distiq.models.inputs import IGNORE_INDEX, to_rgb
+from distiq.models.llava import LlavaAdapter
+from distiq.models.loading import (
+    ADAPTERS,
+    LoadedVLM,
+    UnsupportedModelError,
+    adapter_class,
+    adapter_for,
+    load,
+    register_adapter,
+    supported_model_types,
+)
+from distiq.models.multitask import MultiTaskOutput, VLMWithHeads
+from distiq.models.paligemma import PaliGemmaAdapter
+from distiq.models.parts import (
+    FeaturePoints,
+    ModuleNames,
+    QuantTarget,
+    attention_probs_available,
+    narrow_layers,
+)
+from distiq.models.qwen2_vl import Qwen2VLAdapter
+from distiq.models.tokenizer import build_word_tokenizer
+
+__all__ = [
+    "ADAPTERS",
+    "DEFAULT_PARTS",
+    "EDGE_PRESETS",
+    "IGNORE_INDEX",
+    "PARTS",
+    "DetectionHead",
+    "EdgeVLMConfig",
+    "FeaturePoints",
+    "Idefics3Adapter",
+    "LlavaAdapter",
+    "LoadedVLM",
+    "ModelDescription",
+    "ModuleNames",
+    "MultiTaskOutput",
+    "PaliGemmaAdapter",
+    "QuantTarget",
+    "Qwen2VLAdapter",
+    "SegmentationHead",
+    "UnsupportedModelError",
+    "VLMAdapter",
+    "VLMWithHeads",
+    "adapter_class",
+    "adapter_for",
+    "attention_probs_available",
+    "build_edge_processor",
+    "build_edge_vlm",
+    "build_word_tokenizer",
+    "describe",
+    "edge_vlm_config",
+    "load",
+    "narrow_layers",
+    "register_adapter",
+    "supported_model_types",
+    "to_rgb",
+]

@@ -142,3 +142,20 @@ def test_rounding_regularizer_is_the_fake_quant_error_of_distiq_quant():
         want = ((w - fake_quantize(w, qp.scale, qp.zero_point, spec)) ** 2).mean()
         got = rounding_regularizer(w, qp.scale, qp.zero_point, spec.quant_min, spec.quant_max)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_rounding_regularizer_analytic_gradients_match_autograd_of_the_formula():
+    torch.manual_seed(3)
+    for scale_shape, zero_shape in [((5, 1), (5, 1)), ((), ()), ((5, 2, 1), (5, 2, 1))]:
+        w = (torch.randn(5, 8, dtype=torch.float64) * 0.5).requires_grad_()
+        s = (torch.rand(scale_shape, dtype=torch.float64) * 0.1 + 0.05).requires_grad_()
+        z = (torch.rand(zero_shape, dtype=torch.float64) * 3 - 1).requires_grad_()
+        got = rounding_regularizer(w, s, z, -4, 3)
+        grads = torch.autograd.grad(got, (w, s, z))
+        wv = w.view(5, 2, 4) if len(scale_shape) == 3 else w
+        z_int = z + (torch.round(z) - z).detach()
+        codes = torch.clamp(torch.round(wv.detach() / s.detach()) + torch.round(z.detach()), -4, 3)
+        want = ((wv - s * (codes - z_int)) ** 2).mean()
+        torch.testing.assert_close(got, want)
+        for g, r in zip(grads, torch.autograd.grad(want, (w, s, z))):
+            torch.testing.assert_close(g, r)

@@ -238,6 +238,9 @@ def rounding_regularizer(
     w, s, z = _aligned_qparams(weight, scale, zero_point)
     if check_scale and isinstance(scale, Tensor) and bool((scale <= 0).any()):
         raise ValueError("scale must be positive everywhere")
+    if reduction in ("mean", "sum"):
+        total = _RoundingError.apply(w, s, z, quant_min, quant_max)
+        return total / w.numel() if reduction == "mean" else total
     if z.requires_grad:
         z = z + (torch.round(z) - z).detach()  # round(z) forward, identity gradient (LSQ+)
     else:
@@ -245,6 +248,43 @@ def rounding_regularizer(
     with torch.no_grad():
         codes = torch.clamp(torch.round(w * torch.reciprocal(s)) + z, quant_min, quant_max)
     error = (w - s * (codes - z)).square()
-    if reduction == "mean":
-        return error.mean()
     return reduce_masked(error.reshape(weight.shape), None, reduction)
+
+
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Sum a broadcast gradient back to ``shape`` (the inverse of broadcasting)."""
+    if grad.shape == shape:
+        return grad
+    lead = grad.dim() - len(shape)
+    dims = list(range(lead)) + [
+        lead + i for i, size in enumerate(shape) if size == 1 and grad.shape[lead + i] != 1
+    ]
+    return grad.sum(dim=dims, keepdim=True).reshape(shape)
+
+
+class _RoundingError(torch.autograd.Function):
+    """``Σ (w − s (n − round z))²`` with ``n = clamp(round(w / s) + round z, q_min, q_max)``
+    held constant, and its analytic gradients (fewer passes over the weight than autograd):
+
+        ∂/∂w = 2 d,   ∂/∂s = −2 d (n − round z),   ∂/∂z = 2 d s   (d = w − ŵ; round z is
+        straight-through, as in LSQ+), each summed over the elements sharing the parameter.
+    """
+
+    @staticmethod
+    def forward(ctx, w, s, z, quant_min, quant_max):
+        z_int = torch.round(z)
+        offset = w * torch.reciprocal(s)  # in-place steps below: one buffer for the codes
+        offset.round_().add_(z_int).clamp_(quant_min, quant_max).sub_(z_int)  # n − round(z)
+        error = torch.addcmul(w, s, offset, value=-1.0)  # d = w − s (n − round z)
+        ctx.save_for_backward(error, offset, s)
+        ctx.z_shape = z.shape
+        return error.flatten().dot(error.flatten())
+
+    @staticmethod
+    def backward(ctx, grad):
+        error, offset, s = ctx.saved_tensors
+        twice = error * (2.0 * grad)
+        grad_w = twice if ctx.needs_input_grad[0] else None
+        grad_s = _sum_to(twice * offset, s.shape).neg() if ctx.needs_input_grad[1] else None
+        grad_z = _sum_to(twice * s, ctx.z_shape) if ctx.needs_input_grad[2] else None
+        return grad_w, grad_s, grad_z, None, None

@@ -142,7 +142,12 @@ def test_fsdp_on_one_gpu_resumes_exactly_and_matches_a_plain_run(private_dir, fs
     """FSDP (from accelerate's launch settings) on one GPU: full state dicts in checkpoints,
     exact resume, and the same result as a plain single-GPU run up to rounding."""
     tmp_path = private_dir
-    fsdp_env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": fsdp_version}
+    # FSDP1 needs use_orig_params (accelerate's default is off) for per-parameter groups.
+    fsdp_env = {
+        "ACCELERATE_USE_FSDP": "true",
+        "FSDP_VERSION": fsdp_version,
+        **({"FSDP_USE_ORIG_PARAMS": "true"} if fsdp_version == "1" else {}),
+    }
     _launch(tmp_path, world_size=1, args=("cuda", "ce"), env=fsdp_env)
     result = torch.load(tmp_path / "result.pt", weights_only=True)
     assert "FSDP" in result["distributed_type"]

@@ -33,7 +33,7 @@ def test_schedule_shape():
     cosine = LRSchedule("cosine", 100, 10, 0.05)
     values = [cosine(k) for k in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == 1.0 and values[10] == 1.0
-    assert all(a >= b for a, b in itertools.pairwise(values))  # non-increasing after warm-up
+    assert all(a >= b for a, b in itertools.pairwise(values[10:]))  # non-increasing after warm-up
     assert min(values) > 0.05 and cosine(100) == pytest.approx(0.05)  # reaches the floor at the end
 
 

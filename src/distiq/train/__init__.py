@@ -45,9 +45,11 @@ Example::
 Distributed: ``accelerate launch --num_processes 2 [--cpu] script.py`` (or ``-m distiq ...``)
 runs the same code as DDP; ``batch_size`` is the global micro-batch, split evenly across
 processes, so the result matches a one-process run up to float rounding. FSDP: launch with
-``accelerate launch --use_fsdp ...`` (or an ``accelerate config`` file); the FSDP settings pass
-through to ``accelerate.Accelerator`` unchanged and checkpoints gather full state dicts through
-``torch.distributed.checkpoint.state_dict`` (FSDP needs GPUs; it is not tested on CPU).
+``accelerate launch --use_fsdp --fsdp_version 2 ...`` (or an ``accelerate config`` file); the FSDP
+settings pass through to ``accelerate.Accelerator`` unchanged, checkpoints hold full (gathered)
+state dicts through ``torch.distributed.checkpoint.state_dict``. FSDP1 (accelerate's default
+version) also works but needs ``--fsdp_use_orig_params true``. FSDP needs GPUs (accelerate falls
+back to DDP on CPU, with a warning); it was checked on one GPU, not in CPU CI.
 
 Teacher cache: ``cache_teacher_outputs(teacher_fn, batches, path, top_k=8)`` runs the teacher
 once and stores its top-k log-probabilities per sample id; ``TeacherCache(path).get_batch(ids)``

@@ -130,11 +130,34 @@ class DistContext:
             return False
         return "FSDP" in str(self.accelerator.distributed_type)
 
+    @property
+    def is_fsdp1(self) -> bool:
+        return self.is_fsdp and not getattr(self.accelerator, "is_fsdp2", False)
+
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Any, Any]:
-        """Wrap model and optimizer for distributed training (no-op in a plain run)."""
+        """Wrap model and optimizer for distributed training (no-op in a plain run).
+
+        accelerate re-points the optimizer at the new parameters itself for DDP and FSDP2, but
+        not for FSDP1, which replaces every parameter: there the optimizer's parameter groups
+        are re-pointed here by parameter name (FSDP1 needs ``use_orig_params``, accelerate's
+        default)."""
         if self.accelerator is None:
             return model, optimizer
-        return self.accelerator.prepare(model, optimizer)
+        if not self.is_fsdp1:
+            return self.accelerator.prepare(model, optimizer)
+        names = {id(p): name for name, p in model.named_parameters()}
+        wrapped = self.accelerator.prepare(model)
+        new_params = {_clean_fsdp_name(name): p for name, p in wrapped.named_parameters()}
+        for group in optimizer.param_groups:
+            try:
+                group["params"] = [new_params[names[id(p)]] for p in group["params"]]
+            except KeyError as exc:
+                raise RuntimeError(
+                    "cannot map the optimizer's parameters onto the FSDP1-wrapped model "
+                    f"({exc}); launch with --fsdp_use_orig_params true (FSDP_USE_ORIG_PARAMS=true) "
+                    "or --fsdp_version 2, and pass only parameters of the model being trained"
+                ) from None
+        return wrapped, self.accelerator.prepare(optimizer)
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.accelerator is None:
@@ -236,6 +259,12 @@ class DistContext:
             )
             return
         optimizer.load_state_dict(state)
+
+
+def _clean_fsdp_name(name: str) -> str:
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
 
 
 def _raw_optimizer(optimizer: Any) -> torch.optim.Optimizer:

@@ -1,5 +1,6 @@
 """distiq.config and distiq.registry: validation that reports every problem, round trips."""
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -74,6 +75,9 @@ def test_atomic_write_leaves_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
     atomic_write(target, "new")
     assert target.read_text() == "new"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_registry_suggests_close_names():

@@ -67,6 +67,7 @@ SPECS = {
     "4bit-asym-g16": QuantSpec(bits=4, symmetric=False, granularity=PerGroup(16)),
     "4bit-g48": QuantSpec(bits=4, granularity=PerGroup(48)),
     "3bit-tensor": QuantSpec(bits=3, granularity=PerTensor()),
+    "nf4-g32": QuantSpec(bits=4, format="nf4", granularity=PerGroup(32)),
     "4bit-mse-g32": QuantSpec(
         bits=4, symmetric=False, observer="mse", mse_grid=20, granularity=PerGroup(32)
     ),

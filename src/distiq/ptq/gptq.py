@@ -38,7 +38,7 @@ from distiq.ptq.result import (
     weight_matrix,
 )
 from distiq.quant.functional import choose_qparams, dequantize, quantize
-from distiq.quant.spec import PerGroup, QuantSpec
+from distiq.quant.spec import PerChannel, PerGroup, QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -48,24 +48,21 @@ DAMP_GROWTH = 10.0
 MAX_DAMP = 10.0
 
 
-def _lower_triangular_inverse(lower: torch.Tensor) -> torch.Tensor:
-    """``L⁻¹`` of a lower-triangular ``(n, n)`` matrix.
-
-    On CPU, LAPACK's ``trtri`` through SciPy (n³/3 flops) when SciPy is installed; otherwise a
-    triangular solve against the identity (n³ flops)."""
-    if lower.device.type == "cpu" and lower.dtype in (torch.float32, torch.float64):
-        try:
-            from scipy.linalg import lapack
-        except ImportError:  # pragma: no cover - scipy comes with scikit-learn
-            lapack = None
-        if lapack is not None:
-            trtri = lapack.strtri if lower.dtype == torch.float32 else lapack.dtrtri
-            # Lᵀ is upper triangular and Fortran-ordered in L's memory: no copy on the way in.
-            inv_upper, info = trtri(lower.numpy().T, lower=0)
-            if info == 0:
-                return torch.from_numpy(inv_upper.T)  # (Lᵀ)⁻¹ᵀ = L⁻¹
-    eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
-    return torch.linalg.solve_triangular(lower, eye, upper=False)
+def lower_triangular_inverse(lower: torch.Tensor, base: int = 256) -> torch.Tensor:
+    """``L⁻¹`` of a lower-triangular ``(n, n)`` matrix, by halves:
+    ``[[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹ B A⁻¹, C⁻¹]]`` — about n³/2 flops, mostly in matmuls
+    (a triangular solve against the identity takes n³)."""
+    n = lower.shape[0]
+    if n <= base:
+        eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, eye, upper=False)
+    h = n // 2
+    out = torch.zeros_like(lower)
+    out[:h, :h] = inv_a = lower_triangular_inverse(lower[:h, :h], base)
+    out[h:, h:] = inv_c = lower_triangular_inverse(lower[h:, h:], base)
+    out[h:, :h] = (inv_c @ lower[h:, :h]) @ inv_a
+    out[h:, :h].neg_()
+    return out
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -91,7 +88,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Te
         diagonal.copy_(undamped + damp * mean_diag)
         lower, info = torch.linalg.cholesky_ex(flipped)  # J (H + λI) J = L Lᵀ
         if int(info) == 0:
-            upper = _lower_triangular_inverse(lower).flip((0, 1))  # U = J L⁻¹ J
+            upper = lower_triangular_inverse(lower).flip((0, 1))  # U = J L⁻¹ J
             if torch.isfinite(upper).all():
                 if damp != requested:
                     logger.info("GPTQ: damping raised from %g to %g", requested, damp)
@@ -176,13 +173,15 @@ def gptq_quantize(
             H[dead, dead] = 1.0
             W[:, dead] = 0.0
 
-        column_spec = spec.replace(granularity=PerGroup(1))  # one (out,) vector at a time
+        # One column (out,) at a time: int columns as (out, 1) per channel, nf4 (a blockwise
+        # format) as groups of 1; `shape` is the qparam shape for a column (out, 1).
+        if spec.format == "int":
+            column_spec, shape = spec.replace(granularity=PerChannel(0)), (out_features, 1)
+        else:
+            column_spec, shape = spec.replace(granularity=PerGroup(1)), (out_features, 1, 1)
         if group_size is None:  # one scale per row (or for the tensor) for every column
             scale, zero_point = choose_qparams(W, spec, check_finite=False)  # (out | 1, 1)
-            fixed = (
-                scale.expand(out_features, 1)[:, :, None],  # (out, 1, 1)
-                zero_point.expand(out_features, 1)[:, :, None],
-            )
+            current = (scale.expand(shape), zero_point.expand(shape))
         elif static_groups:  # (out, n_groups, 1) from the original weight
             scale, zero_point = choose_qparams(W, spec, check_finite=False)
         else:  # (out, n_groups, 1), filled when the quantizer reaches each group
@@ -207,32 +206,34 @@ def gptq_quantize(
             source = perm if (perm is not None and static_groups) else position
             group_of_position = (source // group_size).tolist()
 
-        current = fixed if group_size is None else None
         for i1 in range(0, in_features, block_size):
             i2 = min(i1 + block_size, in_features)
             W1 = Wt[i1:i2]  # (B, out), a view: updated in place
             U1 = U[i1:i2, i1:i2]
+            inv_diag = U1.diagonal().reciprocal()
             Err1 = torch.empty_like(W1)
+            codes_block, q_block = [], []
             for i in range(i2 - i1):
                 col = i1 + i
                 if group_size is not None:
                     if static_groups:
                         g = group_of_position[col]
-                        current = (scale[:, g : g + 1], zero_point[:, g : g + 1])
+                        current = (scale[:, g].reshape(shape), zero_point[:, g].reshape(shape))
                     elif col % group_size == 0:
                         g = col // group_size
                         group = _current_columns(Wt, U, Err1, i1, i2, col, col + group_size)
-                        s, z = _group_qparams(group.t(), spec)
+                        s, z = _group_qparams(group.t(), spec)  # (out, 1, 1)
                         scale[:, g : g + 1], zero_point[:, g : g + 1] = s, z
-                        current = (s, z)
+                        current = (s.reshape(shape), z.reshape(shape))
                 w = W1[i]  # (out,)
-                c = quantize(w[:, None], current[0], current[1], column_spec)  # (out, 1)
-                q = dequantize(c, current[0], current[1], column_spec, dtype=dtype)[:, 0]
-                codes_t[col] = c[:, 0]
-                Qt[col] = q
-                err = (w - q) / U1[i, i]
-                Err1[i] = err
+                c = quantize(w.view(-1, 1), current[0], current[1], column_spec)  # (out, 1)
+                q = dequantize(c, current[0], current[1], column_spec, dtype=dtype).view(-1)
+                codes_block.append(c)
+                q_block.append(q)
+                err = torch.sub(w, q, out=Err1[i]).mul_(inv_diag[i])  # (w − q) / U[i, i]
                 W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)
+            codes_t[i1:i2] = torch.stack(codes_block).view(i2 - i1, out_features)
+            Qt[i1:i2] = torch.stack(q_block)
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1.0)  # lazy batch update
 
         codes = codes_t.t()

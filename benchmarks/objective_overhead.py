@@ -16,9 +16,9 @@ Components (not training steps; for the breakdown): ``teacher_forward`` (one no-
 forward) and ``objective_terms`` (the objective's task, kd, feat and rounding terms, forward and
 backward, on precomputed logits and hidden states).
 
-Modes are interleaved in every repeat (so drift hits them all alike); the reported time is the
-median over repeats of each repeat's median step time; ratios are against ``fp_finetune`` of the
-same run. Writes ``benchmarks/results/objective_overhead.json``.
+Modes take turns step by step (so load drift hits them all alike); the reported time is the
+median over repeats of each repeat's mean step time (``--steps`` steps, a multiple of 4 so that
+``pd.every: 4`` is counted fairly); ratios are against ``fp_finetune`` of the same run. Writes ``benchmarks/results/objective_overhead.json``.
 
     .venv/bin/python benchmarks/objective_overhead.py [--quick] [--threads 2] [--device cpu]
 """
@@ -213,15 +213,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_block(runner, steps, device):
-    times = []
-    for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        runner.step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def time_step(runner, device):
+    sync(device)
+    start = time.perf_counter()
+    runner.step()
+    sync(device)
+    return time.perf_counter() - start
 
 
 def main(argv=None):
@@ -232,7 +229,7 @@ def main(argv=None):
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per block")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
@@ -242,7 +239,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.hidden, args.layers, args.vocab, args.seq, args.batch = 64, 2, 256, 32, 4
-        args.steps, args.repeats, args.warmup = 3, 2, 1
+        args.steps, args.repeats, args.warmup = 4, 2, 1
         if args.out == RESULTS:
             args.out = RESULTS.with_name("objective_overhead_quick.json")
     logging.basicConfig(level=logging.WARNING)
@@ -264,10 +261,17 @@ def main(argv=None):
     for runner in runners:
         for _ in range(args.warmup):
             runner.step()
+    # round robin, one step per mode at a time, so that load drift hits every mode alike; the
+    # mean over a repeat's steps (a multiple of 4: pd.every 4 runs its extra forward once in
+    # four steps), then the median over repeats
     blocks = {m: [] for m in modes}
     for _ in range(args.repeats):
-        for runner in runners:
-            blocks[runner.name].append(time_block(runner, args.steps, device))
+        times = {m: [] for m in modes}
+        for _ in range(args.steps):
+            for runner in runners:
+                times[runner.name].append(time_step(runner, device))
+        for m in modes:
+            blocks[m].append(statistics.fmean(times[m]))
     medians = {m: statistics.median(v) for m, v in blocks.items()}
     base = medians["fp_finetune"]
     rows = [
@@ -275,7 +279,7 @@ def main(argv=None):
             "mode": m,
             "median_step_ms": round(1000 * medians[m], 2),
             "ratio_vs_fp_finetune": round(medians[m] / base, 3),
-            "block_medians_ms": [round(1000 * t, 2) for t in blocks[m]],
+            "repeat_means_ms": [round(1000 * t, 2) for t in blocks[m]],
         }
         for m in modes
     ]
@@ -289,7 +293,7 @@ def main(argv=None):
         "sizes": {
             k: getattr(args, k) for k in ("hidden", "layers", "heads", "vocab", "seq", "batch")
         },
-        "steps_per_block": args.steps,
+        "steps_per_repeat": args.steps,
         "repeats": args.repeats,
         "goal": "qad_full <= 1.6x fp_finetune",
         "results": rows,

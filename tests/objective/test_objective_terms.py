@@ -263,3 +263,28 @@ def test_uncertainty_balancing_is_learned_and_logged(make_batch):
     assert logs["weight/kd"] == pytest.approx(4.0 * torch.exp(torch.tensor(-0.5)).item())
     out.total.backward()
     assert objective.balancer.log_vars["task"].grad is not None
+
+
+def test_state_dict_round_trip_recreates_projections():
+    student_feats = [torch.randn(2, 5, 6)]
+    teacher_feats = [torch.randn(2, 5, 8)]
+    config = {"balancing": "uncertainty", "terms": {"feat": {}, "task": {}}}
+    trained = QuantDistillObjective(config)
+    trained.prepare(
+        step=0,
+        student_features=student_feats,
+        teacher_features=teacher_feats,
+        task_loss=torch.tensor(1.0),
+    )
+    with torch.no_grad():
+        trained.projections["pair0"].linear.weight.add_(0.5)
+        trained.balancer.log_vars["feat"].fill_(0.25)
+    fresh = QuantDistillObjective(config)
+    fresh.load_state_dict(trained.state_dict())
+    kwargs = dict(
+        step=1,
+        student_features=student_feats,
+        teacher_features=teacher_feats,
+        task_loss=torch.tensor(1.0),
+    )
+    torch.testing.assert_close(fresh(**kwargs).total, trained(**kwargs).total)

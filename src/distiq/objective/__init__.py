@@ -57,7 +57,9 @@ YAML schema (a recipe's ``objective:`` section; every key optional; defaults sho
           beta: 0.5
           tokens: answer
           every: 1               # compute every N steps (one extra no-grad student forward)
-        qk_entropy:              # EdgeQAT: −Σ_h [log(1+Var Q_h) + log(1+Var K_h)], mean over layers
+        qk_entropy:              # EdgeQAT: −Σ_h [log(1+Var Q_h) + log(1+Var K_h)], mean over layers,
+                                 # on the q/k projections' outputs (from fake-quant weights and
+                                 # inputs; Q and K themselves are not re-quantized)
           weight: 1.0
           query_modules: ["**.q_proj"]
           key_modules: ["**.k_proj"]

@@ -271,6 +271,22 @@ class QuantDistillObjective(nn.Module):
             )
         return proj(features)
 
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ):
+        """As ``nn.Module.load_state_dict``; feature projections that a checkpoint holds but this
+        (fresh) objective has not created yet are created first, so resuming needs no
+        ``prepare`` call."""
+        prefix = "projections."
+        for key, value in state_dict.items():
+            if key.startswith(prefix) and key.endswith(".linear.weight"):
+                name = key[len(prefix) : -len(".linear.weight")]
+                if name not in self.projections:
+                    teacher_dim, student_dim = value.shape
+                    bias = f"{prefix}{name}.linear.bias" in state_dict
+                    self.projections[name] = FeatureProjection(student_dim, teacher_dim, bias=bias)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def prepare(self, **inputs: Any) -> list[str]:
         """Run one call without gradient so that lazily created parameters (feature projections)
         exist; returns the names of the objective's parameters. Call it on the first batch,

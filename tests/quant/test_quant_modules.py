@@ -248,3 +248,31 @@ def test_token_importance_from_attention_hook():
     attach_token_importance(silent, [fq])
     with pytest.raises(RuntimeError, match="attn_implementation='eager'"):
         silent(x)
+
+
+def test_fused_weight_buffer_is_reused_only_when_safe():
+    linear = nn.Linear(16, 8)
+    fq = FakeQuantLinear.from_float(linear, QuantSpec(bits=4))
+    x = torch.randn(3, 16)
+    expected = F.linear(x, _fq(linear.weight.detach(), QuantSpec(bits=4)), linear.bias)
+    fq(x).sum().backward()
+    first = fq._weight_buffer.tensor
+    fq(x).sum().backward()
+    assert fq._weight_buffer.tensor is first  # step after step: same storage
+    # two forwards before their backwards (e.g. two views of a batch): no sharing
+    y1, y2 = fq(x), fq(2 * x)
+    linear.weight.grad = None
+    (y1.sum() + y2.sum()).backward()
+    torch.testing.assert_close(y1, expected, atol=0, rtol=0)
+    reference = linear.weight.detach().clone().requires_grad_(True)
+    w_hat = fake_quantize(
+        reference, *choose_qparams(reference, QuantSpec(bits=4)), QuantSpec(bits=4)
+    )
+    (F.linear(x, w_hat).sum() + F.linear(2 * x, w_hat).sum()).backward()
+    torch.testing.assert_close(linear.weight.grad, reference.grad)
+    # reusing a graph after a newer forward overwrote its buffer fails loudly, never silently
+    y_old = fq(x)
+    y_old.sum().backward(retain_graph=True)
+    fq(x).sum().backward()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y_old.sum().backward()

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distiq.quant.fused import fake_quant_linear, supports_fused
+from distiq.quant.fused import ReusableBuffer, fake_quant_linear, supports_fused
 from distiq.quant.quantizers import (
     ActivationQuantizer,
     WeightQuantizer,
@@ -109,6 +109,8 @@ class FakeQuantLinear(nn.Linear, FakeQuantModule):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_quant(weight_spec, activation_spec, in_features, -1)
         self._init_token_importance(token_importance, low_bits)
+
+    _weight_buffer: ReusableBuffer | None = None  # the fused path's Ŵ storage (CPU)
 
     def _init_token_importance(self, token_importance: bool, low_bits: int) -> None:
         self.token_importance = token_importance
@@ -206,7 +208,11 @@ class FakeQuantLinear(nn.Linear, FakeQuantModule):
             and self.weight.requires_grad
             and supports_fused(self.weight, self.weight_spec)
         ):
-            return fake_quant_linear(x, self.weight, self.bias, self.weight_spec)
+            if self._weight_buffer is None:
+                self._weight_buffer = ReusableBuffer()
+            return fake_quant_linear(
+                x, self.weight, self.bias, self.weight_spec, self._weight_buffer
+            )
         return F.linear(x, self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:

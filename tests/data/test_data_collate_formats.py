@@ -141,3 +141,12 @@ def test_digit_images_equal_scikit_learns():
     reference = load_digits()
     assert np.array_equal(images, reference.images.astype(np.float32))
     assert np.array_equal(targets, reference.target)
+
+
+def test_importing_the_data_layer_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, distiq.data; print(sorted(m for m in ('torch', 'sklearn', 'pycocotools') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -3,10 +3,11 @@
 Each scene is an RGB image (default 64×64) of 1–6 objects — geometric shapes (default circle,
 square, triangle) and real handwritten digits (scikit-learn's ``load_digits``, default 0, 1, 4;
 train scenes draw from 4/5 of the digit instances, val/test scenes from the other 1/5) — each in
-one of a few saturated colours (default red, green, blue, yellow, purple), 25–37 % of the image
-side large, at random positions with modest occlusion (every object keeps ≥ 70 % of its pixels;
-objects of one colour never touch), on a low-contrast textured or noisy background with pixel
-noise. See ``_render.py`` for the drawing and ``_questions.py`` for the question templates.
+one of a few saturated colours (default red, green, blue, yellow, purple; ±20 jitter per
+channel), 25–38 % of the image side large, at random positions with modest occlusion (every
+object keeps ≥ 70 % of its pixels; objects of one colour never touch), on a low-contrast
+textured (stripes) or noisy (smooth blobs) background, with uniform pixel noise of std 6 over
+the whole image. See ``_render.py`` for the drawing and ``_questions.py`` for the templates.
 
 Ground truth for three tasks comes from the same scene:
 
@@ -21,9 +22,10 @@ Ground truth for three tasks comes from the same scene:
 
 Answers are balanced per question text (``_questions.Balancer``) so a blind model is weak:
 the question-only oracle (:func:`blind_baseline_accuracy`: the best answer of each question text
-on train, evaluated on test) scores **BLIND_PLACEHOLDER** on the default 20,000 scenes (seed 0,
-64 px); per type: BLIND_TYPES_PLACEHOLDER. ``meta.json`` records the number for every
-generated set.
+on train, evaluated on test) scores **39.1 %** on the default set (25,000 scenes = 20,000 train
++ 2,500 val + 2,500 test, seed 0, 64 px; 7,500 test questions). Per type: count 19.4 %, color
+19.7 %, identity 32.2 %, position 50.5 %, relation 48.6 %, exist 53.6 %, compare 50.5 % — each
+near chance for its answer set. ``meta.json`` records the number for every generated set.
 
 On disk (``generate_scenes(out_dir, ...)`` writes ``out_dir/<key>/``, where ``<key>`` is
 ``edge-scenes-s{seed}-n{count}-{size}px-{hash}`` and ``hash`` covers the split fractions, the
@@ -43,7 +45,9 @@ Splits are ``train``, ``val``, ``test``; image ids run from 1 to ``count`` over 
 that order (question id = ``image_id * 1000 + k``). The VQA ``question_type`` is the type name
 above; ``answer_type`` is ``number`` for count, ``yes/no`` for relation, exist and compare,
 ``other`` otherwise. All ten human answers equal the generated answer. COCO annotations also
-carry the object's ``"color"``; category ids are ``1 + category index``.
+carry the object's ``"color"``; category ids are ``1 + category index``; with
+``SceneConfig(instance_masks=True)`` each annotation has its visible-pixel mask as uncompressed
+RLE in ``"segmentation"`` (off by default: it makes the JSON several times larger).
 
 Everything is a pure function of ``(seed, count, image_size, split_fractions, config)``: scene
 ``i`` uses ``numpy.random.default_rng([seed, i])`` and question balancing runs per fixed chunk
@@ -315,14 +319,15 @@ def _digit_banks() -> dict[str, dict[int, np.ndarray]]:
 
 def generate_scenes(
     out_dir: str | os.PathLike,
-    count: int = 20_000,
+    count: int = 25_000,
     seed: int = 0,
     image_size: int = 64,
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     config: SceneConfig | None = None,
     workers: int | None = None,
 ) -> ScenePaths:
-    """Generate ``count`` scenes (over all splits) under ``out_dir`` and return their paths.
+    """Generate ``count`` scenes (over all splits; the default 25,000 gives 20,000 train scenes)
+    under ``out_dir`` and return their paths.
 
     A complete set with the same parameters already under ``out_dir`` is reused (the cache).
     ``workers`` processes render in parallel (default: up to 2). Generation writes to a
@@ -396,6 +401,8 @@ def generate_scenes(
             seconds=round(time.perf_counter() - started, 2),
         )
         atomic_write(tmp_paths.meta, json.dumps(meta, indent=1))
+        if paths.meta.is_file():  # a concurrent generator finished first: keep its set
+            return paths
         if root.exists():  # an incomplete set (no meta.json): replace it
             shutil.rmtree(root)
         try:

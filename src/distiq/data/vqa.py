@@ -106,14 +106,18 @@ def _vqa_image_resolver(
             image_dir / image_name.format(image_id=image_id, data_subtype=data_subtype)
         )
     stems = (f"COCO_{data_subtype}_{{:012d}}", "{:012d}")
+    found: dict[int, Path] = {}  # many questions share an image: probe the disk once per image
 
     def resolve(image_id: int) -> Path:
-        for stem in stems:
-            for ext in (".jpg", ".png", ".jpeg"):
-                path = image_dir / (stem.format(image_id) + ext)
-                if path.is_file():
-                    return path
-        return image_dir / (stems[0].format(image_id) + ".jpg")  # reported as missing
+        if image_id not in found:
+            candidates = [
+                image_dir / (s.format(image_id) + e)
+                for s in stems
+                for e in (".jpg", ".png", ".jpeg")
+            ]
+            # the first existing candidate; none: the first one, reported as missing
+            found[image_id] = next((p for p in candidates if p.is_file()), candidates[0])
+        return found[image_id]
 
     return resolve
 

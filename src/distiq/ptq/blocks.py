@@ -11,8 +11,11 @@ chain (e.g. parallel heads) becomes one stage per child.
 
 Capturing a stage runs the model on each batch with forward pre-hooks on the stage's blocks; the
 hooks record the first block's inputs (positional and keyword: attention masks, position
-embeddings, ...) and every later block's other inputs, and the last block's hook raises a stop
-exception, so the model runs no further (as the GPTQ reference's ``Catcher`` does).
+embeddings, ...) and raise a stop exception, so the model runs no further (as the GPTQ
+reference's ``Catcher`` does); the later blocks are called with those same other inputs. Where
+the first batch showed that the blocks get *different* other inputs (e.g. sliding-window and
+global attention masks alternating over layers, or a per-layer keyword), the capture runs on to
+the last block and records each block's own.
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ class Stage:
     blocks: list[nn.Module]
     order: int | None = None
     layers: list[list[str]] = field(default_factory=list)  # selected layer names per block
+    uniform: bool = False  # every block gets the first block's other inputs (masks, ...)
 
 
 def _block_lists(
@@ -130,13 +134,34 @@ def _child_name(parent: str, child: str) -> str:
     return f"{parent}.{child}" if parent else child
 
 
+def _other_inputs(args: tuple, kwargs: dict, slot: Slot) -> list:
+    """A call's inputs other than the hidden state, in a fixed order."""
+    args, kwargs = with_slot(args, kwargs, slot, None)
+    return [*args, *sorted(kwargs.items(), key=lambda item: item[0])]
+
+
+def _same_objects(a: list, b: list) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, tuple) and isinstance(y, tuple) and len(x) == len(y) == 2:
+            if x[0] != y[0] or x[1] is not y[1]:  # (keyword, value)
+                return False
+        elif x is not y:
+            return False
+    return True
+
+
 class _ChainProbe:
     """Hooks on the children of one list that check, during a forward, that each child is
-    called once, in order, with the previous child's output as its hidden-state input."""
+    called once, in order, with the previous child's output as its hidden-state input, and
+    whether every child gets the very same other inputs as the first (``uniform``)."""
 
     def __init__(self, children: list[nn.Module], note) -> None:
         self.calls = [0] * len(children)
         self.ok = True
+        self.uniform = True
+        self.first_inputs: list | None = None  # kept alive, so identity comparisons are sound
         self.expected = 0
         self.last_output: torch.Tensor | None = None
         self.handles = []
@@ -151,10 +176,15 @@ class _ChainProbe:
         self.calls[k] += 1
         slot = hidden_slot(args, kwargs)
         ok = self.expected == k and slot is not None
+        if ok and k == 0:
+            self.first_inputs = _other_inputs(args, kwargs, slot)
         if ok and k > 0:
             prev, now = self.last_output, get_slot(args, kwargs, slot)
             ok = prev is not None and (
                 prev is now or (prev.shape == now.shape and bool(torch.equal(prev, now)))
+            )
+            self.uniform &= ok and _same_objects(
+                self.first_inputs, _other_inputs(args, kwargs, slot)
             )
         self.ok &= ok
         self.expected = k + 1
@@ -212,7 +242,8 @@ def plan_stages(
     stages: list[Stage] = []
     for children, probe in zip(children_of, probes):
         if probe.chained:
-            stages.append(Stage([n for n, _ in children], [c for _, c in children]))
+            names, blocks = [n for n, _ in children], [c for _, c in children]
+            stages.append(Stage(names, blocks, uniform=probe.uniform))
         else:
             stages.extend(Stage([n], [c]) for n, c in children)
     stages.extend(Stage([n], [modules[n]]) for n in standalone)
@@ -236,9 +267,10 @@ class Captured:
 
 
 def capture_stage(model: nn.Module, stage: Stage, batch: Any) -> Captured | None:
-    """Run ``model`` on ``batch`` up to the stage's last block and return the stage's inputs, or
-    None when the batch never reaches the stage's first block."""
-    n = len(stage.blocks)
+    """Run ``model`` on ``batch`` up to the stage's first block (``uniform`` stages: the later
+    blocks replay the first block's other inputs) or last block (the others) and return the
+    stage's inputs; None when the batch never reaches the stage's first block."""
+    n = 1 if stage.uniform else len(stage.blocks)
     calls: list[tuple[tuple, dict, Slot] | None] = [None] * n
     hidden: list[torch.Tensor | None] = [None]
 
@@ -259,7 +291,7 @@ def capture_stage(model: nn.Module, stage: Stage, batch: Any) -> Captured | None
 
     handles = [
         block.register_forward_pre_hook(functools.partial(pre, k=k), with_kwargs=True)
-        for k, block in enumerate(stage.blocks)
+        for k, block in enumerate(stage.blocks[:n])
     ]
     try:
         call_model(model, batch)
@@ -271,7 +303,9 @@ def capture_stage(model: nn.Module, stage: Stage, batch: Any) -> Captured | None
     if hidden[0] is None:
         return None
     first = calls[0]
-    filled = [c if c is not None else first for c in calls]  # unseen blocks replay block 0's
+    filled = [
+        calls[k] if k < n and calls[k] is not None else first for k in range(len(stage.blocks))
+    ]
     return Captured(hidden[0], filled)  # type: ignore[arg-type]
 
 

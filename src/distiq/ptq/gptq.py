@@ -17,8 +17,11 @@ original weight, before any update).
 
 Implementation notes: the weight is processed transposed (``(in, out)``) so that a column is a
 contiguous row; ``U`` is computed as ``J L⁻¹ J`` with ``L`` the Cholesky factor of ``J H J``
-(``J`` reverses the order), one Cholesky and one triangular inverse instead of the reference's
-Cholesky, inverse and second Cholesky (the same matrix in exact arithmetic).
+(``J`` reverses the order): one Cholesky (n³/3 flops) and one triangular inverse by halves
+(≈ n³/2, mostly matmuls) instead of the reference's Cholesky, ``cholesky_inverse`` and second
+Cholesky (≈ 4n³/3); the same matrix in exact arithmetic. Group parameters are computed from the
+group's columns with every update so far applied (inside the current block and the block's
+pending lazy update beyond it), so the result equals Algorithm 1 without lazy batching.
 """
 
 from __future__ import annotations

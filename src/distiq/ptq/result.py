@@ -33,7 +33,8 @@ class PTQResult:
         zero_point: float32 zero-points (integers stored as floats), ``scale``'s shape.
         spec: the weight spec used (granularity as applied to the matrix).
         g_idx: int32 ``(in,)``, the group of each input column; set by GPTQ with ``act_order``
-            and per-group specs (``arange(in) // g`` with static groups), else None.
+            and per-group specs (``arange(in) // g`` with static groups), else None. For a
+            grouped convolution (``quantize_layer``): ``(groups, in)``, one row per group.
         error: ``½ tr(ΔW H ΔWᵀ)`` with ``ΔW = W − Q`` and ``H = 2/n Σ x xᵀ``: the mean over the
             n calibration inputs of ``‖(W − Q) x‖²`` (squared error summed over output
             features). None when no Hessian was given.

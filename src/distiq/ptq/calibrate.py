@@ -270,7 +270,6 @@ def quantize_model(
         block_size=block_size, damp=damp, act_order=act_order, static_groups=static_groups
     )
     shared = _shared_parameter_ids(model)
-    results: dict[str, PTQResult] = {}
     reports: list[LayerReport] = []
 
     def finish(name: str, hessian: torch.Tensor | None, tokens: int, note: str = "") -> None:
@@ -278,7 +277,8 @@ def quantize_model(
         used = method if hessian is not None else "rtn"
         result = quantize_layer(layer, spec, hessian, used, **gptq_options)
         _replace_weight(name, layer, result.weight, shared)
-        results[name] = result
+        if convert:
+            _convert(model, name, layer, result)
         report = LayerReport(
             name=name,
             kind=type(layer).__name__,
@@ -322,8 +322,6 @@ def quantize_model(
         for key, c in configs.items():
             c.use_cache = use_cache[key]
 
-    if convert:
-        _convert(model, layers, results)
     return reports
 
 
@@ -375,22 +373,18 @@ def _layer(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name)
 
 
-def _convert(
-    model: nn.Module,
-    layers: dict[str, tuple[nn.Module, QuantSpec]],
-    results: dict[str, PTQResult],
-) -> None:
+def _convert(model: nn.Module, name: str, layer: nn.Module, result: PTQResult) -> None:
+    """Replace the ``nn.Linear`` ``name`` by a ``QuantizedLinear`` holding ``result``'s packed
+    codes (its forward equals the layer's with the dequantized weight)."""
     from distiq.quant.quantized import QuantizedLinear
 
-    for name, result in results.items():
-        layer, _ = layers[name]
-        if not isinstance(layer, nn.Linear):
-            logger.info("%s: %s keeps its dequantized weight", name, type(layer).__name__)
-            continue
-        bias = layer.bias.detach() if layer.bias is not None else None
-        new = QuantizedLinear.from_quantized(
-            result.codes, result.scale, result.zero_point, result.spec, bias, result.g_idx
-        )
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+    if not isinstance(layer, nn.Linear):
+        logger.info("%s: %s keeps its dequantized weight", name, type(layer).__name__)
+        return
+    bias = layer.bias.detach() if layer.bias is not None else None
+    new = QuantizedLinear.from_quantized(
+        result.codes, result.scale, result.zero_point, result.spec, bias, result.g_idx
+    )
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

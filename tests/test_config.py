@@ -90,3 +90,16 @@ def test_registry_suggests_close_names():
     with pytest.raises(ValueError, match="twice"):
         reg.register("forward_kl", 3)
     assert reg.names() == ["forward_kl", "reverse_kl"]
+
+
+def test_yaml_reads_exponent_floats(tmp_path):
+    path = tmp_path / "w.yaml"
+    path.write_text("a: 1e-4\nb: 3E5\nc: 1.5\nd: 7\ne: .inf\nf: text\n")
+    assert load_yaml(path) == {
+        "a": 1e-4,
+        "b": 3e5,
+        "c": 1.5,
+        "d": 7,
+        "e": float("inf"),
+        "f": "text",
+    }

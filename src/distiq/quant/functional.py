@@ -17,8 +17,11 @@ tensors holding integers, so that LSQ+ can learn them):
 - ``PerGroup(g)``: ``x.shape[:-1] + (x.shape[-1] // g, 1)`` — it broadcasts against
   ``x.unflatten(-1, (x.shape[-1] // g, g))``; the functions here do that view themselves.
 
-Gradients (straight-through estimator): ``fake_quantize`` passes the gradient to ``x`` where the
-code is inside the grid and zeroes it where it was clipped (as torch's fake-quantize ops do). If
+Gradients (straight-through estimator, one autograd function ``_FakeQuantizeAffine``):
+``fake_quantize`` passes the gradient to ``x`` unchanged where the code is inside the grid and
+zeroes it where it was clipped — bit for bit torch's fake-quantize mask (a composite of
+``round_ste`` ops would give ``s·(1/s)`` instead of 1). nf4 / fp8 pass the gradient straight
+through, and their forward is exactly ``dequantize(quantize(x))``. If
 ``scale`` / ``zero_point`` require grad, they get the LSQ / LSQ+ gradients
 (∂x̂/∂s = round(x/s) − x/s inside the grid, q_max − z or q_min − z outside; ∂x̂/∂z = 0 inside,
 −s outside); the LSQ gradient scale is applied by the caller (``distiq.quant.lsq``).

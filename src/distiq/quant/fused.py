@@ -33,20 +33,16 @@ from distiq.quant.functional import (
     choose_qparams,
     group_view,
 )
+from distiq.quant.lsq import SCALE_MIN
 from distiq.quant.spec import PerChannel, PerGroup, QuantSpec
 
 CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per chunk: stays in L3 between the passes
 
 
 def supports_fused(weight: torch.Tensor, spec: QuantSpec) -> bool:
-    """Whether ``fake_quantize_weight`` handles this weight / spec (int, not learnable, 2-D
-    float32); other cases use ``functional.fake_quantize``."""
-    return (
-        spec.format == "int"
-        and not spec.learnable
-        and weight.dtype == torch.float32
-        and weight.ndim == 2
-    )
+    """Whether the fused path handles this weight / spec (``int``, 2-D float32; learnable specs
+    through ``fake_quant_linear_lsq``); other cases use ``functional.fake_quantize``."""
+    return spec.format == "int" and weight.dtype == torch.float32 and weight.ndim == 2
 
 
 def _row_range(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +138,7 @@ def fake_quantize_weight(
     Raises:
         ValueError: the weight holds NaN/Inf.
     """
-    assert supports_fused(weight, spec), "caller checks supports_fused"
+    assert supports_fused(weight, spec) and not spec.learnable, "caller checks supports_fused"
     weight = weight.detach()
     g = spec.granularity
     per_row_minmax = qparams is None and (
@@ -228,6 +224,106 @@ class _FakeQuantLinearFunction(torch.autograd.Function):
             grad_b = grad_2d.sum(0)
         ctx.released = True  # the weight buffer may be reused by the next forward
         return grad_x, grad_w, grad_b, None, None
+
+
+class _FakeQuantLinearLsqFunction(torch.autograd.Function):
+    """``F.linear(x, Ŵ, b)`` with LSQ / LSQ+ weight qparams (the maths of ``distiq.quant.lsq``):
+    ``Ŵ`` as ``fake_quantize(W, clamp(s), round(z))``; ``∂s = g·Σ ∂Ŵ·(round(W/s) − W/s)``
+    inside the grid and ``g·Σ ∂Ŵ·(clamp(q) − z)`` where clipped, ``∂z = −g·Σ ∂Ŵ·s`` where clipped,
+    ``∂W = ∂Ŵ`` inside the grid; ``∂Ŵ = ∂yᵀ x``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, zero_point, spec, factor, buffer):
+        plain = spec.replace(learnable=False)
+        with torch.no_grad():
+            s = scale.clamp(min=SCALE_MIN)
+            z = torch.round(zero_point)
+            out = buffer.acquire(weight, ctx) if buffer is not None else None
+            weight_q, _, clipped = fake_quantize_weight(weight, plain, QParams(s, z), out=out)
+        ctx.save_for_backward(x, weight_q, clipped, weight, scale, s, z)
+        ctx.spec, ctx.factor, ctx.has_bias = plain, factor, bias is not None
+        return F.linear(x, weight_q, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight_q, clipped, weight, scale, s, z = ctx.saved_tensors
+        spec, needs = ctx.spec, ctx.needs_input_grad
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_w = grad_b = grad_scale = grad_zero = None
+        if needs[0]:
+            grad_x = grad_out.matmul(weight_q.to(grad_out.dtype))
+        grad_wq = grad_2d.t().matmul(x.reshape(-1, x.shape[-1]).to(grad_out.dtype))
+        grad_wq = grad_wq.to(weight_q.dtype)
+        if needs[3] or needs[4]:
+            grad_scale, grad_zero = _lsq_qparam_grads(weight, grad_wq, s, z, clipped, spec)
+            grad_scale = grad_scale * ctx.factor * (scale >= SCALE_MIN)  # clamp's gradient
+            grad_zero = grad_zero * ctx.factor if needs[4] else None
+            grad_scale = grad_scale if needs[3] else None
+        if needs[1]:
+            grad_w = grad_wq
+            if clipped.numel():
+                grad_w.view(-1).index_fill_(0, clipped, 0.0)
+        if ctx.has_bias and needs[2]:
+            grad_b = grad_2d.sum(0)
+        ctx.released = True
+        return grad_x, grad_w, grad_b, grad_scale, grad_zero, None, None, None
+
+
+def _lsq_qparam_grads(weight, grad_wq, s, z, clipped, spec):
+    """Unscaled LSQ gradients of ``s`` and ``z`` (shapes of ``s``), chunk by chunk."""
+    view_w = group_view(weight, spec)
+    view_g = group_view(grad_wq, spec)
+    grad_scale = torch.zeros_like(s)
+    rows = max(1, CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    scratch = torch.empty_like(view_w[:rows])
+    per_row = s.shape[0] != 1
+    for start in range(0, view_w.shape[0], rows):
+        w, g = view_w[start : start + rows], view_g[start : start + rows]
+        s_c = s[start : start + rows] if per_row else s
+        d = scratch[: w.shape[0]]
+        torch.mul(w, 1.0 / s_c, out=d)  # v = w/s (the forward's product)
+        d.sub_(torch.round(d)).neg_().mul_(g)  # ∂Ŵ·(round(v) − v), as if nothing clipped
+        target = (d.shape[0], *s.shape[1:]) if per_row else s.shape
+        part = d.sum_to_size(target)
+        if per_row:
+            grad_scale[start : start + rows] += part
+        else:
+            grad_scale += part
+    grad_zero = torch.zeros_like(z)
+    if clipped.numel():  # clipped codes: replace (round(v) − v) by (clamp(q) − z); ∂z = −s
+        position = torch.unravel_index(clipped, view_w.shape)
+        qparam_index = tuple(
+            p if size > 1 else torch.zeros_like(p) for p, size in zip(position, s.shape)
+        )
+        s_e, z_e = s[qparam_index], z[qparam_index]
+        v = view_w[position] * (1.0 / s_e)
+        q = torch.clamp(torch.round(v) + z_e, spec.quant_min, spec.quant_max)
+        g = view_g[position]
+        grad_scale.index_put_(qparam_index, g * ((q - z_e) - (torch.round(v) - v)), accumulate=True)
+        grad_zero.index_put_(qparam_index, -g * s_e, accumulate=True)
+    return grad_scale, grad_zero
+
+
+def fake_quant_linear_lsq(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    spec: QuantSpec,
+    factor: float,
+    buffer: ReusableBuffer | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, lsq_fake_quantize(weight, scale, zero_point), bias)``, fused: the same
+    values as ``distiq.quant.lsq`` and its gradients (``factor``: the LSQ gradient scale).
+
+    Args:
+        x: ``(..., in)``; weight: ``(out, in)`` float32; bias: ``(out,)`` or None.
+        scale, zero_point: the learnable qparams, ``QParams`` shapes of the weight.
+    """
+    return _FakeQuantLinearLsqFunction.apply(
+        x, weight, bias, scale, zero_point, spec, factor, buffer
+    )
 
 
 def fake_quant_linear(

@@ -35,7 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distiq.quant.fused import ReusableBuffer, fake_quant_linear, supports_fused
+from distiq.quant.fused import (
+    ReusableBuffer,
+    fake_quant_linear,
+    fake_quant_linear_lsq,
+    supports_fused,
+)
+from distiq.quant.lsq import lsq_grad_scale
 from distiq.quant.quantizers import (
     ActivationQuantizer,
     WeightQuantizer,
@@ -210,9 +216,18 @@ class FakeQuantLinear(nn.Linear, FakeQuantModule):
         ):
             if self._weight_buffer is None:
                 self._weight_buffer = ReusableBuffer()
-            return fake_quant_linear(
-                x, self.weight, self.bias, self.weight_spec, self._weight_buffer
+            lsq = self.weight_quant.lsq
+            if lsq is None:
+                return fake_quant_linear(
+                    x, self.weight, self.bias, self.weight_spec, self._weight_buffer
+                )
+            factor = lsq_grad_scale(
+                max(1, self.weight.numel() // lsq.scale.numel()), self.weight_spec.quant_max
             )
+            return fake_quant_linear_lsq(
+                x, self.weight, self.bias, lsq.scale, lsq.zero_point, self.weight_spec, factor,
+                self._weight_buffer,
+            )  # fmt: skip
         return F.linear(x, self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:

@@ -297,7 +297,8 @@ class QuantizedLinear(nn.Module):
             return self._forward_int8(x)
         if self.act_quant is not None:
             x = self.act_quant(x)
-        return F.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
 
     def _forward_int8(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.act_quant.spec

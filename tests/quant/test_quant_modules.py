@@ -308,3 +308,21 @@ def test_fused_lsq_path_matches_generic_autograd(spec):
     for got, ref in zip(fused, generic):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     assert fused[3].abs().sum() > 0
+
+
+def test_prepared_model_pickles_and_deep_copies(tmp_path):
+    import copy
+
+    model = nn.Sequential(FakeQuantLinear.from_float(nn.Linear(8, 4), QuantSpec(bits=4)))
+    x = torch.randn(2, 8)
+    model(x).sum().backward()  # the fused path now holds a weight buffer
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    loaded = torch.load(path, weights_only=False)
+    clone = copy.deepcopy(model)
+    for other in (loaded, clone):
+        torch.testing.assert_close(other(x), model(x), atol=0, rtol=0)
+        assert (
+            other[0]._weight_buffer.tensor is None
+            or other[0]._weight_buffer.tensor is not model[0]._weight_buffer.tensor
+        )

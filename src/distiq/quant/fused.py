@@ -101,6 +101,12 @@ class ReusableBuffer:
     def __deepcopy__(self, memo) -> ReusableBuffer:
         return ReusableBuffer()
 
+    def __getstate__(self) -> dict:  # pickling a model (torch.save) carries no buffer
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
     def acquire(self, like: torch.Tensor, owner) -> torch.Tensor:
         if like.device.type != "cpu":
             return torch.empty_like(like)
@@ -108,7 +114,7 @@ class ReusableBuffer:
         if previous is not None and not getattr(previous, "released", False):
             return torch.empty_like(like)  # the previous graph may still need its copy
         t = self.tensor
-        if t is None or t.shape != like.shape or t.dtype != like.dtype:
+        if t is None or t.shape != like.shape or t.dtype != like.dtype or t.device != like.device:
             self.tensor = t = torch.empty_like(like)
         self.owner = weakref.ref(owner)
         return t

@@ -1,0 +1,225 @@
+"""What a report is made of: result records (results JSON) and the metrics lines of runs.
+
+``collect_inputs(paths)`` takes what a user passes to ``distiq report``:
+
+- a results file (``*.json``, a JSON list of records, see :mod:`distiq.results`);
+- a run directory: its ``results.json`` (if any) and its ``metrics.jsonl`` (training curves);
+- a demo output directory: its ``results.json`` and every ``runs/NAME/`` below it (each
+  ``runs/NAME/metrics.jsonl`` gives run ``NAME``'s curves, each ``runs/NAME/results.json`` more
+  records).
+
+Records with the same ``name`` are merged as :func:`distiq.results.upsert_records` merges them
+(later non-None fields win, ``extra`` dicts are merged); ``retention`` is then filled in from the
+teacher record of the same task and metric. A metrics file is read strictly: a line that is not
+JSON is an error naming the file and line, except a torn *last* line (a run killed while writing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distiq.config import ConfigError
+from distiq.results import ResultRecord, read_records, with_retention
+
+RESULTS_FILE = "results.json"
+METRICS_FILE = "metrics.jsonl"
+RUNS_DIR = "runs"
+
+
+@dataclass(frozen=True)
+class RunCurves:
+    """Training curves of one run, from its ``metrics.jsonl``.
+
+    ``train_steps`` (N,) optimizer steps of the train lines; ``terms[name]`` (N,) the logged value
+    of objective term ``name`` at those steps (NaN where a line lacks it or logged a non-finite
+    value); ``total`` (N,) the weighted total loss; ``eval_steps`` (M,) and ``eval_metrics[name]``
+    (M,) the validation metrics. Every value is the mean over the steps since the previous line,
+    as the training loop logs it."""
+
+    name: str
+    path: Path
+    train_steps: tuple[int, ...] = ()
+    total: tuple[float, ...] = ()
+    terms: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    eval_steps: tuple[int, ...] = ()
+    eval_metrics: dict[str, tuple[float, ...]] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not self.train_steps and not self.eval_steps
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """Everything a report renders: merged ``records`` (retention filled in), the training
+    ``curves`` of each run (in the order found) and the ``sources`` files that were read."""
+
+    records: list[ResultRecord]
+    curves: list[RunCurves]
+    sources: list[Path]
+
+
+def _number(value: Any) -> float:
+    """A metrics value as a float: numbers as they are, "nan"/"inf" strings (how the training
+    loop writes non-finite values) as float, anything else NaN."""
+    if isinstance(value, bool):
+        return float("nan")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return float("nan")
+    return float("nan")
+
+
+def _series(lines: list[dict[str, Any]], key: str) -> dict[str, tuple[float, ...]]:
+    names: list[str] = []
+    for line in lines:
+        values = line.get(key)
+        if isinstance(values, dict):
+            names += [str(k) for k in values if str(k) not in names]
+    return {
+        name: tuple(
+            _number(line[key].get(name)) if isinstance(line.get(key), dict) else math.nan
+            for line in lines
+        )
+        for name in names
+    }
+
+
+def read_curves(path: str | os.PathLike, name: str | None = None) -> RunCurves:
+    """Read a run's ``metrics.jsonl`` (line kinds as :mod:`distiq.train.metrics` writes them).
+
+    Raises ``ConfigError`` naming the file and line for a corrupt line (a torn last line is
+    skipped) and ``FileNotFoundError`` when the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file not found: {path}")
+    raw_lines = path.read_text(encoding="utf-8").splitlines()
+    while raw_lines and not raw_lines[-1].strip():
+        raw_lines.pop()
+    lines: list[dict[str, Any]] = []
+    for number, raw in enumerate(raw_lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            if number == len(raw_lines):
+                continue  # torn by a crash while writing; every earlier line is complete
+            raise ConfigError(f"line {number} is not valid JSON: {exc}", str(path)) from None
+        if not isinstance(line, dict):
+            raise ConfigError(f"line {number} is not a JSON object", str(path))
+        lines.append(line)
+    train = [ln for ln in lines if ln.get("kind", "train") == "train" and "step" in ln]
+    evals = [ln for ln in lines if ln.get("kind") == "eval" and "step" in ln]
+    eval_metrics = {
+        key: values
+        for key, values in _series(evals, "metrics").items()
+        if "/" not in key and key != "num_questions"  # per-type breakdowns go in tables
+    }
+    return RunCurves(
+        name=name or path.parent.name,
+        path=path,
+        train_steps=tuple(int(_number(ln["step"])) for ln in train),
+        total=tuple(_number(ln.get("total")) for ln in train),
+        terms=_series(train, "terms"),
+        eval_steps=tuple(int(_number(ln["step"])) for ln in evals),
+        eval_metrics=eval_metrics,
+    )
+
+
+def merge_records(records: list[ResultRecord]) -> list[ResultRecord]:
+    """Merge records by ``name`` in order (as ``upsert_records`` does on disk): a later record's
+    non-None fields replace the earlier ones and ``extra`` dicts are merged."""
+    merged: dict[str, ResultRecord] = {}
+    for new in records:
+        old = merged.get(new.name)
+        if old is None:
+            merged[new.name] = new
+            continue
+        changes = {
+            f.name: getattr(new, f.name)
+            for f in dataclasses.fields(new)
+            if f.name != "extra" and getattr(new, f.name) is not None
+        }
+        merged[new.name] = old.replace(**changes, extra={**old.extra, **new.extra})
+    return list(merged.values())
+
+
+def _run_dirs(directory: Path) -> list[Path]:
+    runs = directory / RUNS_DIR
+    if not runs.is_dir():
+        return []
+    return sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def collect_inputs(paths: list[str | os.PathLike]) -> ReportInputs:
+    """Read every results file and metrics file reachable from ``paths`` (see the module
+    docstring). Raises ``FileNotFoundError`` for a path that does not exist or holds nothing to
+    report, ``ConfigError`` for a corrupt file (naming it)."""
+    if not paths:
+        raise ValueError("give at least one run directory, demo output directory or results file")
+    records: list[ResultRecord] = []
+    curves: list[RunCurves] = []
+    sources: list[Path] = []
+    seen_metrics: set[Path] = set()
+
+    def add_results(file: Path) -> None:
+        records.extend(read_records(file))
+        sources.append(file)
+
+    def add_metrics(file: Path, name: str) -> None:
+        resolved = file.resolve()
+        if resolved in seen_metrics:
+            return
+        seen_metrics.add(resolved)
+        run = read_curves(file, name=name)
+        sources.append(file)
+        if not run.empty:
+            curves.append(run)
+
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} does not exist; pass a run directory, a demo output directory or a "
+                "results JSON file"
+            )
+        if path.is_file():
+            if path.name.endswith(".jsonl"):
+                add_metrics(path, path.parent.name)
+            else:
+                add_results(path)
+            continue
+        found = False
+        if (path / RESULTS_FILE).is_file():
+            add_results(path / RESULTS_FILE)
+            found = True
+        if (path / METRICS_FILE).is_file():
+            add_metrics(path / METRICS_FILE, path.resolve().name)
+            found = True
+        for run in _run_dirs(path):
+            if (run / RESULTS_FILE).is_file():
+                add_results(run / RESULTS_FILE)
+                found = True
+            if (run / METRICS_FILE).is_file():
+                add_metrics(run / METRICS_FILE, run.name)
+                found = True
+        if not found:
+            raise FileNotFoundError(
+                f"nothing to report in {path}: it holds no {RESULTS_FILE}, no {METRICS_FILE} and "
+                f"no {RUNS_DIR}/*/ with them; pass a run directory made by `distiq compress`, a "
+                "`distiq demo` output directory or a results JSON file"
+            )
+    return ReportInputs(
+        records=with_retention(merge_records(records)), curves=curves, sources=sources
+    )

@@ -1,0 +1,316 @@
+"""Render a report as Markdown and as one self-contained HTML file (PNGs inlined as base64).
+
+The content is built once as a list of blocks (headings, paragraphs, tables, images, lists) and
+written by two small writers, so both files always say the same thing. ``write_report`` checks
+that the output directory is writable *before* drawing anything, renders everything in memory,
+then writes each file atomically (temporary file + rename): a failure never leaves a
+half-written file, and an earlier report stays intact until its replacement is complete.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distiq import __version__
+from distiq.config import atomic_write
+from distiq.report import plots
+from distiq.report.goals import WIDE_MARGIN, GoalCheck, check_goals, goals_summary
+from distiq.report.inputs import ReportInputs, collect_inputs
+from distiq.report.tables import (
+    Table,
+    blind_baseline,
+    fmt_number,
+    group_by_metric,
+    machines,
+    question_type_table,
+    results_table,
+)
+
+logger = logging.getLogger(__name__)
+
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+
+
+# --------------------------------------------------------------------------- blocks
+@dataclass(frozen=True)
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    text: str
+
+
+@dataclass(frozen=True)
+class Bullets:
+    items: list[str]
+
+
+@dataclass(frozen=True)
+class TableBlock:
+    table: Table
+    status_column: int | None = None  # cells "not met" are highlighted
+
+
+@dataclass(frozen=True)
+class Image:
+    file: str
+    alt: str
+
+
+Block = Heading | Paragraph | Bullets | TableBlock | Image
+
+
+@dataclass
+class RenderedReport:
+    """A rendered report: ``markdown`` and ``html`` text and the ``images`` ``{file: PNG bytes}``
+    the Markdown links to (the HTML embeds them)."""
+
+    markdown: str
+    html: str
+    images: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    """Paths written by :func:`write_report`."""
+
+    markdown: Path
+    html: Path
+    images: list[Path]
+
+
+# --------------------------------------------------------------------------- content
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "run"
+
+
+def _goal_blocks(checks: list[GoalCheck]) -> list[Block]:
+    rows = [[c.goal, c.measured, c.status] for c in checks]
+    return [
+        Heading("Goals (issue 6 §5)"),
+        Paragraph(
+            f"{goals_summary(checks)} Checked from the VQA accuracy records above; where a "
+            "method has several records at one setting, its best is used (baselines and qad "
+            f'alike). "Wide margin" means ≥ {WIDE_MARGIN:g} points of accuracy.'
+        ),
+        TableBlock((["goal", "measured", "status"], rows), status_column=2),
+    ]
+
+
+def build_blocks(inputs: ReportInputs) -> tuple[list[Block], dict[str, bytes]]:
+    """The report's content (blocks) and the PNG images it refers to, from ``inputs`` only."""
+    records = inputs.records
+    blocks: list[Block] = [
+        Heading("distiq report", 1),
+        Paragraph(
+            f"Rendered by distiq {__version__} from {len(records)} result record(s) and the "
+            f"training metrics of {len(inputs.curves)} run(s)."
+        ),
+    ]
+    images: dict[str, bytes] = {}
+
+    groups = group_by_metric(records)
+    if not groups:
+        blocks.append(Paragraph("No result records were found: there is no results table."))
+    for (task, metric), group in groups.items():
+        blocks.append(Heading(f"Results: {task} ({metric})"))
+        teachers = [r for r in group if r.method == "teacher" and r.value is not None]
+        notes = []
+        if teachers:
+            notes.append(
+                f"Teacher accuracy: {fmt_number(teachers[-1].value)} (record "
+                f"{teachers[-1].name}); retention is each model's accuracy divided by the "
+                "teacher's."
+            )
+        else:
+            notes.append("No teacher record: retention cannot be computed.")
+        blind = blind_baseline(group)
+        if blind is not None:
+            notes.append(f"Blind-question baseline (question only, no image): {blind:.2f}.")
+        blocks.append(Paragraph(" ".join(notes)))
+        blocks.append(TableBlock(results_table(group)))
+
+    blocks += _goal_blocks(check_goals(records))
+
+    per_type = question_type_table(sorted(records, key=lambda r: (r.task, r.metric)))
+    if per_type is not None:
+        blocks += [Heading("Accuracy per question type"), TableBlock(per_type)]
+
+    for title, file, draw, missing in (
+        ("Accuracy vs size", "accuracy_vs_size.png", plots.accuracy_vs_size, "size"),
+        ("Accuracy vs latency", "accuracy_vs_latency.png", plots.accuracy_vs_latency, "latency"),
+    ):
+        blocks.append(Heading(title))
+        drawn = [draw(group) for group in groups.values()]
+        drawn_any = False
+        for index, png in enumerate(drawn):
+            if png is None:
+                continue
+            name = file if index == 0 else file.replace(".png", f"_{index}.png")
+            images[name] = png
+            blocks.append(Image(name, title))
+            drawn_any = True
+        if not drawn_any:
+            blocks.append(Paragraph(f"Not drawn: no record has both {missing} and accuracy."))
+
+    blocks.append(Heading("Training curves"))
+    if not inputs.curves:
+        blocks.append(Paragraph("No run metrics (metrics.jsonl) were found."))
+    for run in inputs.curves:
+        blocks.append(Heading(run.name, 3))
+        png = plots.training_curves(run)
+        if png is None:
+            blocks.append(Paragraph("The run logged no finite values."))
+            continue
+        name = f"curves_{_slug(run.name)}.png"
+        suffix = 2
+        while name in images:
+            name = f"curves_{_slug(run.name)}_{suffix}.png"
+            suffix += 1
+        images[name] = png
+        blocks.append(Image(name, f"training curves of {run.name}"))
+
+    blocks.append(Heading("Machine"))
+    found = machines(records)
+    if found:
+        blocks.append(Bullets([f"{desc} — {', '.join(names)}" for desc, names in found]))
+    else:
+        blocks.append(Paragraph("The result records do not say which machine measured them."))
+
+    blocks.append(Heading("Sources"))
+    blocks.append(Bullets([str(path) for path in inputs.sources]))
+    return blocks, images
+
+
+# --------------------------------------------------------------------------- writers
+def _md_cell(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    """GitHub-flavoured Markdown; images are linked as files next to the report."""
+    out: list[str] = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            out.append(f"{'#' * block.level} {block.text}")
+        elif isinstance(block, Paragraph):
+            out.append(block.text)
+        elif isinstance(block, Bullets):
+            out.append("\n".join(f"- {item}" for item in block.items))
+        elif isinstance(block, TableBlock):
+            header, rows = block.table
+            lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |"]
+            lines.append("|" + "|".join(" --- " for _ in header) + "|")
+            for row in rows:
+                cells = [_md_cell(c) for c in row]
+                if block.status_column is not None and row[block.status_column] == "not met":
+                    cells[block.status_column] = "**NOT MET**"
+                lines.append("| " + " | ".join(cells) + " |")
+            out.append("\n".join(lines))
+        elif isinstance(block, Image):
+            out.append(f"![{block.alt}]({block.file})")
+    return "\n\n".join(out) + "\n"
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
+       color: #222; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; }
+th { background: #f2f2f2; }
+td.met { color: #176c2b; font-weight: 600; }
+td.not-met { color: #b00020; font-weight: 700; }
+td.not-measured { color: #8a6d00; }
+img { max-width: 100%; }
+"""
+
+
+def to_html(blocks: list[Block], images: dict[str, bytes]) -> str:
+    """One self-contained HTML page: inline CSS, PNGs embedded as base64 data URIs."""
+    esc = html.escape
+    title = next((b.text for b in blocks if isinstance(b, Heading)), "distiq report")
+    body: list[str] = []
+    for block in blocks:
+        if isinstance(block, Heading):
+            body.append(f"<h{block.level}>{esc(block.text)}</h{block.level}>")
+        elif isinstance(block, Paragraph):
+            body.append(f"<p>{esc(block.text)}</p>")
+        elif isinstance(block, Bullets):
+            body.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in block.items) + "</ul>")
+        elif isinstance(block, TableBlock):
+            header, rows = block.table
+            parts = ["<table>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
+            for row in rows:
+                cells = []
+                for index, cell in enumerate(row):
+                    css = ""
+                    if index == block.status_column:
+                        css = f' class="{cell.replace(" ", "-")}"'
+                    cells.append(f"<td{css}>{esc(cell)}</td>")
+                parts.append("<tr>" + "".join(cells) + "</tr>")
+            parts.append("</table>")
+            body.append("\n".join(parts))
+        elif isinstance(block, Image):
+            data = base64.b64encode(images[block.file]).decode("ascii")
+            body.append(f'<p><img alt="{esc(block.alt)}" src="data:image/png;base64,{data}"></p>')
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
+    )
+
+
+def render(inputs: ReportInputs) -> RenderedReport:
+    """Render ``inputs`` in memory (nothing is written)."""
+    blocks, images = build_blocks(inputs)
+    return RenderedReport(to_markdown(blocks), to_html(blocks, images), images)
+
+
+def check_writable(out_dir: str | os.PathLike) -> Path:
+    """Create ``out_dir`` if needed and check that files can be written there; raise
+    ``NotADirectoryError`` / ``PermissionError`` (an ``OSError``) with a message naming the path
+    otherwise."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"cannot write the report to {out}: it is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".distiq-write-check-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise type(exc)(
+            f"cannot write the report to {out}: {reason}; choose a writable directory with --out"
+        ) from None
+    return out
+
+
+def write_report(inputs: ReportInputs, out_dir: str | os.PathLike) -> ReportFiles:
+    """Render ``inputs`` and write ``report.md``, ``report.html`` and the PNGs into ``out_dir``
+    (created if needed), each file atomically."""
+    out = check_writable(out_dir)
+    rendered = render(inputs)
+    image_paths = [atomic_write(out / name, png) for name, png in rendered.images.items()]
+    markdown = atomic_write(out / REPORT_MD, rendered.markdown)
+    page = atomic_write(out / REPORT_HTML, rendered.html)
+    logger.info("wrote %s and %s (%d images)", markdown, page, len(image_paths))
+    return ReportFiles(markdown=markdown, html=page, images=image_paths)
+
+
+def report(paths: list[str | os.PathLike], out_dir: str | os.PathLike) -> ReportFiles:
+    """``distiq report``: collect the records and run metrics under ``paths`` and write the report
+    into ``out_dir``. Inputs are read first (a bad input creates nothing), then the output
+    directory is checked before anything is drawn."""
+    return write_report(collect_inputs(paths), out_dir)

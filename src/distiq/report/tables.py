@@ -1,0 +1,168 @@
+"""The report's tables as plain cells (lists of strings), shared by the Markdown and HTML writers.
+
+Missing numbers are shown as ``—``, never as 0. Accuracy is the record's ``value`` (0-100),
+retention is ``value / teacher value`` in percent.
+
+Per-question-type accuracy comes from a record's ``extra``, in either form:
+
+- ``extra["per_question_type"] = {type: accuracy in %}`` (0-100, like ``value``);
+- flat keys ``extra["<metric>/question_type/<type>"]`` as :class:`distiq.tasks.vqa.VQAAccuracy`
+  computes them, in [0, 1] (multiplied by 100 here).
+
+The blind-question baseline (answering from the question alone) is read from
+``extra["blind_baseline"]`` (in %) of any record, and the machine a record was measured on from
+``extra["machine"]`` (a mapping such as ``{"cpu": ..., "cores": ..., "torch": ..., "gpu": ...}``
+or a string).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from distiq.results import ResultRecord
+
+DASH = "—"
+METHOD_ORDER = ("teacher", "fp", "kd", "rtn", "gptq", "qat", "qad", "qlora-kd")
+
+Table = tuple[list[str], list[list[str]]]  # (header, rows)
+
+
+def fmt_number(value: float | None, digits: int = 2) -> str:
+    """``value`` with ``digits`` decimals, or ``—`` when missing or not finite."""
+    if value is None or not math.isfinite(value):
+        return DASH
+    return f"{value:.{digits}f}"
+
+
+def fmt_size(size_mb: float | None) -> str:
+    """Sizes in MB with three significant digits (tiny models are fractions of a MB)."""
+    if size_mb is None or not math.isfinite(size_mb):
+        return DASH
+    if size_mb >= 100:
+        return f"{size_mb:.0f}"
+    if size_mb >= 10:
+        return f"{size_mb:.1f}"
+    if size_mb >= 0.1:
+        return f"{size_mb:.2f}"
+    return f"{size_mb:.3f}"
+
+
+def fmt_bits(record: ResultRecord) -> str:
+    return f"{record.w_bits}/{record.a_bits}"
+
+
+def fmt_group(record: ResultRecord) -> str:
+    if record.w_bits >= 16:
+        return DASH
+    return "per-channel" if record.group_size is None else str(record.group_size)
+
+
+def fmt_latency(record: ResultRecord) -> str:
+    if record.latency_ms is None:
+        return DASH
+    backend = f" ({record.latency_backend})" if record.latency_backend else ""
+    return f"{fmt_number(record.latency_ms)}{backend}"
+
+
+def sort_key(record: ResultRecord) -> tuple:
+    """Teacher and full-precision models first, then by falling bit widths, group size, method."""
+    method = METHOD_ORDER.index(record.method) if record.method in METHOD_ORDER else 99
+    group = -1 if record.group_size is None else record.group_size
+    return (-record.w_bits, -record.a_bits, group, method, record.name)
+
+
+def group_by_metric(records: list[ResultRecord]) -> dict[tuple[str, str], list[ResultRecord]]:
+    """Records grouped by ``(task, metric)`` (first-seen order), each group sorted by
+    :func:`sort_key`."""
+    groups: dict[tuple[str, str], list[ResultRecord]] = {}
+    for record in records:
+        groups.setdefault((record.task, record.metric), []).append(record)
+    return {key: sorted(group, key=sort_key) for key, group in groups.items()}
+
+
+def results_table(records: list[ResultRecord]) -> Table:
+    """The main table: one row per record."""
+    header = [
+        "name",
+        "method",
+        "bits W/A",
+        "group",
+        "size MB",
+        "accuracy",
+        "retention",
+        "latency ms (backend)",
+    ]
+    rows = [
+        [
+            r.name,
+            r.method,
+            fmt_bits(r),
+            fmt_group(r),
+            fmt_size(r.size_mb),
+            fmt_number(r.value),
+            DASH if r.retention is None else f"{100 * r.retention:.1f} %",
+            fmt_latency(r),
+        ]
+        for r in records
+    ]
+    return header, rows
+
+
+def per_question_type(record: ResultRecord) -> dict[str, float]:
+    """``{question type: accuracy in %}`` from ``record.extra`` (both forms, see the module
+    docstring); empty when the record carries none."""
+    out: dict[str, float] = {}
+    nested = record.extra.get("per_question_type")
+    if isinstance(nested, Mapping):
+        for key, value in nested.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[str(key)] = float(value)
+    prefix = f"{record.metric}/question_type/"
+    for key, value in record.extra.items():
+        if key.startswith(prefix) and isinstance(value, int | float):
+            out.setdefault(key[len(prefix) :], 100.0 * float(value))
+    return out
+
+
+def question_type_table(records: list[ResultRecord]) -> Table | None:
+    """Rows: records that carry per-type accuracy; columns: every question type seen (sorted).
+    ``None`` when no record carries any."""
+    per_record = [(r, per_question_type(r)) for r in records]
+    per_record = [(r, types) for r, types in per_record if types]
+    if not per_record:
+        return None
+    types = sorted({t for _, found in per_record for t in found})
+    header = ["name", "bits W/A", *types]
+    rows = [
+        [r.name, fmt_bits(r), *(fmt_number(found.get(t), 1) for t in types)]
+        for r, found in per_record
+    ]
+    return header, rows
+
+
+def blind_baseline(records: list[ResultRecord]) -> float | None:
+    """The blind-question baseline accuracy (%) recorded in any record's extra, if any."""
+    for record in records:
+        value = record.extra.get("blind_baseline")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def describe_machine(machine: Any) -> str:
+    """A machine description (mapping or string) as one line."""
+    if isinstance(machine, Mapping):
+        return ", ".join(f"{key}: {value}" for key, value in machine.items())
+    return str(machine)
+
+
+def machines(records: list[ResultRecord]) -> list[tuple[str, list[str]]]:
+    """``[(machine description, [record names measured on it])]`` in first-seen order."""
+    found: dict[str, list[str]] = {}
+    for record in records:
+        machine = record.extra.get("machine")
+        if machine:
+            found.setdefault(describe_machine(machine), []).append(record.name)
+    return list(found.items())

@@ -1,0 +1,155 @@
+"""distiq.report.render: Markdown and self-contained HTML from records and run metrics."""
+
+import base64
+import io
+import re
+
+import pytest
+from PIL import Image
+
+from distiq.report import ReportInputs, check_writable, collect_inputs, plots, render, write_report
+from distiq.report.inputs import read_curves
+from distiq.results import ResultRecord, with_retention
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory, fixtures):
+    root = fixtures.write_demo_dir(tmp_path_factory.mktemp("demo"))
+    return render(collect_inputs([root]))
+
+
+def _inputs(records, curves=()):
+    return ReportInputs(records=with_retention(records), curves=list(curves), sources=[])
+
+
+def test_markdown_tables(rendered):
+    md = rendered.markdown
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    results = rows[2 : 2 + 8]  # after the header and its separator
+    assert [row.split(" | ")[0][2:] for row in results] == [
+        "teacher",
+        "kd",
+        "rtn-w4a8",
+        "gptq-w4a8",
+        "qat-w4a8",
+        "qad-w4a8",
+        "gptq-w2a16",
+        "qad-w2a16",
+    ]  # teacher and full precision first, then falling bits, baselines before qad
+    assert "| teacher | teacher | 16/16 | — | 4.40 | 92.00 | 100.0 % | 3.00 (torch-fp32) |" in md
+    assert "| kd | kd | 16/16 | — | 2.00 | 88.00 | 95.7 % | — |" in md
+    assert "| qad-w4a8 | qad | 4/8 | 64 | 0.70 | 91.50 | 99.5 % | 1.25 (onnxruntime-int8) |" in md
+    assert "Blind-question baseline (question only, no image): 48.25." in md
+    assert "6 of 6 goals met." in md
+    # per question type: the nested form (%) and the flat VQAAccuracy form (fractions)
+    assert "| name | bits W/A | colour | count |" in md
+    assert "| teacher | 16/16 | 95.0 | 90.0 |" in md
+    assert "| qad-w4a8 | 4/8 | 93.8 | 87.5 |" in md
+    assert "- cpu: Test CPU, cores: 2, torch: 2.13.0 — teacher, qad-w4a8" in md
+
+
+def test_markdown_links_every_image_and_html_embeds_them(rendered):
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", rendered.markdown)
+    assert (
+        linked
+        == list(rendered.images)
+        == [
+            "accuracy_vs_size.png",
+            "accuracy_vs_latency.png",
+            "curves_qad-w4a8.png",
+            "curves_rtn-w4a8.png",
+        ]
+    )
+    page = rendered.html
+    assert "http://" not in page and "https://" not in page  # nothing fetched from elsewhere
+    embedded = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)">', page)
+    assert [base64.b64decode(data) for data in embedded] == list(rendered.images.values())
+    sizes = {name: Image.open(io.BytesIO(png)).size for name, png in rendered.images.items()}
+    assert sizes["accuracy_vs_size.png"] == (700, 450)
+    assert sizes["curves_qad-w4a8.png"] == (990, 520)  # 5 panels: 3 columns x 2 rows
+    assert sizes["curves_rtn-w4a8.png"] == (990, 520)
+
+
+def test_curve_panels_drop_non_finite_points(tmp_path, fixtures):
+    path = fixtures.write_metrics(
+        tmp_path / "metrics.jsonl", fixtures.metrics_lines(steps=4, nan_at=2)
+    )
+    panels = plots.curve_panels(read_curves(path))
+    assert [title for title, _, _ in panels] == [
+        "total loss",
+        "term: task",
+        "term: kd",
+        "term: rounding (1 non-finite)",
+        "val: vqa_accuracy",
+    ]
+    assert panels[3][1] == [1, 3, 4] and panels[4][1:] == ([3], [pytest.approx(0.53)])
+    empty = fixtures.write_metrics(
+        tmp_path / "e" / "metrics.jsonl", [{"kind": "train", "step": 1, "total": "nan"}]
+    )
+    assert plots.curve_panels(read_curves(empty)) == []
+    assert plots.training_curves(read_curves(empty)) is None
+
+
+def test_escaping_losses_and_missing_data_are_explained():
+    records = [
+        ResultRecord("teacher", "teacher", value=90.0),
+        ResultRecord("<b>qad|x</b>", "qad", 4, 8, 64, value=50.0),
+        ResultRecord("rtn", "rtn", 4, 8, 64, value=70.0),
+    ]
+    out = render(_inputs(records))
+    assert out.images == {}
+    assert "&lt;b&gt;qad|x&lt;/b&gt;" in out.html and "<b>qad" not in out.html
+    assert "| <b>qad\\|x</b> | qad |" in out.markdown
+    assert "| **NOT MET** |" in out.markdown  # qad loses to rtn: shown, not hidden
+    assert out.html.count('class="not-met"') == 2 and out.html.count('class="met"') == 0
+    assert "Not drawn: no record has both size and accuracy." in out.markdown
+    assert "Not drawn: no record has both latency and accuracy." in out.markdown
+    assert "No run metrics (metrics.jsonl) were found." in out.markdown
+    assert "do not say which machine" in out.markdown
+    assert "Accuracy per question type" not in out.markdown
+    assert "0 of 6 goals met, 2 not met, 4 not measured." in out.markdown
+
+
+def test_no_records_and_no_teacher():
+    assert "No result records were found" in render(_inputs([])).markdown
+    md = render(_inputs([ResultRecord("rtn", "rtn", 4, 8, value=70.0)])).markdown
+    assert "No teacher record: retention cannot be computed." in md
+    assert "| rtn | rtn | 4/8 | per-channel | — | 70.00 | — | — |" in md
+
+
+def test_rendering_is_deterministic():
+    records = [ResultRecord("teacher", "teacher", value=90.0, size_mb=1.0)]
+    first, second = render(_inputs(records)), render(_inputs(records))
+    assert first.images == second.images and first.html == second.html
+
+
+def test_write_report_is_atomic(tmp_path, fixtures, monkeypatch):
+    records = [ResultRecord("teacher", "teacher", value=90.0)]
+    files = write_report(_inputs(records), tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert set(before) == {"report.md", "report.html"} and files.images == []
+
+    def broken(run):
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(plots, "training_curves", broken)
+    run = read_curves(
+        fixtures.write_metrics(tmp_path / "r" / "metrics.jsonl", fixtures.metrics_lines(2))
+    )
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        write_report(_inputs(records, [run]), tmp_path / "out")
+    after = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert after == before  # the earlier report is intact, no temporary files are left
+
+
+def test_check_writable(tmp_path):
+    file = tmp_path / "file.txt"
+    file.write_text("x")
+    with pytest.raises(NotADirectoryError, match="it is a file"):
+        check_writable(file)
+    with pytest.raises(NotADirectoryError, match="cannot write the report to"):
+        check_writable(file / "sub")
+    with pytest.raises(OSError, match="choose a writable directory with --out"):
+        check_writable("/proc/distiq-report-test")
+    assert check_writable(tmp_path / "new" / "dir").is_dir()
+    assert list((tmp_path / "new" / "dir").iterdir()) == []  # the write check leaves nothing

@@ -1,16 +1,22 @@
 """The ``distiq`` command line: ``distiq demo | teacher | compress | eval | export | bench | report``.
 
-Each verb lives in its own module under ``distiq.cli``; this module only assembles the app.
-Library code logs; the CLI talks to people through rich.
+Each verb lives in its own module under ``distiq.cli`` (``demo``, ``teacher``, ``compress``,
+``evaluate``, ``export``, ``bench``, ``report``); this module only assembles the app. Verb modules
+import typer and the standard library only; torch and every other heavy backend are imported
+inside the verbs, so ``distiq --help`` is fast. Library code logs; the CLI talks to people through
+rich. Exit codes: 0 success, 1 user error (one message, no traceback), 2 usage error or verb not
+available yet, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 
 import typer
 
 from distiq import __version__
+from distiq.cli import bench, compress, demo, evaluate, export, report, teacher
 
 app = typer.Typer(
     name="distiq",
@@ -19,6 +25,34 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (a rich progress bar
+    redirects it to print above the bar; test runners replace it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
+def setup_logging(verbose: bool) -> None:
+    """distiq's messages at INFO (DEBUG with ``--verbose``), other libraries' at WARNING (INFO
+    with ``--verbose``), on stderr; calling it again replaces the handler it installed."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(handler)
+    root.addHandler(_StderrHandler())
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("distiq").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _version(value: bool) -> None:
@@ -34,30 +68,16 @@ def _root(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(verbose)
 
 
-def _not_yet(verb: str) -> None:
-    typer.secho(
-        f"`distiq {verb}` is not available yet in distiq {__version__}: the compression engine "
-        "(training loop, recipes, demo) is still being built. Use the Python API "
-        "(distiq.quant, distiq.ptq) meanwhile.",
-        err=True,
-        fg="yellow",
-    )
-    raise typer.Exit(code=2)
-
-
-@app.command()
-def demo(
-    quick: bool = typer.Option(False, "--quick", help="A small, fast version (about 2 minutes)."),
-    out: str = typer.Option("distiq-demo", "--out", help="Output directory."),
-) -> None:
-    """Run the embedded default end to end, offline: data, teacher, compression, report."""
-    _not_yet("demo")
+app.command("demo")(demo.command)
+app.command("teacher")(teacher.command)
+app.command("compress")(compress.command)
+app.command("eval")(evaluate.command)
+app.command("export")(export.command)
+app.command("bench")(bench.command)
+app.command("report")(report.command)
 
 
 def main() -> None:

@@ -1,0 +1,314 @@
+"""What every verb shares: turning errors into messages and exit codes, finding engine functions,
+rich progress bars and consoles.
+
+Exit codes: 0 success; 1 a user error (bad config, missing or corrupt file, unwritable output,
+missing optional package) — one clear message, no traceback; 2 a usage error (typer's) or a verb
+whose engine is not built yet; 130 interrupted (Ctrl-C or SIGTERM; the run can be resumed).
+Anything else is a bug in distiq and keeps its traceback.
+
+Only typer, rich and the standard library are imported here, so ``distiq --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+from distiq import __version__
+
+logger = logging.getLogger("distiq.cli")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_USER_ERROR = 1
+EXIT_NOT_AVAILABLE = 2
+EXIT_INTERRUPTED = 130
+
+# Arguments and options shared by several verbs.
+RecipeArgument = Annotated[
+    Path, typer.Argument(metavar="RECIPE", help="Recipe YAML file.", show_default=False)
+]
+RunDirArgument = Annotated[
+    Path,
+    typer.Argument(
+        metavar="RUN_DIR", help="Run directory (made by distiq compress).", show_default=False
+    ),
+]
+OutOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--out", "-o", help="Run directory (default: from the recipe).", show_default=False
+    ),
+]
+OverwriteOption = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an existing run directory.")
+]
+ResumeOption = Annotated[
+    bool, typer.Option("--resume", help="Continue a killed run from its last checkpoint.")
+]
+
+
+def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
+    """Print ``error: message`` on stderr and exit with ``code``."""
+    typer.secho(f"error: {message}", err=True, fg="red")
+    raise typer.Exit(code=code)
+
+
+def not_available(verb: str, missing: str) -> NoReturn:
+    """Exit 2 with a message saying that ``distiq verb`` cannot run yet and why."""
+    typer.secho(
+        f"`distiq {verb}` is not available yet in distiq {__version__}: {missing}. "
+        "Use the Python API (distiq.quant, distiq.ptq, distiq.train) meanwhile.",
+        err=True,
+        fg="yellow",
+    )
+    raise typer.Exit(code=EXIT_NOT_AVAILABLE)
+
+
+def _os_message(exc: OSError) -> str:
+    if exc.strerror and exc.filename:
+        return f"{exc.strerror}: {exc.filename}"
+    return str(exc)
+
+
+def _interrupted_message(exc: BaseException) -> str | None:
+    """The message for an interrupted training run, if ``exc`` is one (checked without importing
+    distiq.train unless it is already imported: only then can the error come from it)."""
+    train = sys.modules.get("distiq.train.state")
+    if train is not None and isinstance(exc, train.RunInterrupted):
+        return f"{exc}"
+    return None
+
+
+def _user_message(exc: Exception) -> tuple[str, int] | None:
+    """``(message, exit code)`` when ``exc`` is a user error, ``None`` when it is a bug."""
+    if isinstance(exc, ModuleNotFoundError):
+        if exc.name is None or exc.name.split(".")[0] == "distiq":
+            return None  # a missing distiq module is a bug, not the user's environment
+        return (
+            f"this needs the package {exc.name!r}, which is not installed; install the extra "
+            "that provides it (pip install 'distiq[all]' installs every optional backend)",
+            EXIT_USER_ERROR,
+        )
+    if isinstance(exc, FloatingPointError):  # the training loop's NaN/Inf guard
+        return str(exc), EXIT_USER_ERROR
+    if isinstance(exc, KeyError):  # registry misses: "unknown method 'x' (did you mean ...)"
+        return (str(exc.args[0]) if exc.args else repr(exc)), EXIT_USER_ERROR
+    if isinstance(exc, ValueError):  # ConfigError is a ValueError
+        return str(exc), EXIT_USER_ERROR
+    if isinstance(exc, OSError):  # missing files, unwritable paths, full disks
+        return _os_message(exc), EXIT_USER_ERROR
+    interrupted = _interrupted_message(exc)
+    if interrupted is not None:
+        return interrupted, EXIT_INTERRUPTED
+    return None
+
+
+def user_errors(func: F) -> F:
+    """Decorator for a verb: user errors become ``error: ...`` and exit 1 (see module docstring);
+    with ``--verbose`` their traceback is logged too. Other exceptions (bugs) propagate."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            typer.secho("interrupted", err=True, fg="yellow")
+            raise typer.Exit(code=EXIT_INTERRUPTED) from None
+        except typer.Exit:
+            raise
+        except Exception as exc:
+            found = _user_message(exc)
+            if found is None:
+                raise
+            logger.debug("traceback of the error below:", exc_info=True)
+            fail(*found)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def engine_function(verb: str, module: str, name: str) -> Callable[..., Any]:
+    """``module.name`` if that part of distiq is built, else exit 2 with "not available yet".
+
+    Only a missing ``module`` itself counts as "not built"; any other import error propagates."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module == exc.name or module.startswith(exc.name + ".")):
+            not_available(verb, f"{module} is not built yet")
+        raise
+    func = getattr(mod, name, None)
+    if func is None:
+        not_available(verb, f"{module}.{name} does not exist yet")
+    return func
+
+
+def call_with_supported(
+    func: Callable[..., Any], *args: Any, optional: dict[str, Any] | None = None, **kwargs: Any
+) -> Any:
+    """Call ``func(*args, **kwargs, **optional)`` passing only the keyword arguments it accepts.
+
+    A keyword of ``kwargs`` it does not accept is dropped only when its value is ``None`` or
+    ``False`` (an option the user did not set), otherwise this is an error naming the option;
+    ``optional`` ones (progress callbacks) are dropped silently."""
+    params = inspect.signature(func).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    passed = {}
+    for key, value in kwargs.items():
+        if takes_any or key in params:
+            passed[key] = value
+        elif value is not None and value is not False:
+            raise ValueError(
+                f"--{key.replace('_', '-')} is not supported by {func.__module__}.{func.__name__} "
+                "in this version of distiq"
+            )
+    for key, value in (optional or {}).items():
+        if takes_any or key in params:
+            passed[key] = value
+    return func(*args, **passed)
+
+
+def show_result(result: Any, title: str) -> None:
+    """Print what an engine function returned: result records as a table, a mapping of metrics
+    as a two-column table, paths (or objects with ``run_dir`` / ``path``) as plain lines."""
+    from rich.table import Table
+
+    from distiq.results import ResultRecord
+
+    term = console()
+    if isinstance(result, ResultRecord):
+        result = [result]
+    if (
+        isinstance(result, list | tuple)
+        and result
+        and all(isinstance(r, ResultRecord) for r in result)
+    ):
+        term.print(records_table(list(result), title=title))
+        return
+    if isinstance(result, dict):
+        table = Table(title=title)
+        table.add_column("name")
+        table.add_column("value", justify="right")
+        for key, value in result.items():
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            table.add_row(str(key), shown)
+        term.print(table)
+        return
+    items = result if isinstance(result, list | tuple) else [result]
+    for item in items:
+        path = getattr(item, "run_dir", None) or getattr(item, "path", None) or item
+        typer.echo(f"{title}: {path}")
+
+
+@contextmanager
+def step_progress(description: str) -> Iterator[Callable[[Any], None]]:
+    """A rich progress bar for a training run; yields an ``on_step(info)`` callback that takes
+    :class:`distiq.train.StepInfo`-like objects (``step``, ``steps``, ``total``)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+    task = progress.add_task(description, total=None, loss="—")
+
+    def on_step(info: Any) -> None:
+        loss = getattr(info, "total", None)
+        progress.update(
+            task,
+            completed=getattr(info, "step", 0),
+            total=getattr(info, "steps", None),
+            loss="—" if loss is None else f"{loss:.4g}",
+        )
+
+    with progress:
+        yield on_step
+
+
+def records_table(records: list[Any], title: str | None = None) -> Any:
+    """A rich table of result records (the report's main columns)."""
+    from rich.table import Table
+
+    from distiq.report.tables import results_table, sort_key
+
+    header, rows = results_table(sorted(records, key=sort_key))
+    table = Table(title=title)
+    for name in header:
+        table.add_column(name, justify="left" if name in ("name", "method") else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def console(stderr: bool = False) -> Any:
+    """A rich console writing to the current ``sys.stdout`` / ``sys.stderr``."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    # a pipe or a file gets wide lines rather than tables folded to 80 columns
+    width = None if getattr(stream, "isatty", lambda: False)() else 160
+    return Console(stderr=stderr, highlight=False, width=width)
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """A run directory must exist and be a directory (checked before any engine import)."""
+    if not run_dir.exists():
+        raise FileNotFoundError(
+            f"run directory not found: {run_dir}; pass a directory made by `distiq compress`"
+        )
+    if not run_dir.is_dir():
+        raise NotADirectoryError(
+            f"{run_dir} is a file; pass a run directory made by `distiq compress`"
+        )
+
+
+def check_recipe(recipe: Any) -> None:
+    """A recipe path must be an existing file (checked before any engine import)."""
+    path = Path(recipe)
+    if not path.exists():
+        raise FileNotFoundError(f"recipe not found: {path}; pass the path of a recipe YAML file")
+    if not path.is_file():
+        raise IsADirectoryError(f"recipe {path} is a directory; pass the path of a YAML file")
+
+
+def run_recipe(
+    verb: str, function: str, recipe: Any, *, out: Any, overwrite: bool, resume: bool
+) -> None:
+    """``distiq teacher`` / ``distiq compress``: check the recipe, run
+    ``distiq.train.<function>(recipe, run_dir=out, overwrite=..., resume=...)`` with a progress
+    bar, and print the run directory and its records."""
+    if overwrite and resume:
+        raise ValueError("--overwrite and --resume exclude each other: choose one")
+    check_recipe(recipe)
+    func = engine_function(verb, "distiq.train", function)
+    with step_progress(f"{verb} {recipe}") as on_step:
+        result = call_with_supported(
+            func,
+            recipe,
+            run_dir=out,
+            overwrite=overwrite,
+            resume=resume,
+            optional={"on_step": on_step},
+        )
+    show_result(result, "run")

@@ -1,0 +1,162 @@
+"""The verbs that call the engine, export and bench: input checks before any work, exit codes,
+and the shared error handling."""
+
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from distiq.cli import _common, app
+from distiq.config import ConfigError
+from distiq.results import ResultRecord
+
+
+@pytest.mark.parametrize("verb", ["teacher", "compress"])
+def test_recipe_verbs_check_their_recipe_first(runner, tmp_path, verb):
+    result = runner.invoke(app, [verb, str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 1
+    assert f"error: recipe not found: {tmp_path / 'missing.yaml'}" in result.stderr
+    result = runner.invoke(app, [verb, str(tmp_path)])
+    assert result.exit_code == 1 and "is a directory" in result.stderr
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: qad\n")
+    result = runner.invoke(app, [verb, str(recipe), "--overwrite", "--resume"])
+    assert result.exit_code == 1 and "--overwrite and --resume exclude each other" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["eval"], ["bench"], ["export", "--format", "packed"], ["export", "-f", "onnx"]]
+)
+def test_run_dir_verbs_check_the_run_dir_first(runner, tmp_path, args):
+    result = runner.invoke(app, [*args, str(tmp_path / "missing")])
+    assert result.exit_code == 1
+    assert f"run directory not found: {tmp_path / 'missing'}" in result.stderr
+    (tmp_path / "file").write_text("")
+    result = runner.invoke(app, [*args, str(tmp_path / "file")])
+    assert result.exit_code == 1 and "is a file" in result.stderr
+
+
+def test_export_format_is_checked(runner, tmp_path):
+    result = runner.invoke(app, ["export", str(tmp_path), "--format", "tflite"])
+    assert result.exit_code == 2 and "'tflite' is not one of" in result.output
+    result = runner.invoke(app, ["export", str(tmp_path)])
+    assert result.exit_code == 2 and "--format" in result.output
+
+
+def test_demo_is_not_available_yet(runner):
+    result = runner.invoke(app, ["demo", "--quick"])
+    assert result.exit_code == 2
+    assert "`distiq demo` is not available yet" in result.stderr
+
+
+def _verb_app(func):
+    """A one-verb app running ``func`` under ``user_errors``."""
+    verb = typer.Typer()
+
+    @verb.command()
+    @_common.user_errors
+    def run() -> None:
+        func()
+
+    return verb
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (
+            ConfigError(["a: unknown key (did you mean 'b'?)", "c: required"], "r.yaml"),
+            "2 problems",
+        ),
+        (FileNotFoundError("teacher directory not found: t/"), "teacher directory not found: t/"),
+        (PermissionError(13, "Permission denied", "/x"), "Permission denied: /x"),
+        (KeyError("unknown method 'qadd' (did you mean 'qad'?)"), "unknown method 'qadd'"),
+        (FloatingPointError("step 7: loss term 'kd' is nan"), "step 7: loss term 'kd' is nan"),
+        (ModuleNotFoundError("no onnx", name="onnx"), "needs the package 'onnx'"),
+    ],
+)
+def test_user_errors_are_one_message_and_exit_1(error, message):
+    def raise_it():
+        raise error
+
+    result = CliRunner().invoke(_verb_app(raise_it), [])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_interrupt_exits_130_and_bugs_keep_their_traceback():
+    def interrupt():
+        raise KeyboardInterrupt
+
+    result = CliRunner().invoke(_verb_app(interrupt), [])
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+
+    def bug():
+        return 1 / 0
+
+    result = CliRunner().invoke(_verb_app(bug), [])
+    assert isinstance(result.exception, ZeroDivisionError)  # not dressed up as a user error
+
+    def missing_distiq_module():
+        raise ModuleNotFoundError("gone", name="distiq.nothing")
+
+    result = CliRunner().invoke(_verb_app(missing_distiq_module), [])
+    assert isinstance(result.exception, ModuleNotFoundError)
+
+
+def test_engine_function_not_built_yet_exits_2(capsys):
+    with pytest.raises(typer.Exit) as info:
+        _common.engine_function("compress", "distiq.no_such_part", "compress")
+    assert info.value.exit_code == 2
+    assert "distiq.no_such_part is not built yet" in capsys.readouterr().err
+    with pytest.raises(typer.Exit):
+        _common.engine_function("report", "distiq.results", "no_such_function")
+    assert "distiq.results.no_such_function does not exist yet" in capsys.readouterr().err
+    assert (
+        _common.engine_function("report", "distiq.results", "read_records").__name__
+        == "read_records"
+    )
+
+
+def test_call_with_supported():
+    seen = {}
+
+    def engine(recipe, *, run_dir=None, resume=False):
+        seen.update(recipe=recipe, run_dir=run_dir, resume=resume)
+        return Path("runs/x")
+
+    out = _common.call_with_supported(
+        engine, "r.yaml", run_dir="d", resume=True, overwrite=False, optional={"on_step": print}
+    )
+    assert out == Path("runs/x") and seen == {"recipe": "r.yaml", "run_dir": "d", "resume": True}
+    with pytest.raises(ValueError, match="--overwrite is not supported by"):
+        _common.call_with_supported(engine, "r.yaml", overwrite=True)
+
+    def takes_all(recipe, **kwargs):
+        return kwargs
+
+    assert _common.call_with_supported(takes_all, "r", overwrite=True, optional={"on_step": 1}) == {
+        "overwrite": True,
+        "on_step": 1,
+    }
+
+
+def test_show_result_and_progress(capsys):
+    _common.show_result(ResultRecord("qad-w4a8", "qad", 4, 8, 64, value=91.5), "eval")
+    _common.show_result({"vqa_accuracy": 0.91234, "num_questions": 64}, "eval")
+    _common.show_result(Path("runs/qad"), "run")
+    out = capsys.readouterr().out
+    assert "qad-w4a8" in out and "91.50" in out
+    assert "vqa_accuracy" in out and "0.9123" in out
+    assert "run: runs/qad\n" in out
+
+    class Info:
+        def __init__(self, step):
+            self.step, self.steps, self.total = step, 4, 1.0 / step
+
+    with _common.step_progress("qad") as on_step:
+        for step in range(1, 5):
+            on_step(Info(step))
+    assert "4/4" in capsys.readouterr().out

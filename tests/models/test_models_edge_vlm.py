@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -17,7 +19,7 @@ from distiq.models import (
     load,
 )
 from distiq.models.edge_vlm import build_edge_processor, edge_llava_config, sincos_2d
-from distiq.quant import PerGroup, QuantSpec
+from distiq.quant import PerGroup, QuantConfig, QuantSpec, quantize_
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +179,13 @@ def test_quant_configs_of_the_wrapped_model(edge, words):
     assert {n for n in names if targets["vision"].matches(n)} == {
         n for n in names if n.startswith("vlm.model.vision_tower.") and "embeddings" not in n
     }
-    assert any(targets["heads"].matches(n) for n in names)
+    assert {n for n in names if targets["heads"].matches(n)} == {
+        n for n in names if n.startswith(("detection_head.", "segmentation_head."))
+    }
+    student = copy.deepcopy(wrapped)
+    heads = targets["heads"]
+    report = quantize_(student, QuantConfig(weight=QuantSpec(bits=8), include=heads.include))
+    assert {c.name for c in report.changes} == {n for n in names if heads.matches(n)}
     # NF4 on a 48-wide vision tower: every linear fed 48 features is too narrow for 64-blocks
     narrow_model, narrow_adapter = build_edge_vlm(
         words, "tiny", vision_hidden_size=48, vision_intermediate_size=128

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import fnmatch
+import copy
 
 import pytest
 import torch
 from torch import nn
 
-from distiq.models import IGNORE_INDEX, load
-from distiq.quant import PerGroup, QuantSpec
+from distiq.models import IGNORE_INDEX, describe, load
+from distiq.quant import PerGroup, QuantSpec, quantize_
 
 # ``family`` is parametrized over every supported family by tests/models/conftest.py.
 
@@ -142,19 +142,23 @@ def test_module_names_and_quant_targets(family, loaded, make_samples):
         for n in hits:
             assert n not in owner, f"{n} is in both {owner.get(n)} and {part}"
             owner[n] = part
+    assert set(owner) == set(linears)  # every linear layer belongs to exactly one part
     # embeddings stay in higher precision; lm_head is its own opt-in part
     for part in ("vision", "projector", "language_model"):
-        assert not any("embed" in n for n in modules if targets[part].matches(n))
+        assert not any(targets[part].matches(n) for n in modules if "embed" in n.split(".")[-1])
         assert not targets[part].matches(names.lm_head)
-    # the config plugs into QuantConfig: include/exclude globs select the same modules
-    config = adapter.quant_config("vision", weight=QuantSpec(bits=8))
-    chosen = {
-        n
-        for n in linears
-        if any(fnmatch.fnmatchcase(n, p) for p in config.include)
-        and not any(fnmatch.fnmatchcase(n, p) for p in config.exclude)
-    }
-    assert chosen == {n for n, p in owner.items() if p == "vision"}
+
+    # quantize_ accepts each part's config and swaps exactly that part's linear layers
+    batch = adapter.build_inputs(make_samples())
+    for part in ("vision", "projector", "language_model"):
+        student = copy.deepcopy(model)
+        config = adapter.quant_config(part, weight=QuantSpec(bits=8))
+        report = quantize_(student, config)
+        changed = {c.name for c in report.changes}
+        assert {n for n in changed if n in owner} == {n for n, p in owner.items() if p == part}
+        assert all(owner.get(n) == part for n in changed), changed
+        with torch.no_grad():
+            assert torch.isfinite(student(**batch).logits).all()
 
 
 def test_feature_points_capture_hidden_states_and_attention(family, loaded, make_samples):
@@ -198,3 +202,16 @@ def test_nf4_config_excludes_layers_narrower_than_a_block(family, loaded, make_s
             assert (name in config.exclude) == narrow, name
     with pytest.raises(ValueError, match="model="):
         adapter.quant_config("language_model", weight=nf4)
+
+
+def test_describe_counts_each_part_once(family, loaded):
+    model, adapter = loaded
+    report = describe(model)
+    assert report.family == adapter.family
+    assert report.total == sum(p.numel() for p in model.parameters()) == sum(report.params.values())
+    names = adapter.module_names()
+    projector = sum(p.numel() for p in model.get_submodule(names.projector).parameters())
+    assert report.params["projector"] == projector
+    vision = sum(p.numel() for p in model.get_submodule(names.vision).parameters())
+    assert report.params["vision"] == vision - (projector if family.startswith("qwen") else 0)
+    assert report.params.get("other", 0) == 0

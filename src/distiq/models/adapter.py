@@ -63,14 +63,10 @@ class VLMAdapter:
     lm_head_module: ClassVar[str] = "lm_head"
     # Modules nested in the vision module that belong to the projector (Qwen2-VL's merger).
     vision_exclude: ClassVar[tuple[str, ...]] = ()
-    # Modules kept at higher precision by default (relative to the whole model).
-    keep_precision: ClassVar[tuple[str, ...]] = (
-        "*embed_tokens*",
-        "*embeddings*",
-        "*patch_embed*",
-        "*position_embedding*",
-        "*rotary*",
-    )
+    # Kept at higher precision by default, relative to the vision / language module: the
+    # patch + position embeddings and the token embeddings.
+    vision_embeddings: ClassVar[str] = "embeddings"
+    text_embeddings: ClassVar[str] = "embed_tokens"
     # Whether the vision tower's attention modules can return probabilities (eager).
     vision_attention_probs: ClassVar[bool] = True
     image_placeholder: ClassVar[str] = "<image>"
@@ -129,16 +125,21 @@ class VLMAdapter:
 
     @classmethod
     def targets_for(cls, prefix: str = "") -> dict[str, QuantTarget]:
+        """``quant_targets`` at class level (needs no tokenizer). Every pattern names a module
+        that exists in the family's models, as ``quantize_`` requires."""
         names = cls.names_for(prefix)
-        keep = tuple(prefix + p if not p.startswith("*") else p for p in cls.keep_precision)
-        vision_exclude = tuple(prefix + p for p in cls.vision_exclude)
         return {
-            "vision": QuantTarget((f"{names.vision}.*",), vision_exclude + keep),
-            "projector": QuantTarget(
-                (f"{names.projector}", f"{names.projector}.*"),
-                keep,
+            "vision": QuantTarget(
+                (names.vision,),
+                (
+                    f"{names.vision}.{cls.vision_embeddings}",
+                    *(prefix + p for p in cls.vision_exclude),
+                ),
             ),
-            "language_model": QuantTarget((f"{names.language_model}.*",), keep),
+            "projector": QuantTarget((names.projector,)),
+            "language_model": QuantTarget(
+                (names.language_model,), (f"{names.language_model}.{cls.text_embeddings}",)
+            ),
             "lm_head": QuantTarget((names.lm_head,)),
         }
 

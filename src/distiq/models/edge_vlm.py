@@ -22,9 +22,12 @@ Presets (``EDGE_PRESETS``), sized by what trains where:
 - ``base``  224 px / patch 16 (196 tokens), ViT 384x8, LM 512x8: ~40 M, for a GPU.
 
 Conditioning: both towers are pre-norm (CLIP applies LayerNorm before attention/MLP and after
-the embeddings; Llama uses RMSNorm before each block); the ViT's position embeddings start as a
-2-D sine-cosine table (MAE's) at the scale of the patch embeddings, so positions are visible
-from the first step instead of being 14x weaker than content (std 0.02 vs ~0.3).
+the embeddings; Llama uses RMSNorm before each block). The ViT's position embeddings start as a
+2-D sine-cosine table (MAE's) at the scale of the patch embeddings' output, instead of
+N(0, 0.02) noise about 14x weaker than the patch content (for unit-variance pixels), so patch
+positions are distinguishable from the first step (``sincos_position_init=False`` restores
+the transformers default). In a 400-step run (batch 32, VQA + segmentation loss) the two
+initialisations reached the same accuracy within noise.
 """
 
 from __future__ import annotations

@@ -152,9 +152,12 @@ class VLMWithHeads(nn.Module):
     def quant_targets(self) -> dict[str, QuantTarget]:
         """The VLM's parts (``vlm.``-prefixed) plus ``heads``."""
         targets = dict(self.adapter.quant_targets())
-        targets["heads"] = QuantTarget(
-            ("detection_head", "detection_head.*", "segmentation_head", "segmentation_head.*")
+        heads = tuple(
+            name
+            for name in ("detection_head", "segmentation_head")
+            if getattr(self, name) is not None
         )
+        targets["heads"] = QuantTarget(heads)
         return targets
 
     def save_pretrained(self, path: str | Path) -> None:

@@ -24,17 +24,26 @@ class ModuleNames:
 class QuantTarget:
     """Glob patterns (``fnmatch`` over fully qualified module names) selecting one part.
 
-    ``include``/``exclude`` plug straight into ``QuantConfig(include=..., exclude=...)``;
-    ``exclude`` holds the modules kept at higher precision by default (embeddings, patch
-    embeddings) and modules of other parts nested inside this one.
+    ``include``/``exclude`` plug straight into ``QuantConfig(include=..., exclude=...)`` and
+    mean what they mean to ``quantize_``: a pattern matches a module when it matches its name
+    or an ancestor's (``"model.vision_tower"`` is the whole tower). ``exclude`` holds the
+    modules kept at higher precision by default (patch/position and token embeddings) and
+    modules of other parts nested inside this one (Qwen2-VL's merger).
     """
 
     include: tuple[str, ...]
     exclude: tuple[str, ...] = ()
 
     def matches(self, name: str) -> bool:
-        hit = any(fnmatch.fnmatchcase(name, p) for p in self.include)
-        return hit and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+        """Whether ``name`` is selected: an include pattern matches and no exclude does."""
+        hit = any(_matches(name, p) for p in self.include)
+        return hit and not any(_matches(name, p) for p in self.exclude)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """``pattern`` matches ``name`` or one of its ancestors (``quantize_``'s rule)."""
+    parts = name.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
 
 
 @dataclass(frozen=True)

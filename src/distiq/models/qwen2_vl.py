@@ -32,7 +32,8 @@ class Qwen2VLAdapter(VLMAdapter):
     vision_module = "model.visual"
     projector_module = "model.visual.merger"
     language_module = "model.language_model"
-    vision_exclude = ("model.visual.merger", "model.visual.merger.*")
+    vision_exclude = ("model.visual.merger",)
+    vision_embeddings = "patch_embed"
     vision_attention_probs = False  # its vision attention returns only the output
     image_placeholder = "<|image_pad|>"
     default_prompt = (

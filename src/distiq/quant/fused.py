@@ -16,7 +16,10 @@ CPU costs that shaped the code (torch 2.13, one core, per million float32 elemen
 arithmetic (mul, round, clamp, amin, amax) ~0.12-0.2 ms; ``aminmax(dim)`` ~3 ms; comparisons
 producing bool ~1.2 ms; ``nonzero`` ~1.7 ms; a fresh 64 MiB tensor ~50 ms of page faults. Hence:
 per-row min and max as two reductions, clipping found from the row extremes and arithmetic
-(``_clipped``), and ``Ŵ`` written into a ``ReusableBuffer`` kept by the module.
+(``_clipped``), and ``Ŵ`` written into a ``ReusableBuffer`` kept by the module. Chunks are large
+(``CHUNK_ELEMENTS``): with 2 threads on a busy machine every op is a parallel region that can
+wait a scheduler time slice for its second thread, so a few big ops beat many cache-sized ones
+(cache-sized chunks gained < 3 % on an idle core).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from distiq.quant.functional import (
 from distiq.quant.lsq import SCALE_MIN
 from distiq.quant.spec import PerChannel, PerGroup, QuantSpec
 
-CHUNK_ELEMENTS = 1 << 21  # 8 MiB of float32 per chunk: input + output chunk stay in L3
+CHUNK_ELEMENTS = 1 << 24  # 64 MiB: few large ops (each op is one parallel region; see above)
 
 
 def supports_fused(weight: torch.Tensor, spec: QuantSpec) -> bool:
@@ -268,7 +271,10 @@ class _FakeQuantLinearLsqFunction(torch.autograd.Function):
         grad_wq = grad_2d.t().matmul(x.reshape(-1, x.shape[-1]).to(grad_out.dtype))
         grad_wq = grad_wq.to(weight_q.dtype)
         if needs[3] or needs[4]:
-            grad_scale, grad_zero = _lsq_qparam_grads(weight, grad_wq, s, z, clipped, spec)
+            # Ŵ is not needed any more: its storage is the scratch space (a retained graph
+            # backpropagated again then fails loudly on the version check, never silently)
+            scratch = weight_q
+            grad_scale, grad_zero = _lsq_qparam_grads(weight, grad_wq, s, z, clipped, spec, scratch)
             grad_scale = grad_scale * ctx.factor * (scale >= SCALE_MIN)  # clamp's gradient
             grad_zero = grad_zero * ctx.factor if needs[4] else None
             grad_scale = grad_scale if needs[3] else None
@@ -282,26 +288,20 @@ class _FakeQuantLinearLsqFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad_scale, grad_zero, None, None, None
 
 
-def _lsq_qparam_grads(weight, grad_wq, s, z, clipped, spec):
-    """Unscaled LSQ gradients of ``s`` and ``z`` (shapes of ``s``), chunk by chunk."""
+def _lsq_qparam_grads(weight, grad_wq, s, z, clipped, spec, scratch):
+    """Unscaled LSQ gradients of ``s`` and ``z`` (shapes of ``s``); ``scratch``: a tensor of
+    ``weight``'s shape that may be overwritten."""
     view_w = group_view(weight, spec)
     view_g = group_view(grad_wq, spec)
-    grad_scale = torch.zeros_like(s)
-    rows = max(1, CHUNK_ELEMENTS // max(1, weight.shape[1]))
-    scratch = torch.empty_like(view_w[:rows])
-    per_row = s.shape[0] != 1
-    for start in range(0, view_w.shape[0], rows):
-        w, g = view_w[start : start + rows], view_g[start : start + rows]
-        s_c = s[start : start + rows] if per_row else s
-        d = scratch[: w.shape[0]]
-        torch.mul(w, 1.0 / s_c, out=d)  # v = w/s (the forward's product)
-        d.sub_(torch.round(d)).neg_().mul_(g)  # ∂Ŵ·(round(v) − v), as if nothing clipped
-        target = (d.shape[0], *s.shape[1:]) if per_row else s.shape
-        part = d.sum_to_size(target)
-        if per_row:
-            grad_scale[start : start + rows] += part
-        else:
-            grad_scale += part
+    d = scratch.view(view_w.shape)
+    torch.mul(view_w, 1.0 / s, out=d)  # v = w/s (the forward's product)
+    flat = d.view(-1)
+    rounded = torch.empty(min(flat.numel(), 1 << 20), dtype=d.dtype, device=d.device)
+    for start in range(0, flat.numel(), rounded.numel()):  # v − round(v), small temporaries
+        part = flat[start : start + rounded.numel()]
+        part.sub_(torch.round(part, out=rounded[: part.numel()]))
+    d.neg_().mul_(view_g)  # ∂Ŵ·(round(v) − v), as if nothing clipped
+    grad_scale = d.sum_to_size(s.shape).clone()
     grad_zero = torch.zeros_like(z)
     if clipped.numel():  # clipped codes: replace (round(v) − v) by (clamp(q) − z); ∂z = −s
         position = torch.unravel_index(clipped, view_w.shape)

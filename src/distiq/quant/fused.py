@@ -40,7 +40,7 @@ from distiq.quant.functional import (
 from distiq.quant.lsq import SCALE_MIN
 from distiq.quant.spec import PerChannel, PerGroup, QuantSpec
 
-CHUNK_ELEMENTS = 1 << 24  # 64 MiB: few large ops (each op is one parallel region; see above)
+CHUNK_ELEMENTS = 1 << 22  # 16 MiB: a few large ops (each one parallel region; see above)
 
 
 def supports_fused(weight: torch.Tensor, spec: QuantSpec) -> bool:

@@ -1,15 +1,12 @@
 """The verbs that call the engine, export and bench: input checks before any work, exit codes,
 and the shared error handling."""
 
-from pathlib import Path
-
 import pytest
 import typer
 from typer.testing import CliRunner
 
 from distiq.cli import _common, app
 from distiq.config import ConfigError
-from distiq.results import ResultRecord
 
 
 @pytest.mark.parametrize("verb", ["teacher", "compress"])
@@ -120,43 +117,15 @@ def test_engine_function_not_built_yet_exits_2(capsys):
     )
 
 
-def test_call_with_supported():
-    seen = {}
-
-    def engine(recipe, *, run_dir=None, resume=False):
-        seen.update(recipe=recipe, run_dir=run_dir, resume=resume)
-        return Path("runs/x")
-
-    out = _common.call_with_supported(
-        engine, "r.yaml", run_dir="d", resume=True, overwrite=False, optional={"on_step": print}
-    )
-    assert out == Path("runs/x") and seen == {"recipe": "r.yaml", "run_dir": "d", "resume": True}
-    with pytest.raises(ValueError, match="--overwrite is not supported by"):
-        _common.call_with_supported(engine, "r.yaml", overwrite=True)
-
-    def takes_all(recipe, **kwargs):
-        return kwargs
-
-    assert _common.call_with_supported(takes_all, "r", overwrite=True, optional={"on_step": 1}) == {
-        "overwrite": True,
-        "on_step": 1,
-    }
-
-
-def test_show_result_and_progress(capsys):
-    _common.show_result(ResultRecord("qad-w4a8", "qad", 4, 8, 64, value=91.5), "eval")
-    _common.show_result({"vqa_accuracy": 0.91234, "num_questions": 64}, "eval")
-    _common.show_result(Path("runs/qad"), "run")
-    out = capsys.readouterr().out
-    assert "qad-w4a8" in out and "91.50" in out
-    assert "vqa_accuracy" in out and "0.9123" in out
-    assert "run: runs/qad\n" in out
-
+def test_progress_callbacks(capsys):
     class Info:
         def __init__(self, step):
             self.step, self.steps, self.total = step, 4, 1.0 / step
 
-    with _common.step_progress("qad") as on_step:
+    with _common.step_progress("qad") as progress:
         for step in range(1, 5):
-            on_step(Info(step))
-    assert "4/4" in capsys.readouterr().out
+            progress.on_step(Info(step))
+        progress.on_eval(4, {"vqa_accuracy": 91.25, "vqa_accuracy/question_type/count": 80.0})
+    err = capsys.readouterr().err
+    assert "4/4" in err and "loss 0.25" in err
+    assert "step 4: validation vqa_accuracy 91.25" in err and "question_type" not in err

@@ -23,9 +23,12 @@ def demo_records() -> list[ResultRecord]:
             latency_ms=3.0,
             latency_backend="torch-fp32",
             extra={
-                "blind_baseline": 48.25,
+                "blind_baseline": {
+                    "accuracy": 48.25,
+                    "by_question_type": {"count": 30.0, "colour": 20.0},
+                },
                 "machine": MACHINE,
-                "per_question_type": {"count": 90.0, "colour": 95.0},
+                "by_question_type": {"count": 90.0, "colour": 95.0},
             },
         ),
         ResultRecord("kd", "kd", size_mb=2.0, value=88.0),

@@ -45,6 +45,7 @@ def test_markdown_tables(rendered):
     assert "| name | bits W/A | colour | count |" in md
     assert "| teacher | 16/16 | 95.0 | 90.0 |" in md
     assert "| qad-w4a8 | 4/8 | 93.8 | 87.5 |" in md
+    assert "| blind baseline (question only) | — | 20.0 | 30.0 |" in md
     assert "- cpu: Test CPU, cores: 2, torch: 2.13.0 — teacher, qad-w4a8" in md
 
 
@@ -107,7 +108,16 @@ def test_escaping_losses_and_missing_data_are_explained():
     assert "No run metrics (metrics.jsonl) were found." in out.markdown
     assert "do not say which machine" in out.markdown
     assert "Accuracy per question type" not in out.markdown
+    assert "Blind-question baseline" not in out.markdown
     assert "0 of 6 goals met, 2 not met, 4 not measured." in out.markdown
+
+
+def test_blind_baseline_as_a_number():
+    records = [ResultRecord("teacher", "teacher", value=90.0, extra={"blind_baseline": 41.0})]
+    assert (
+        "Blind-question baseline (question only, no image): 41.00."
+        in render(_inputs(records)).markdown
+    )
 
 
 def test_no_records_and_no_teacher():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import inspect
 import logging
 import sys
 from collections.abc import Callable, Iterator
@@ -152,67 +151,33 @@ def engine_function(verb: str, module: str, name: str) -> Callable[..., Any]:
     return func
 
 
-def call_with_supported(
-    func: Callable[..., Any], *args: Any, optional: dict[str, Any] | None = None, **kwargs: Any
-) -> Any:
-    """Call ``func(*args, **kwargs, **optional)`` passing only the keyword arguments it accepts.
+class RunProgress:
+    """Callbacks for a training run, drawing a rich progress bar: ``on_step(info)`` takes
+    :class:`distiq.train.StepInfo`-like objects (``step``, ``steps``, ``total``),
+    ``on_eval(step, metrics)`` prints the validation metrics above the bar."""
 
-    A keyword of ``kwargs`` it does not accept is dropped only when its value is ``None`` or
-    ``False`` (an option the user did not set), otherwise this is an error naming the option;
-    ``optional`` ones (progress callbacks) are dropped silently."""
-    params = inspect.signature(func).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    passed = {}
-    for key, value in kwargs.items():
-        if takes_any or key in params:
-            passed[key] = value
-        elif value is not None and value is not False:
-            raise ValueError(
-                f"--{key.replace('_', '-')} is not supported by {func.__module__}.{func.__name__} "
-                "in this version of distiq"
-            )
-    for key, value in (optional or {}).items():
-        if takes_any or key in params:
-            passed[key] = value
-    return func(*args, **passed)
+    def __init__(self, progress: Any, task: Any) -> None:
+        self.progress = progress
+        self.task = task
 
+    def on_step(self, info: Any) -> None:
+        loss = getattr(info, "total", None)
+        self.progress.update(
+            self.task,
+            completed=getattr(info, "step", 0),
+            total=getattr(info, "steps", None),
+            loss="—" if loss is None else f"{loss:.4g}",
+        )
 
-def show_result(result: Any, title: str) -> None:
-    """Print what an engine function returned: result records as a table, a mapping of metrics
-    as a two-column table, paths (or objects with ``run_dir`` / ``path``) as plain lines."""
-    from rich.table import Table
-
-    from distiq.results import ResultRecord
-
-    term = console()
-    if isinstance(result, ResultRecord):
-        result = [result]
-    if (
-        isinstance(result, list | tuple)
-        and result
-        and all(isinstance(r, ResultRecord) for r in result)
-    ):
-        term.print(records_table(list(result), title=title))
-        return
-    if isinstance(result, dict):
-        table = Table(title=title)
-        table.add_column("name")
-        table.add_column("value", justify="right")
-        for key, value in result.items():
-            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-            table.add_row(str(key), shown)
-        term.print(table)
-        return
-    items = result if isinstance(result, list | tuple) else [result]
-    for item in items:
-        path = getattr(item, "run_dir", None) or getattr(item, "path", None) or item
-        typer.echo(f"{title}: {path}")
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "/" not in k)
+        self.progress.console.print(f"step {step}: validation {shown}")
 
 
 @contextmanager
-def step_progress(description: str) -> Iterator[Callable[[Any], None]]:
-    """A rich progress bar for a training run; yields an ``on_step(info)`` callback that takes
-    :class:`distiq.train.StepInfo`-like objects (``step``, ``steps``, ``total``)."""
+def step_progress(description: str) -> Iterator[RunProgress]:
+    """A rich progress bar for a training run (a pulsing bar for work without steps); yields
+    the :class:`RunProgress` whose callbacks drive it."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -229,21 +194,11 @@ def step_progress(description: str) -> Iterator[Callable[[Any], None]]:
         TextColumn("loss {task.fields[loss]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        transient=False,
+        console=console(stderr=True),
     )
     task = progress.add_task(description, total=None, loss="—")
-
-    def on_step(info: Any) -> None:
-        loss = getattr(info, "total", None)
-        progress.update(
-            task,
-            completed=getattr(info, "step", 0),
-            total=getattr(info, "steps", None),
-            loss="—" if loss is None else f"{loss:.4g}",
-        )
-
     with progress:
-        yield on_step
+        yield RunProgress(progress, task)
 
 
 def records_table(records: list[Any], title: str | None = None) -> Any:
@@ -293,22 +248,40 @@ def check_recipe(recipe: Any) -> None:
 
 
 def run_recipe(
-    verb: str, function: str, recipe: Any, *, out: Any, overwrite: bool, resume: bool
-) -> None:
-    """``distiq teacher`` / ``distiq compress``: check the recipe, run
-    ``distiq.train.<function>(recipe, run_dir=out, overwrite=..., resume=...)`` with a progress
-    bar, and print the run directory and its records."""
+    verb: str, recipe_path: Path, *, out: Path | None, overwrite: bool, resume: bool
+) -> Path:
+    """``distiq teacher`` / ``distiq compress``: check the recipe file, load and validate it
+    (``--out`` replaces its ``output``), run ``distiq.train.compress`` with a progress bar and
+    print the run directory and its result records. Bad input fails before any long work (the
+    engine checks teacher, data and output directory first)."""
     if overwrite and resume:
         raise ValueError("--overwrite and --resume exclude each other: choose one")
-    check_recipe(recipe)
-    func = engine_function(verb, "distiq.train", function)
-    with step_progress(f"{verb} {recipe}") as on_step:
-        result = call_with_supported(
-            func,
+    check_recipe(recipe_path)
+    load_recipe = engine_function(verb, "distiq.train", "load_recipe")
+    compress = engine_function(verb, "distiq.train", "compress")
+    recipe = load_recipe(recipe_path, **({"output": out} if out is not None else {}))
+    if verb == "teacher" and recipe.method != "teacher":
+        raise ValueError(
+            f"{recipe_path} is a {recipe.method!r} recipe; `distiq teacher` trains teachers "
+            "(method: teacher); run it with `distiq compress`"
+        )
+    with step_progress(f"{recipe.method} {recipe.run_name}") as progress:
+        run_dir = compress(
             recipe,
-            run_dir=out,
             overwrite=overwrite,
             resume=resume,
-            optional={"on_step": on_step},
+            on_step=progress.on_step,
+            on_eval=progress.on_eval,
         )
-    show_result(result, "run")
+    show_run(run_dir)
+    return run_dir
+
+
+def show_run(run_dir: Path) -> None:
+    """Print a run directory's result records (if any) and where it is."""
+    from distiq.results import read_records
+
+    records = read_records(Path(run_dir) / "results.json")
+    if records:
+        console().print(records_table(records, title=str(run_dir)))
+    typer.echo(f"run: {run_dir}")

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import typer
+
 from distiq.cli._common import (
     RunDirArgument,
-    call_with_supported,
     check_run_dir,
+    console,
     engine_function,
-    show_result,
+    records_table,
     user_errors,
 )
 
 
 @user_errors
-def command(run_dir: RunDirArgument) -> None:
-    """Measure a run's model: size, latency, memory (added to its results.json)."""
+def command(
+    run_dir: RunDirArgument,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per backend.")] = 30,
+    threads: Annotated[int, typer.Option(min=1, help="Intra-op threads (torch, onnxruntime).")] = 2,
+) -> None:
+    """Measure a run's model: size, latency, memory (merged into its results.json)."""
     check_run_dir(run_dir)
-    func = engine_function("bench", "distiq.bench", "bench_run")
-    show_result(call_with_supported(func, run_dir), "bench")
+    bench_run = engine_function("bench", "distiq.bench", "bench_run")
+    with console(stderr=True).status(f"Measuring {run_dir}…"):
+        records = bench_run(run_dir, repeats=repeats, threads=threads)
+    console().print(records_table(records, title=f"{run_dir} (bench)"))

@@ -20,4 +20,4 @@ def command(
     resume: ResumeOption = False,
 ) -> None:
     """Compress a model as a recipe says: rtn | gptq | qat | kd | qad | qlora-kd."""
-    run_recipe("compress", "compress", recipe, out=out, overwrite=overwrite, resume=resume)
+    run_recipe("compress", recipe, out=out, overwrite=overwrite, resume=resume)

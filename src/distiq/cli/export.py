@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from distiq.cli._common import (
-    RunDirArgument,
-    call_with_supported,
-    check_run_dir,
-    engine_function,
-    show_result,
-    user_errors,
-)
+from distiq.cli._common import RunDirArgument, check_run_dir, console, engine_function, user_errors
 
 
 class ExportFormat(StrEnum):
     packed = "packed"
     onnx = "onnx"
+
+
+class Precision(StrEnum):
+    auto = "auto"
+    int8 = "int8"
+    int4 = "int4"
+    fp32 = "fp32"
 
 
 @user_errors
@@ -34,8 +35,25 @@ def command(
             show_default=False,
         ),
     ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output directory (default: RUN_DIR/export/...); replaced if it exists.",
+            show_default=False,
+        ),
+    ] = None,
+    precision: Annotated[
+        Precision,
+        typer.Option(help="ONNX only: int8, int4, fp32, or auto (the lowest that fits)."),
+    ] = Precision.auto,
 ) -> None:
     """Export a run's model as packed low-bit safetensors or as ONNX."""
     check_run_dir(run_dir)
-    func = engine_function("export", "distiq.export", "export_run")
-    show_result(call_with_supported(func, run_dir, format.value), "exported")
+    if format is ExportFormat.packed and precision is not Precision.auto:
+        raise ValueError("--precision applies to --format onnx only")
+    export_run = engine_function("export", "distiq.export", "export_run")
+    with console(stderr=True).status(f"Exporting {run_dir} ({format.value})…"):
+        target = export_run(run_dir, format.value, out=out, precision=precision.value)
+    typer.echo(f"exported: {target}")

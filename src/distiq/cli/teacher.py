@@ -1,4 +1,4 @@
-"""``distiq teacher RECIPE``: train a full-precision teacher."""
+"""``distiq teacher RECIPE``: train a full-precision teacher (a ``method: teacher`` recipe)."""
 
 from __future__ import annotations
 
@@ -19,5 +19,5 @@ def command(
     overwrite: OverwriteOption = False,
     resume: ResumeOption = False,
 ) -> None:
-    """Train a full-precision teacher from a recipe."""
-    run_recipe("teacher", "train_teacher", recipe, out=out, overwrite=overwrite, resume=resume)
+    """Train a full-precision teacher from a recipe (method: teacher)."""
+    run_recipe("teacher", recipe, out=out, overwrite=overwrite, resume=resume)

@@ -5,12 +5,14 @@ retention is ``value / teacher value`` in percent.
 
 Per-question-type accuracy comes from a record's ``extra``, in either form:
 
-- ``extra["per_question_type"] = {type: accuracy in %}`` (0-100, like ``value``);
+- ``extra["by_question_type"] = {type: accuracy in %}`` (0-100, like ``value``; what
+  ``distiq.train`` writes);
 - flat keys ``extra["<metric>/question_type/<type>"]`` as :class:`distiq.tasks.vqa.VQAAccuracy`
   computes them, in [0, 1] (multiplied by 100 here).
 
-The blind-question baseline (answering from the question alone) is read from
-``extra["blind_baseline"]`` (in %) of any record, and the machine a record was measured on from
+The blind-question baseline (answering from the question alone, no image) is read from
+``extra["blind_baseline"]`` of any record: a number (%) or ``{"accuracy": %, "by_question_type":
+{type: %}}``. The machine a record was measured on from
 ``extra["machine"]`` (a mapping such as ``{"cpu": ..., "cores": ..., "torch": ..., "gpu": ...}``
 or a string).
 """
@@ -114,41 +116,64 @@ def per_question_type(record: ResultRecord) -> dict[str, float]:
     """``{question type: accuracy in %}`` from ``record.extra`` (both forms, see the module
     docstring); empty when the record carries none."""
     out: dict[str, float] = {}
-    nested = record.extra.get("per_question_type")
+    nested = record.extra.get("by_question_type")
     if isinstance(nested, Mapping):
         for key, value in nested.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
+            if _is_number(value):
                 out[str(key)] = float(value)
     prefix = f"{record.metric}/question_type/"
     for key, value in record.extra.items():
-        if key.startswith(prefix) and isinstance(value, int | float):
+        if key.startswith(prefix) and _is_number(value):
             out.setdefault(key[len(prefix) :], 100.0 * float(value))
     return out
 
 
 def question_type_table(records: list[ResultRecord]) -> Table | None:
-    """Rows: records that carry per-type accuracy; columns: every question type seen (sorted).
-    ``None`` when no record carries any."""
-    per_record = [(r, per_question_type(r)) for r in records]
-    per_record = [(r, types) for r, types in per_record if types]
+    """Rows: records that carry per-type accuracy, then the blind baseline's per-type accuracy
+    when recorded; columns: every question type seen (sorted). ``None`` when no record carries
+    any."""
+    per_record = [(r.name, fmt_bits(r), per_question_type(r)) for r in records]
+    per_record = [row for row in per_record if row[2]]
     if not per_record:
         return None
-    types = sorted({t for _, found in per_record for t in found})
+    blind = blind_baseline_by_type(records)
+    if blind:
+        per_record.append(("blind baseline (question only)", DASH, blind))
+    types = sorted({t for _, _, found in per_record for t in found})
     header = ["name", "bits W/A", *types]
     rows = [
-        [r.name, fmt_bits(r), *(fmt_number(found.get(t), 1) for t in types)]
-        for r, found in per_record
+        [name, bits, *(fmt_number(found.get(t), 1) for t in types)]
+        for name, bits, found in per_record
     ]
     return header, rows
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def blind_baseline(records: list[ResultRecord]) -> float | None:
     """The blind-question baseline accuracy (%) recorded in any record's extra, if any."""
     for record in records:
         value = record.extra.get("blind_baseline")
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(value, Mapping):
+            value = value.get("accuracy")
+        if _is_number(value):
             return float(value)
     return None
+
+
+def blind_baseline_by_type(records: list[ResultRecord]) -> dict[str, float]:
+    """The blind baseline's ``{question type: accuracy in %}`` from any record, if recorded."""
+    for record in records:
+        value = record.extra.get("blind_baseline")
+        if isinstance(value, Mapping) and isinstance(value.get("by_question_type"), Mapping):
+            found = {
+                str(k): float(v) for k, v in value["by_question_type"].items() if _is_number(v)
+            }
+            if found:
+                return found
+    return {}
 
 
 def describe_machine(machine: Any) -> str:

@@ -203,7 +203,9 @@ def image_facts(model: nn.Module, adapter: Any = None) -> dict:
 
 
 # -- export ---------------------------------------------------------------------------------------
-def _trace(module: nn.Module, args: tuple, file: Path, inputs, outputs, dynamic) -> None:
+def _trace(
+    module: nn.Module, args: tuple, file: Path, inputs, outputs, dynamic, blockwise: bool
+) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript tracer notes on HF's Python-side checks
         torch.onnx.export(
@@ -216,8 +218,12 @@ def _trace(module: nn.Module, args: tuple, file: Path, inputs, outputs, dynamic)
             output_names=outputs,
             dynamic_axes=dynamic,
             do_constant_folding=True,
-            custom_opsets={"distiq": 1},
+            custom_opsets={"distiq": 1} if blockwise else None,
         )
+
+
+def _blockwise(plans: list[LayerPlan]) -> bool:
+    return any(p.block_size is not None for p in plans)
 
 
 def _save_graph(file: Path, opset: int) -> None:
@@ -251,7 +257,10 @@ def export_module(
     module.eval()
     try:
         with torch.no_grad(), swapped_layers(module, plans):
-            _trace(module, args, tmp / file.name, input_names, output_names, dynamic_axes or {})
+            _trace(
+                module, args, tmp / file.name, input_names, output_names, dynamic_axes or {},
+                _blockwise(plans),
+            )  # fmt: skip
         _save_graph(tmp / file.name, 21)
         os.replace(tmp / file.name, file)
     finally:
@@ -351,7 +360,7 @@ def export_onnx(
                 )  # fmt: skip
             for name, module, args, inputs, outputs, dynamic in parts:
                 file = tmp / f"{name}.onnx"
-                _trace(module, args, file, inputs, outputs, dynamic)
+                _trace(module, args, file, inputs, outputs, dynamic, _blockwise(plans))
                 _save_graph(file, 21)
                 graphs[name] = {"file": file.name, "inputs": inputs, "outputs": outputs}
         adapter.save_pretrained(tmp / PROCESSOR_DIR)

@@ -1,0 +1,33 @@
+"""Size, latency and memory of deployed models, as ``distiq.results`` records.
+
+Public API::
+
+    from distiq.bench import bench_run, measure_model, BACKENDS
+    bench_run("runs/qad-w8a8")            # what `distiq bench RUN_DIR` calls
+
+``measure_model`` measures one in-memory model on the backends of ``distiq.bench.backends``
+(PyTorch fp32, PyTorch W8A8 int8 matmul, onnxruntime fp32 / int8 QDQ / int4) with warm-up,
+interleaved timed runs, medians, fixed threads and per-backend peak memory
+(``distiq.bench.timing``); ``bench_run`` does it for a run directory and merges the numbers into
+its ``results.json``. The CUDA kernels benchmark is ``benchmarks/cuda_kernels.py``;
+``benchmarks/deploy.py`` is the CPU deployment benchmark of the demo model.
+"""
+
+from distiq.bench.backends import BACKENDS, WORKLOADS, BackendResult, measure_model, w8a8_model
+from distiq.bench.run import bench_run, headline, machine
+from distiq.bench.timing import PeakMemory, Timing, peak_memory, time_interleaved
+
+__all__ = [
+    "BACKENDS",
+    "WORKLOADS",
+    "BackendResult",
+    "PeakMemory",
+    "Timing",
+    "bench_run",
+    "headline",
+    "machine",
+    "measure_model",
+    "peak_memory",
+    "time_interleaved",
+    "w8a8_model",
+]

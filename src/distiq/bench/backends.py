@@ -1,0 +1,304 @@
+"""The deployment backends the benchmark measures, on one model's parts.
+
+Backends (each where it applies; otherwise reported as unavailable with the reason):
+
+- ``pytorch-fp32``: the model's float twin (each quantized layer a float layer holding its
+  dequantized weight, activations unquantized) in eager PyTorch: the float baseline;
+- ``pytorch-w8a8``: the model with every W8A8-eligible linear layer (int8 symmetric per-channel
+  weights, int8 activations) running ``torch._int_mm`` (``QuantizedLinear(int_matmul=True)``);
+  other quantized layers keep their dequantize-then-matmul forward;
+- ``ort-fp32``: the float twin exported to ONNX (``precision="fp32"``) in onnxruntime;
+- ``ort-int8``: the model exported as int8 QDQ (``precision="int8"``);
+- ``ort-int4``: the model exported with INT4 blockwise weights (``precision="int4"``),
+  onnxruntime's ``MatMulNBits`` at ``int4_accuracy_level`` (None: onnxruntime's default).
+
+Workloads, batch 1: ``language_model`` (``inputs_embeds (1, L, D)`` → logits: a prefill of the
+prompt, L = image tokens + 16 text tokens by default) and ``vision`` (``pixel_values`` → image
+features). ``max_abs_diff`` compares a backend's output with the model's own PyTorch output
+(fake-quant or quantized layers) on the same input — the export parity; it is left out for the
+float baselines, whose difference from the quantized model is the quantization itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from distiq.bench.timing import Timing, peak_memory, set_threads, time_interleaved
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("pytorch-fp32", "pytorch-w8a8", "ort-fp32", "ort-int8", "ort-int4")
+WORKLOADS = ("language_model", "vision")
+_ORT_PRECISION = {"ort-fp32": "fp32", "ort-int8": "int8", "ort-int4": "int4"}
+
+
+@dataclass
+class BackendResult:
+    """One backend on one workload."""
+
+    backend: str
+    workload: str
+    available: bool
+    reason: str | None = None
+    timing: Timing | None = None
+    memory: dict | None = None
+    size_bytes: int | None = None
+    max_abs_diff: float | None = None
+    detail: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = {
+            "available": self.available,
+            "reason": self.reason,
+            "size_bytes": self.size_bytes,
+            "max_abs_diff": self.max_abs_diff,
+            **self.detail,
+        }
+        if self.timing is not None:
+            out.update(self.timing.to_dict())
+        if self.memory is not None:
+            out["memory"] = self.memory
+        return out
+
+
+def w8a8_model(model: nn.Module) -> tuple[nn.Module, int]:
+    """A copy of ``model`` whose W8A8-eligible linear layers use the int8 matmul, and how many."""
+    from distiq.quant import FakeQuantLinear, QuantizedLinear
+    from distiq.quant.quantized import int_matmul_supported
+
+    clone = copy.deepcopy(model)
+    count = 0
+    for name, module in list(clone.named_modules()):
+        if isinstance(module, QuantizedLinear) and module.int_matmul_supported():
+            module.int_matmul = True
+            count += 1
+        elif (
+            isinstance(module, FakeQuantLinear)
+            and module.weight_spec is not None
+            and not module.token_importance
+            and int_matmul_supported(module.weight_spec, module.activation_spec)
+        ):
+            parent, _, child = name.rpartition(".")
+            new = QuantizedLinear.from_fake_quant(module, int_matmul=True)
+            setattr(clone.get_submodule(parent) if parent else clone, child, new)
+            count += 1
+    return clone.eval(), count
+
+
+def _state_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for value in model.state_dict().values():
+        key = (value.untyped_storage().data_ptr(), value.storage_offset(), value.numel())
+        if key not in seen:
+            seen.add(key)
+            total += value.numel() * value.element_size()
+    return total
+
+
+def _fp32_bytes(model: nn.Module) -> int:
+    return sum(4 * v.numel() for v in model.state_dict().values() if v.is_floating_point())
+
+
+def _inputs(model: nn.Module, adapter: Any, seq_len: int | None) -> dict[str, torch.Tensor]:
+    from distiq.export.onnx import image_facts
+
+    facts = image_facts(model, adapter)
+    vlm = getattr(model, "vlm", model)
+    length = seq_len or facts["num_image_tokens"] + 16
+    length = min(length, adapter.max_length)
+    generator = torch.Generator().manual_seed(0)
+    vocab = vlm.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, length), generator=generator)
+    with torch.no_grad():
+        embeds = vlm.get_input_embeddings()(ids).float()
+    height, width = facts["image_size"]
+    pixels = torch.randn(1, 3, height, width, generator=generator)
+    return {"inputs_embeds": embeds, "pixel_values": pixels}
+
+
+def _torch_call(part: nn.Module, workload: str, inputs: dict) -> Callable[[], torch.Tensor]:
+    if workload == "language_model":
+        embeds = inputs["inputs_embeds"]
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                return part(embeds, mask)
+    else:
+        pixels = inputs["pixel_values"]
+
+        def run() -> torch.Tensor:
+            with torch.inference_mode():
+                return part(pixels)
+
+    return run
+
+
+def _part(model: nn.Module, adapter: Any, workload: str) -> nn.Module:
+    from distiq.export.onnx import language_graph, vision_graph
+
+    part = (
+        language_graph(model, adapter)
+        if workload == "language_model"
+        else vision_graph(model, adapter)
+    )
+    return part.eval()
+
+
+def _ort_call(path: Path, workload: str, inputs: dict, threads: int, level: int | None):
+    import onnxruntime as ort
+
+    from distiq.export.ort import session_options
+
+    name = "language_model" if workload == "language_model" else "vision"
+    session = ort.InferenceSession(
+        str(path / f"{name}.onnx"),
+        session_options(threads, level, spinning=False),
+        ["CPUExecutionProvider"],
+    )
+    if workload == "language_model":
+        embeds = inputs["inputs_embeds"].numpy()
+        feed = {"inputs_embeds": embeds, "attention_mask": np.ones(embeds.shape[:2], np.int64)}
+    else:
+        feed = {"pixel_values": inputs["pixel_values"].numpy()}
+    return lambda: session.run(None, feed)[0]
+
+
+def _first_problem(message: str) -> str:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+
+
+def _export_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.onnx"))
+
+
+def _diff(output, reference: torch.Tensor) -> float:
+    value = torch.as_tensor(np.asarray(output)) if not isinstance(output, torch.Tensor) else output
+    return float((value.float() - reference.float()).abs().max())
+
+
+def measure_model(
+    model: nn.Module,
+    adapter: Any = None,
+    *,
+    backends: tuple[str, ...] = BACKENDS,
+    workloads: tuple[str, ...] = ("language_model",),
+    threads: int = 2,
+    warmup: int = 5,
+    repeats: int = 30,
+    seq_len: int | None = None,
+    int4_accuracy_level: int | None = None,
+    int8_weights: str = "auto",
+    workdir: str | Path | None = None,
+) -> list[BackendResult]:
+    """Measure ``backends`` on ``workloads`` of one model (see the module docstring).
+
+    Args:
+        model: a LLaVA-architecture VLM or ``VLMWithHeads`` (float, fake-quant, or with
+            ``QuantizedLinear`` layers).
+        adapter: its adapter (not needed for ``VLMWithHeads``).
+        threads: torch intra-op threads and onnxruntime ``intra_op_num_threads``.
+        warmup, repeats: untimed and timed runs per backend (timed runs interleaved).
+        seq_len: language-model length L (default: image tokens + 16).
+        workdir: where ONNX exports go (default: a temporary directory, removed after).
+
+    Returns:
+        One ``BackendResult`` per (workload, backend), unavailable ones with their reason.
+    """
+    from distiq.export.onnx import export_onnx
+    from distiq.export.onnx_quant import plan_model
+    from distiq.export.rundir import float_twin
+
+    unknown = sorted(set(backends) - set(BACKENDS)) + sorted(set(workloads) - set(WORKLOADS))
+    if unknown:
+        raise ValueError(
+            f"unknown backend/workload {unknown}; backends: {', '.join(BACKENDS)}; "
+            f"workloads: {', '.join(WORKLOADS)}"
+        )
+    previous = set_threads(threads)
+    model.eval()
+    own_dir = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="distiq-bench-")) if own_dir else Path(workdir)
+    try:
+        inputs = _inputs(model, adapter, seq_len)
+        twin = float_twin(model) if any(b.endswith("fp32") for b in backends) else None
+        w8a8, w8a8_layers = w8a8_model(model) if "pytorch-w8a8" in backends else (None, 0)
+        exports: dict[str, Path | str] = {}
+        for backend in backends:
+            if backend not in _ORT_PRECISION:
+                continue
+            precision = _ORT_PRECISION[backend]
+            source = twin if precision == "fp32" else model
+            try:
+                plan_model(source, precision, int8_weights)
+            except ValueError as exc:
+                exports[backend] = _first_problem(str(exc))
+                continue
+            target = root / f"onnx-{precision}"
+            export_onnx(
+                source, target, adapter=adapter, precision=precision, int8_weights=int8_weights,
+                overwrite=True,
+            )  # fmt: skip
+            exports[backend] = target
+        results = []
+        for workload in workloads:
+            reference = _torch_call(_part(model, adapter, workload), workload, inputs)()
+            calls: dict[str, Callable] = {}
+            for backend in backends:
+                result = BackendResult(backend, workload, True)
+                with peak_memory() as memory:
+                    if backend == "pytorch-fp32":
+                        calls[backend] = _torch_call(
+                            _part(twin, adapter, workload), workload, inputs
+                        )
+                        result.size_bytes = _fp32_bytes(twin)
+                    elif backend == "pytorch-w8a8":
+                        if w8a8_layers == 0:
+                            result.available = False
+                            result.reason = (
+                                "no W8A8 layer: needs int8 symmetric per-channel weights and int8 "
+                                "activations"
+                            )
+                        else:
+                            part = _part(w8a8, adapter, workload)
+                            calls[backend] = _torch_call(part, workload, inputs)
+                            result.size_bytes = _state_bytes(w8a8)
+                            result.detail["int8_layers"] = w8a8_layers
+                    elif isinstance(exports.get(backend), Path):
+                        path = exports[backend]
+                        calls[backend] = _ort_call(
+                            path, workload, inputs, threads, int4_accuracy_level
+                        )
+                        result.size_bytes = _export_size(path)
+                    else:
+                        result.available = False
+                        result.reason = exports.get(backend, "not applicable")
+                    if backend in calls:
+                        output = calls[backend]()  # first run: session / kernel set-up
+                if backend in calls:
+                    result.memory = memory.to_dict()
+                    if backend not in ("pytorch-fp32", "ort-fp32"):
+                        result.max_abs_diff = _diff(output, reference)
+                results.append(result)
+            timings = time_interleaved(calls, warmup=warmup, repeats=repeats)
+            for result in results:
+                if result.workload == workload and result.backend in timings:
+                    result.timing = timings[result.backend]
+            log.info("measured %s on %d backend(s)", workload, len(calls))
+        return results
+    finally:
+        set_threads(previous)
+        if own_dir:
+            shutil.rmtree(root, ignore_errors=True)

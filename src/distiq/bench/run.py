@@ -1,0 +1,175 @@
+"""``bench_run(run_dir)``: size, latency and memory of a run's model into its ``results.json``.
+
+What ``distiq bench RUN_DIR`` calls. The model is loaded with real quantized layers
+(``distiq.export.load_run``), measured on every backend of ``distiq.bench.backends`` (batch 1,
+threads fixed), and its sizes are taken from the formats themselves: the packed checkpoint
+(``save_packed``'s ``SizeBreakdown``, quantized runs only), each ONNX export and the fp32 size.
+
+Records: every record already in ``run_dir/results.json`` (written by training / evaluation, one
+per task) gets, by name (``distiq.results.upsert_records``):
+
+- ``size_mb``: the packed checkpoint (weights + manifest) for a quantized run, the fp32 tensors
+  for a float one (MiB = 2²⁰ bytes);
+- ``latency_ms`` / ``latency_backend``: the language model's median latency at batch 1 on the
+  headline backend — ``ort-int8`` when the model exports to int8, else ``ort-int4``, else
+  ``ort-fp32``;
+- ``extra["bench"]``: every backend and workload (median / mean / min / p90 ms, repeats, warm-up,
+  peak and added memory, size on disk, parity ``max_abs_diff``), the packed size breakdown, the
+  threads and the machine.
+
+A run without records gets one, named after the directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distiq.bench.backends import BACKENDS, BackendResult, measure_model
+from distiq.results import Method, ResultRecord, read_records, upsert_records
+
+log = logging.getLogger(__name__)
+
+HEADLINE_ORDER = ("ort-int8", "ort-int4", "ort-fp32")
+
+
+def machine() -> dict:
+    """CPU model, cores, versions: what a latency number needs beside it."""
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__}
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def headline(results: list[BackendResult], workload: str = "language_model"):
+    """The headline ``BackendResult`` (see the module docstring), or None."""
+    by_name = {r.backend: r for r in results if r.workload == workload and r.timing is not None}
+    for backend in HEADLINE_ORDER:
+        if backend in by_name:
+            return by_name[backend]
+    return next(iter(by_name.values()), None)
+
+
+def _bits(modules: dict) -> tuple[int, int, int | None]:
+    """(w_bits, a_bits, group_size) summarised from quantization.json entries."""
+    from distiq.quant import QuantSpec
+
+    w_bits, a_bits, groups = [], [], []
+    for entry in modules.values():
+        if entry.get("weight"):
+            spec = QuantSpec.from_dict(entry["weight"])
+            w_bits.append(spec.bits)
+            groups.append(spec.group_size)
+        if entry.get("activation"):
+            a_bits.append(QuantSpec.from_dict(entry["activation"]).bits)
+    group = groups[0] if groups and all(g == groups[0] for g in groups) else None
+    return (min(w_bits) if w_bits else 16), (min(a_bits) if a_bits else 16), group
+
+
+def bench_run(
+    run_dir: str | os.PathLike,
+    *,
+    backends: tuple[str, ...] = BACKENDS,
+    workloads: tuple[str, ...] = ("language_model", "vision"),
+    threads: int = 2,
+    warmup: int = 5,
+    repeats: int = 30,
+    results: str | os.PathLike | None = None,
+    int4_accuracy_level: int | None = None,
+) -> list[ResultRecord]:
+    """Measure a run directory's model and merge the numbers into its result records.
+
+    Args:
+        run_dir: a run directory (``distiq.export.rundir``).
+        backends, workloads: what to measure (``distiq.bench.backends``).
+        threads: torch and onnxruntime intra-op threads (stated in the records).
+        warmup, repeats: untimed and timed runs per backend.
+        results: the results file to update (default ``run_dir/results.json``).
+        int4_accuracy_level: onnxruntime ``MatMulNBits`` accuracy level for ``ort-int4``.
+
+    Returns:
+        The records written (one per record name of the run).
+    """
+    from distiq.export.packed import save_packed
+    from distiq.export.rundir import load_run
+
+    run = load_run(run_dir)
+    results_path = Path(results) if results is not None else Path(run_dir) / "results.json"
+    measured = measure_model(
+        run.model, run.adapter, backends=backends, workloads=workloads, threads=threads,
+        warmup=warmup, repeats=repeats, int4_accuracy_level=int4_accuracy_level,
+    )  # fmt: skip
+    extra: dict[str, Any] = {"threads": threads, "machine": machine(), "batch_size": 1}
+    for result in measured:
+        extra.setdefault(result.workload, {})[result.backend] = result.to_dict()
+    fp32_bytes = sum(
+        4 * v.numel() for v in run.model.state_dict().values() if v.is_floating_point()
+    )
+    size_bytes = fp32_bytes
+    if run.quantized:
+        with tempfile.TemporaryDirectory(prefix="distiq-bench-packed-") as tmp:
+            sizes = save_packed(run.model, Path(tmp) / "packed", adapter=run.adapter)
+        extra["packed"] = sizes.to_dict()
+        size_bytes, fp32_bytes = sizes.total_bytes, sizes.fp32_bytes
+    extra["fp32_bytes"] = fp32_bytes
+    top = headline(measured)
+    existing = read_records(results_path)
+    w_bits, a_bits, group = _bits(run.modules)
+    base = dict(
+        size_mb=size_bytes / 2**20,
+        latency_ms=top.timing.median_ms if top is not None else None,
+        latency_backend=top.backend if top is not None else None,
+        extra={"bench": extra},
+    )
+    if existing:
+        records = [
+            r.replace(
+                size_mb=base["size_mb"],
+                latency_ms=base["latency_ms"],
+                latency_backend=base["latency_backend"],
+                extra={**r.extra, **base["extra"]},
+            )
+            for r in existing
+        ]
+    else:
+        methods = typing.get_args(Method)
+        first = next(iter(run.modules.values()), {})
+        method = first.get("weights_from") if run.quantized else "teacher"
+        method = method if method in methods else ("qat" if run.quantized else "teacher")
+        records = [
+            ResultRecord(
+                name=Path(run_dir).resolve().name,
+                method=method,
+                w_bits=w_bits,
+                a_bits=a_bits,
+                group_size=group,
+                params=sum(p.numel() for p in run.model.parameters()),
+                **base,
+            )
+        ]
+    upsert_records(results_path, records)
+    log.info(
+        "bench %s: %.3f MiB, %s %.3f ms", run_dir, base["size_mb"],
+        base["latency_backend"], base["latency_ms"] or float("nan"),
+    )  # fmt: skip
+    return records

@@ -51,6 +51,16 @@ state dicts through ``torch.distributed.checkpoint.state_dict``. FSDP1 (accelera
 version) also works but needs ``--fsdp_use_orig_params true``. FSDP needs GPUs (accelerate falls
 back to DDP on CPU, with a warning); it was checked on one GPU, not in CPU CI.
 
+Compression engine (imported lazily, on first use)::
+
+    from distiq.train import compress, evaluate, load_recipe, recipe_from_dict, Recipe
+    from distiq.train import check_recipe, load_compressed, train_teacher
+
+``compress(recipe) -> run_dir`` runs a recipe (teacher | rtn | gptq | qat | kd | qad | qlora-kd,
+see :mod:`distiq.train.methods`); ``evaluate(run_dir)`` re-scores a run on its test split;
+``load_compressed(run_dir)`` gives back the evaluated model (:mod:`distiq.train.runs`). Recipes:
+:mod:`distiq.train.recipe`.
+
 Teacher cache: ``cache_teacher_outputs(teacher_fn, batches, path, top_k=8)`` runs the teacher
 once and stores its top-k log-probabilities per sample id; ``TeacherCache(path).get_batch(ids)``
 gives ``(log_probs, indices)`` for a student's batch, for
@@ -71,6 +81,30 @@ from distiq.train.state import (
 )
 from distiq.train.teacher_cache import TeacherCache, cache_teacher_outputs, teacher_topk
 
+_LAZY = {
+    "compress": "distiq.train.methods",
+    "evaluate": "distiq.train.methods",
+    "check_recipe": "distiq.train.methods",
+    "load_recipe": "distiq.train.recipe",
+    "recipe_from_dict": "distiq.train.recipe",
+    "recipe_to_dict": "distiq.train.recipe",
+    "Recipe": "distiq.train.recipe",
+    "load_compressed": "distiq.train.runs",
+    "train_teacher": "distiq.train.teacher",
+}
+
+
+def __getattr__(name: str):
+    """The compression engine's entry points, imported on first use (``import distiq.train``
+    stays light)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'distiq.train' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
 __all__ = [
     "TrainConfig",
     "train",
@@ -90,4 +124,5 @@ __all__ = [
     "TeacherCache",
     "cache_teacher_outputs",
     "teacher_topk",
+    *_LAZY,
 ]

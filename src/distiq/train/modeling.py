@@ -1,0 +1,236 @@
+"""Building the models a recipe names: the teacher, the student, and per-part quant configs.
+
+- :func:`resolve_model_dir` — a teacher / run directory -> the Hugging Face directory in it.
+- :func:`load_vlm` — a saved model (with heads when it has them) and its adapter.
+- :func:`build_student` — a copy of the teacher, or a (smaller) edge VLM from a preset whose
+  layers start from the teacher's where the shapes allow (evenly spaced layers when the depths
+  differ, as DistilBERT initialises its student).
+- :func:`part_quant_configs` — the recipe's quantization section as one
+  ``distiq.quant.QuantConfig`` per part, using the adapter's part names and default exclusions
+  (embeddings stay in full precision; layers narrower than a weight group are excluded).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distiq.models import VLMWithHeads, build_edge_vlm, edge_vlm_config, load
+from distiq.models.multitask import HEADS_CONFIG
+from distiq.quant import QuantConfig
+
+logger = logging.getLogger(__name__)
+
+VISION_LAYERS = "model.vision_tower.encoder.layers."
+TEXT_LAYERS = "model.language_model.layers."
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The Hugging Face model directory at ``path`` (it holds ``config.json``).
+
+    Raises:
+        FileNotFoundError: nothing loadable there, with what to do about it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"teacher directory {path} does not exist; train one with a `method: teacher` recipe "
+            "(distiq teacher RECIPE) or point teacher: at a saved model directory"
+        )
+    if (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(
+        f"{path} holds no saved model (no config.json); point to the directory that "
+        "save_pretrained wrote (a teacher or compressed run directory)"
+    )
+
+
+def load_vlm(path: str | Path) -> tuple[nn.Module, Any]:
+    """``(model, adapter)`` from a model directory: a ``VLMWithHeads`` when the directory has
+    distiq heads, else the bare Hugging Face model; the adapter is unprefixed. The model is in
+    eval mode, float32."""
+    path = resolve_model_dir(path)
+    if (path / HEADS_CONFIG).is_file():
+        model = VLMWithHeads.from_pretrained(path, attn_implementation="eager")
+        return model, model.base_adapter
+    vlm, adapter = load(path, attn_implementation="eager")
+    return vlm, adapter
+
+
+def vlm_of(model: nn.Module) -> nn.Module:
+    """The Hugging Face VLM of ``model`` (``VLMWithHeads.vlm`` or the model itself)."""
+    return getattr(model, "vlm", model)
+
+
+def _edge_config_of(vlm: nn.Module) -> dict[str, Any]:
+    """EdgeVLMConfig fields read back from a LLaVA config built by ``build_edge_vlm``."""
+    config = vlm.config
+    vision, text = config.vision_config, config.text_config
+    return {
+        "image_size": vision.image_size,
+        "patch_size": vision.patch_size,
+        "vision_hidden_size": vision.hidden_size,
+        "vision_layers": vision.num_hidden_layers,
+        "vision_heads": vision.num_attention_heads,
+        "vision_intermediate_size": vision.intermediate_size,
+        "text_hidden_size": text.hidden_size,
+        "text_layers": text.num_hidden_layers,
+        "text_heads": text.num_attention_heads,
+        "text_kv_heads": text.num_key_value_heads,
+        "text_intermediate_size": text.intermediate_size,
+        "max_length": text.max_position_embeddings,
+    }
+
+
+def _layer_map(student_layers: int, teacher_layers: int) -> list[int]:
+    """Teacher layer for each student layer: evenly spaced, first and last kept."""
+    if student_layers == 1:
+        return [teacher_layers - 1]
+    step = (teacher_layers - 1) / (student_layers - 1)
+    return [round(i * step) for i in range(student_layers)]
+
+
+def _copy_matching(student: nn.Module, teacher: nn.Module, rename: dict[str, str]) -> int:
+    """Copy every teacher tensor whose (renamed) name and shape match; returns the count."""
+    teacher_state = teacher.state_dict()
+    copied = 0
+    with torch.no_grad():
+        for name, tensor in student.state_dict().items():
+            source = name
+            for prefix, replacement in rename.items():
+                if name.startswith(prefix):
+                    source = replacement + name[len(prefix) :]
+                    break
+            value = teacher_state.get(source)
+            if value is not None and value.shape == tensor.shape:
+                tensor.copy_(value)
+                copied += 1
+    return copied
+
+
+def build_student(
+    teacher: nn.Module,
+    teacher_adapter: Any,
+    student_config: Any,
+    *,
+    vocabulary: list[str] | None = None,
+    seed: int = 0,
+) -> tuple[nn.Module, Any]:
+    """The student of a recipe (``StudentConfig``) as ``(model, adapter)``.
+
+    ``init: teacher`` deep-copies the teacher (heads included). ``init: preset`` builds an edge
+    VLM from ``preset`` (default: the teacher's sizes) with ``model`` overrides and the
+    teacher's tokenizer; with ``copy_teacher_layers`` every tensor whose shape matches is copied
+    from the teacher, decoder / encoder layers from evenly spaced teacher layers.
+    """
+    if student_config.init == "teacher":
+        return copy.deepcopy(teacher), teacher_adapter
+    teacher_vlm = vlm_of(teacher)
+    sizes = _edge_config_of(teacher_vlm)
+    if student_config.preset is not None:
+        preset = edge_vlm_config(student_config.preset).to_dict()
+        sizes = {k: preset[k] for k in sizes}
+    sizes.update(student_config.model)
+    words = vocabulary or _tokenizer_words(teacher_adapter)
+    config = edge_vlm_config("tiny", **sizes)
+    vlm, adapter = build_edge_vlm(words, config, seed=seed)
+    if len(adapter.tokenizer) != len(teacher_adapter.tokenizer) or (
+        adapter.tokenizer.get_vocab() != teacher_adapter.tokenizer.get_vocab()
+    ):
+        raise ValueError(
+            "the student's tokenizer differs from the teacher's; distillation compares logits "
+            "token by token, so build the student from the teacher's vocabulary"
+        )
+    student: nn.Module = vlm
+    if isinstance(teacher, VLMWithHeads):
+        det = teacher.detection_head
+        seg = teacher.segmentation_head
+        student = VLMWithHeads(
+            vlm,
+            adapter,
+            num_detection_classes=det.num_classes if det is not None else None,
+            num_segmentation_classes=seg.num_classes if seg is not None else None,
+            detection_kwargs=_head_kwargs(det),
+            segmentation_kwargs=_head_kwargs(seg),
+        )
+    if student_config.copy_teacher_layers:
+        prefix = "vlm." if isinstance(teacher, VLMWithHeads) else ""
+        teacher_sizes = _edge_config_of(teacher_vlm)
+        rename = {}
+        for part, attr in (
+            (VISION_LAYERS, "vision_layers"),
+            (TEXT_LAYERS, "text_layers"),
+        ):
+            mapping = _layer_map(getattr(config, attr), teacher_sizes[attr])
+            for i, j in enumerate(mapping):
+                rename[f"{prefix}{part}{i}."] = f"{prefix}{part}{j}."
+        copied = _copy_matching(student, teacher, rename)
+        logger.info("student: copied %d tensors from the teacher", copied)
+    student.train()
+    return student, adapter
+
+
+def _head_kwargs(head: nn.Module | None) -> dict | None:
+    if head is None:
+        return None
+    return {k: v for k, v in head.settings.items() if k not in ("in_dim", "num_classes")}
+
+
+def _tokenizer_words(adapter: Any) -> list[str]:
+    """The word list of an edge VLM tokenizer (its vocabulary without special tokens, in id
+    order), so a student built from it has identical token ids."""
+    from distiq.models.tokenizer import PROMPT_WORDS, SPECIAL_TOKENS
+
+    vocab = adapter.tokenizer.get_vocab()
+    skip = set(SPECIAL_TOKENS) | set(PROMPT_WORDS)
+    return [w for w, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if w not in skip]
+
+
+def part_quant_configs(quantization: Any, model: nn.Module, adapter: Any) -> dict[str, QuantConfig]:
+    """``{part: QuantConfig}`` for the recipe's ``QuantizationConfig`` on ``model`` (a
+    ``VLMWithHeads`` — names prefixed ``vlm.`` — or a bare Hugging Face VLM)."""
+    if isinstance(model, VLMWithHeads):
+        targets = model.quant_targets()
+        part_adapter = model.adapter
+    else:
+        targets = adapter.quant_targets()
+        part_adapter = adapter
+    configs = {}
+    for part in quantization.parts:
+        weight = quantization.spec(part, "weight")
+        activation = quantization.spec(part, "activation")
+        if weight is None and activation is None:
+            continue
+        if part not in targets or not targets[part].include:
+            raise ValueError(
+                f"quantization part {part!r} does not exist in this model (parts: "
+                f"{', '.join(p for p in targets if targets[p].include)})"
+            )
+        if part == "heads":
+            configs[part] = QuantConfig(
+                weight=weight,
+                activation=activation,
+                include=targets[part].include,
+                exclude=tuple(quantization.exclude),
+            )
+            continue
+        extra = [p for p in quantization.exclude if _any_match(model, p, targets[part])]
+        configs[part] = part_adapter.quant_config(
+            part, weight=weight, activation=activation, model=model, exclude=extra
+        )
+    return configs
+
+
+def _any_match(model: nn.Module, pattern: str, target: Any) -> bool:
+    """Whether ``pattern`` names a module of ``target``'s part (so it can be excluded there)."""
+    import fnmatch
+
+    return any(
+        fnmatch.fnmatchcase(name, pattern) and target.matches(name)
+        for name, _ in model.named_modules()
+    )

@@ -1,0 +1,229 @@
+"""Run directories: what a compression run leaves on disk, and how to load it back.
+
+A run directory (``recipe.output``) holds::
+
+    recipe.yaml                 the recipe, as run (validated)
+    metrics.jsonl               every objective term per logged step (trained methods)
+    train_config.yaml           the training loop's settings (trained methods)
+    checkpoints/                last.pt / best.pt of the training loop (resume)
+    config.json, model.safetensors, tokenizer / processor files
+                                the model as a Hugging Face directory, with its *effective*
+                                weights: a quantized layer's weight is stored dequantized
+                                (``(codes - zero_point) * scale``), exactly what the evaluated
+                                model multiplies with
+    distiq_heads.json / .safetensors    detection / segmentation heads (when the model has them)
+    quantization.json           per quantized module: weight spec, activation spec (null = float
+                                activations) and what the weights came from (method)
+    quant_state.safetensors     per quantized module: ``<name>.weight_scale`` and
+                                ``<name>.weight_zero_point`` (so the integer codes are
+                                ``round(W / scale) + zero_point``, exactly), and the static
+                                activation qparams ``<name>.act.scale`` / ``.zero_point``
+    results.json                ``distiq.results`` records (accuracy on the test split, per
+                                question type in ``extra``)
+
+``distiq.models.load(run_dir)`` (or ``VLMWithHeads.from_pretrained``) loads the model with its
+quantized weights; :func:`load_compressed` also restores the activation quantizers, giving
+exactly the model that was evaluated. Export (``distiq.export``) reads ``quantization.json`` and
+``quant_state.safetensors`` to pack the codes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distiq.config import atomic_write, to_dict
+from distiq.quant import QuantConfig, QuantSpec, fake_quant_modules, quantize_
+from distiq.quant.functional import choose_qparams
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "quantization.json"
+QUANT_STATE = "quant_state.safetensors"
+RECIPE_FILE = "recipe.yaml"
+RESULTS_FILE = "results.json"
+MANIFEST_VERSION = 1
+
+
+def weight_qparams(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (scale, zero_point) a fake-quant module's weight quantizer uses now (LSQ: learned),
+    shaped as ``distiq.quant.choose_qparams`` returns them for the 2-D weight view; None for
+    formats without an integer grid (nf4, fp8) or no weight spec."""
+    quantizer = getattr(module, "weight_quant", None)
+    if quantizer is None or quantizer.spec.format != "int":
+        return None
+    weight = module.weight.detach().reshape(module.weight.shape[0], -1)
+    scale, zero = quantizer.qparams(weight)
+    return scale.detach().float(), zero.detach().float()
+
+
+@torch.no_grad()
+def bake_quantized(model: nn.Module, *, method: str) -> dict[str, Any]:
+    """Replace every fake-quant module of ``model`` by its effective form, in place: the weight
+    becomes its fake-quantized value and the weight spec is dropped (the layer keeps only its
+    activation quantizer, frozen to static qparams when it was learnable). Returns the manifest
+    ``{"modules": {name: {...}}, "state": {tensor name: tensor}}`` for :func:`save_run_model`.
+    """
+    modules: dict[str, Any] = {}
+    state: dict[str, torch.Tensor] = {}
+    for name, module in fake_quant_modules(model):
+        weight_spec = module.weight_spec
+        entry: dict[str, Any] = {
+            "type": type(module).__name__,
+            "weight": to_dict(weight_spec) if weight_spec is not None else None,
+            "activation": None,
+            "weights_from": method,
+        }
+        if weight_spec is not None:
+            qparams = weight_qparams(module)
+            if qparams is not None:
+                state[f"{name}.weight_scale"], state[f"{name}.weight_zero_point"] = qparams
+            effective = module.quantized_weight().detach().clone()
+            module.weight.data.copy_(effective)
+            module.weight_quant = None
+            module.weight_spec = None
+        act = module.act_quant
+        if act is not None:
+            frozen = act.frozen() if act.spec.learnable else act
+            module.act_quant = frozen
+            module.activation_spec = frozen.spec
+            entry["activation"] = to_dict(frozen.spec)
+            if frozen.static:
+                state[f"{name}.act.scale"] = frozen.scale.detach().float().clone()
+                state[f"{name}.act.zero_point"] = frozen.zero_point.detach().float().clone()
+        modules[name] = entry
+    return {"modules": modules, "state": state}
+
+
+def add_ptq_entries(
+    manifest: dict[str, Any], model: nn.Module, specs: dict[str, QuantSpec], method: str
+) -> None:
+    """Record layers whose weights a PTQ method already replaced by dequantized values
+    (``specs``: module name -> weight spec): their scale / zero-point are recomputed from the
+    dequantized weight only when exact (see :func:`grid_qparams`)."""
+    for name, spec in specs.items():
+        entry = manifest["modules"].setdefault(
+            name, {"type": "Linear", "weight": None, "activation": None}
+        )
+        entry["weight"] = to_dict(spec)
+        entry["weights_from"] = method
+
+
+def save_run_model(run_dir: str | Path, model: nn.Module, adapter: Any, manifest: dict) -> None:
+    """Save the (baked) model as a Hugging Face directory in ``run_dir`` with its quantization
+    manifest and state (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    float_model = _float_copy_for_saving(model)
+    if hasattr(float_model, "base_adapter"):
+        float_model.save_pretrained(run_dir)
+    else:
+        float_model.save_pretrained(run_dir)
+        adapter.save_pretrained(run_dir)
+    state = {k: v.contiguous() for k, v in manifest.get("state", {}).items()}
+    save_file(state, str(run_dir / QUANT_STATE))
+    body = {"version": MANIFEST_VERSION, "modules": manifest.get("modules", {})}
+    atomic_write(run_dir / MANIFEST, json.dumps(body, indent=1) + "\n")
+
+
+def _float_copy_for_saving(model: nn.Module) -> nn.Module:
+    """``model`` with fake-quant modules swapped back to ``nn.Linear`` / ``nn.Conv2d`` sharing
+    their (baked) parameters, so ``save_pretrained`` writes plain weights."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    for name, module in fake_quant_modules(clone):
+        parent_name, _, child = name.rpartition(".")
+        parent = clone.get_submodule(parent_name) if parent_name else clone
+        floating = module.to_float()
+        setattr(parent, child, floating)
+    return clone
+
+
+def load_compressed(run_dir: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """``(model, adapter, manifest)`` of a run directory: the saved model with its activation
+    quantizers restored (static qparams loaded), in eval mode — the model that was evaluated."""
+    from safetensors.torch import load_file
+
+    from distiq.train.modeling import load_vlm
+
+    run_dir = Path(run_dir)
+    model, adapter = load_vlm(run_dir)
+    manifest: dict[str, Any] = {"modules": {}}
+    if (run_dir / MANIFEST).is_file():
+        manifest = json.loads((run_dir / MANIFEST).read_text())
+    state = load_file(str(run_dir / QUANT_STATE)) if (run_dir / QUANT_STATE).is_file() else {}
+    for name, entry in manifest["modules"].items():
+        if entry.get("activation") is None:
+            continue
+        spec = QuantSpec.from_dict(entry["activation"])
+        quantize_(model, QuantConfig(weight=None, activation=spec, include=(name,)))
+        quantizer = model.get_submodule(name).act_quant
+        if quantizer.static:
+            with torch.no_grad():
+                quantizer.scale.copy_(state[f"{name}.act.scale"])
+                quantizer.zero_point.copy_(state[f"{name}.act.zero_point"])
+                quantizer.calibrated.fill_(True)
+                quantizer.num_batches.fill_(1)
+    model.eval()
+    return model, adapter, manifest
+
+
+def grid_qparams(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``choose_qparams`` of a 2-D weight view (helper for manifests of PTQ layers)."""
+    return choose_qparams(weight.detach().float(), spec)
+
+
+def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to clobber a run: a directory that holds files is an error unless ``overwrite``
+    (a distiq run's directory is emptied) or ``resume``; check that it can be written."""
+    if overwrite and resume:
+        raise ValueError("overwrite and resume exclude each other: pick one")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(f"output {run_dir} exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if resume:
+            if not (run_dir / "checkpoints" / "last.pt").is_file():
+                raise FileNotFoundError(
+                    f"cannot resume {run_dir}: it has no checkpoints/last.pt; start it anew with "
+                    "overwrite"
+                )
+            return
+        if not overwrite:
+            raise FileExistsError(
+                f"{run_dir} already holds a run; pass overwrite=True (--overwrite) to replace it, "
+                "resume=True (--resume) to continue it, or choose another output"
+            )
+        if not (run_dir / RECIPE_FILE).is_file():
+            raise FileExistsError(
+                f"{run_dir} is not empty and holds no distiq run ({RECIPE_FILE} missing); "
+                "refusing to delete it: choose another output"
+            )
+        for child in run_dir.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    elif resume:
+        raise FileNotFoundError(f"cannot resume {run_dir}: there is no run there")
+    check_writable(run_dir)
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create ``run_dir`` and write a probe file; a clear error when the path is not writable."""
+    import tempfile
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"cannot write the output directory {run_dir}: {exc}") from exc

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from distiq.export import export_onnx
+from distiq.export import check_parity, export_onnx
 from distiq.export.onnx import export_module
 from distiq.export.onnx_quant import plan_layer
 from distiq.export.ort import OrtVLM
@@ -88,6 +88,8 @@ def test_int8_weight_type_avoids_u8s8_saturation():
         codes, packed.weight_scale, packed.weight_zero_point, packed.weight_spec
     )
     assert plan_layer("l", small, "int8", "auto").weight == "int8"
+    seven = FakeQuantLinear.from_float(nn.Linear(32, 8), QuantSpec(bits=7))  # reduced range
+    assert plan_layer("l", seven, "int8", "auto").weight == "int8"
 
 
 def test_act_order_int4_layer(tmp_path):
@@ -124,22 +126,6 @@ def vlm_setup(deploy, tmp_path_factory):
     return adapter, data, models, exports
 
 
-def _logits_gap(runner, model, adapter, data):
-    """max |logits_ort - logits_torch| over the samples' prompts."""
-    gap = 0.0
-    for sample in data:
-        batch = adapter.build_inputs([sample], with_answers=False)
-        ids = runner.prompt_ids(sample["question"])
-        assert ids == batch["input_ids"][0].tolist()
-        embeds = runner.inputs_embeds(
-            ids, runner.image_features(runner.pixel_values(sample["image"]))
-        )
-        with torch.no_grad():
-            expected = model(**batch).logits.numpy()
-        gap = max(gap, float(np.abs(runner.logits(embeds) - expected).max()))
-    return gap
-
-
 @pytest.mark.parametrize(
     ("precision", "level", "bound"),
     [("fp32", None, 1e-5), ("int8", None, 2e-3), ("int4", 0, 1e-5), ("int4", None, 0.05)],
@@ -148,13 +134,14 @@ def _logits_gap(runner, model, adapter, data):
 def test_vlm_parity(vlm_setup, precision, level, bound):
     """Logits within the stated bound; greedy answers identical to the PyTorch model's."""
     adapter, data, models, exports = vlm_setup
-    runner = OrtVLM(exports[precision].path, threads=1, int4_accuracy_level=level)
-    model = models[precision]
-    assert _logits_gap(runner, model, adapter, data) <= bound
+    report = check_parity(
+        models[precision], exports[precision].path, data, adapter=adapter, max_new_tokens=3,
+        threads=1, int4_accuracy_level=level,
+    )  # fmt: skip
+    assert report.max_abs_logit_diff <= bound
+    assert len(report.answers_onnx) == len(data)
     if precision != "int4" or level == 0:
-        assert runner.answers(data, max_new_tokens=3) == adapter.generate_answers(
-            model, data, max_new_tokens=3
-        )
+        assert report.answers_identical, (report.answers_torch, report.answers_onnx)
 
 
 def test_onnxruntime_runs_integer_kernels(vlm_setup):

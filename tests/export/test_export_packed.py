@@ -15,6 +15,7 @@ from distiq.export import (
     read_manifest,
     save_packed,
 )
+from distiq.export.manifest import module_specs
 from distiq.quant import (
     PerChannel,
     PerGroup,
@@ -98,7 +99,7 @@ def test_round_trip_is_exact(case, tmp_path):
     entry = manifest["modules"]["fc1"]
     if case[0] is not None:
         assert entry["bits"] == case[0].bits and entry["format"] == case[0].format
-        assert QuantSpec.from_dict(entry["weight_spec"]) == case[0]
+        assert module_specs(manifest, "fc1")[0] == case[0]
 
 
 def test_quantized_conv_matches_fake_quant_conv():
@@ -174,6 +175,20 @@ def test_float16_scales_stay_within_their_bound(tmp_path):
     bound = 2.0**-11 * (x.abs() @ w_hat.abs().T) + 1e-6
     assert (half - exact).abs().le(bound).all()
     assert not torch.equal(half, exact)  # the bound is not vacuous: fp16 scales do move y
+
+
+def test_float16_leftovers(tmp_path):
+    model = Toy()
+    quantize_(
+        model, QuantConfig(weight=QuantSpec(bits=4, granularity=PerGroup(32)), exclude=("conv",))
+    )
+    sizes32 = save_packed(model, tmp_path / "a")
+    sizes16 = save_packed(model, tmp_path / "b", leftover_dtype="float16")
+    assert sizes16.fp_bytes * 2 == sizes32.fp_bytes and sizes16.codes_bytes == sizes32.codes_bytes
+    loaded = load_packed(tmp_path / "b", model=Toy())
+    expected = model.conv.weight.detach().half().float()
+    torch.testing.assert_close(loaded.conv.weight, expected, atol=0, rtol=0)
+    assert read_manifest(tmp_path / "b")["leftover_dtype"] == "float16"
 
 
 def test_vlm_rebuilds_from_its_directory(deploy, tmp_path):
@@ -260,20 +275,15 @@ def packed_dir(tmp_path):
             ),
             "type must be one of",
         ),
+        (lambda m: json.dumps({**m, "specs": [{"bits": 11}]}), "outside 2-8"),
         (
             lambda m: json.dumps(
-                {
-                    **m,
-                    "modules": {
-                        **m["modules"],
-                        "fc1": {**m["modules"]["fc1"], "weight_spec": {"bits": 11}},
-                    },
-                }
+                {**m, "modules": {**m["modules"], "fc1": {**m["modules"]["fc1"], "weight_spec": 7}}}
             ),
-            "outside 2-8",
+            "index into specs",
         ),
     ],
-    ids=["json", "format", "version", "type", "spec"],
+    ids=["json", "format", "version", "type", "spec", "spec-index"],
 )
 def test_corrupt_manifest_is_a_clear_error(packed_dir, edit, message):
     file = packed_dir / "manifest.json"

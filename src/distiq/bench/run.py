@@ -52,6 +52,8 @@ def machine() -> dict:
     except OSError:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__}
+    if hasattr(os, "getloadavg"):  # a shared machine's load explains noisy latencies
+        info["load_average"] = [round(v, 2) for v in os.getloadavg()]
     try:
         import onnxruntime
 

@@ -3,21 +3,39 @@
 Public API::
 
     from distiq.export import save_packed, load_packed, export_onnx
+    sizes = save_packed(model, "out/packed", adapter=adapter)   # -> SizeBreakdown (print it)
+    model = load_packed("out/packed")                          # QuantizedLinear layers, exact
+    export_onnx(model, "out/onnx", adapter=adapter, precision="int8" | "int4" | "fp32")
+    check_parity(model, "out/onnx", samples, adapter=adapter)  # logits and answers vs PyTorch
+
+    from distiq.export.ort import OrtVLM                       # onnxruntime-only runner
+    OrtVLM("out/onnx", threads=2).answer(image, "how many red squares are there")
+
+    from distiq.export import export_run, load_run             # run directories (the CLI's)
+    export_run("runs/qad-w8a8", "packed" | "onnx")             # -> run_dir/export/...
+
+Modules: ``packed`` / ``manifest`` / ``unpack`` (the packed format), ``onnx`` / ``onnx_quant``
+(graphs and QDQ forms), ``ort`` (runner), ``parity``, ``rundir`` (run directories), ``layers``
+(one view of every quantized layer kind; ``QuantizedConv2d``).
 """
 
 from distiq.export.layers import QuantizedConv2d
 from distiq.export.manifest import PackedCheckpointError, read_manifest
-from distiq.export.onnx import OnnxExport, export_onnx
+from distiq.export.onnx import OnnxExport, export_module, export_onnx
 from distiq.export.packed import SizeBreakdown, load_packed, packed_size, save_packed
+from distiq.export.parity import ParityReport, check_parity
 from distiq.export.rundir import LoadedRun, RunDirError, export_run, load_run
 
 __all__ = [
     "PackedCheckpointError",
+    "ParityReport",
     "LoadedRun",
     "OnnxExport",
     "QuantizedConv2d",
     "RunDirError",
     "SizeBreakdown",
+    "check_parity",
+    "export_module",
     "export_onnx",
     "export_run",
     "load_packed",

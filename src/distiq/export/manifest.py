@@ -5,7 +5,8 @@
     {
       "format": "distiq.packed", "format_version": 1, "distiq_version": "0.1.0",
       "weights_file": "model.safetensors", "weights_sha256": "<hex>",
-      "scale_dtype": "float32",
+      "scale_dtype": "float32", "leftover_dtype": "float32",
+      "specs": [{QuantSpec fields}, ...],        # each distinct spec once
       "model": {"kind": "hf" | "hf+heads" | "module", "class": "LlavaForConditionalGeneration",
                 "attn_implementation": "eager" | null},
       "modules": {
@@ -15,8 +16,8 @@
           "bias": true,
           "bits": 4, "format": "int", "granularity": "per_group(64)", "group_size": 64,
           "symmetric": true, "signed": true,
-          "weight_spec": {QuantSpec fields} | null,
-          "activation_spec": {QuantSpec fields} | null,
+          "weight_spec": 0 | null,         # index into "specs"
+          "activation_spec": 1 | null,
           "zero_point": "implicit" | "packed" | "float32" | null,
           "num_groups": null | G,          # act-order (g_idx) layers
           "conv": {"stride": [1, 1], "padding": [0, 0] | "same", "dilation": [1, 1], "groups": 1}
@@ -26,7 +27,7 @@
     }
 
 ``bits`` … ``signed`` repeat the weight spec's fields for readers that do not parse QuantSpec;
-``weight_spec`` is authoritative. ``fake_linear`` / ``fake_conv2d`` are layers with only their
+the spec in ``specs`` is authoritative. ``fake_linear`` / ``fake_conv2d`` are layers with only their
 activations quantized (the float weight is stored as a full-precision tensor).
 
 Tensors in the safetensors file, for a quantized layer ``m`` (``pack``'s little-endian bit-stream
@@ -63,7 +64,7 @@ class PackedCheckpointError(ValueError):
     """A packed checkpoint that cannot be read: missing, corrupt or inconsistent."""
 
 
-def _check_module(name: str, entry: Any) -> list[str]:
+def _check_module(name: str, entry: Any, n_specs: int) -> list[str]:
     where = f"modules[{name!r}]"
     if not isinstance(entry, dict):
         return [f"{where} must be a mapping, got {type(entry).__name__}"]
@@ -80,16 +81,12 @@ def _check_module(name: str, entry: Any) -> list[str]:
         errors.append(f"{where}.weight_shape must be 2 or 4 positive integers, got {shape!r}")
     if not isinstance(entry.get("bias"), bool):
         errors.append(f"{where}.bias must be true or false")
-    specs = {}
     for key in ("weight_spec", "activation_spec"):
         value = entry.get(key)
-        if value is None:
-            specs[key] = None
-            continue
-        try:
-            specs[key] = QuantSpec.from_dict(value)
-        except (ValueError, TypeError) as exc:
-            errors.append(f"{where}.{key}: {exc}")
+        if value is not None and not (
+            isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n_specs
+        ):
+            errors.append(f"{where}.{key} must be null or an index into specs, got {value!r}")
     quantized_weight = kind in ("linear", "conv2d")
     if quantized_weight and entry.get("weight_spec") is None:
         errors.append(f"{where}: a {kind} layer needs a weight_spec")
@@ -126,8 +123,18 @@ def validate_manifest(manifest: Any, source: str = MANIFEST_FILE) -> dict:
     for key in ("weights_file", "weights_sha256", "distiq_version"):
         if not isinstance(manifest.get(key), str) or not manifest.get(key):
             errors.append(f"{key} must be a non-empty string")
-    if manifest.get("scale_dtype") not in SCALE_DTYPES:
-        errors.append(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}")
+    for key in ("scale_dtype", "leftover_dtype"):
+        if manifest.get(key) not in SCALE_DTYPES:
+            errors.append(f"{key} must be one of {', '.join(SCALE_DTYPES)}")
+    specs = manifest.get("specs")
+    if not isinstance(specs, list):
+        errors.append("specs must be a list of QuantSpec mappings")
+        specs = []
+    for index, value in enumerate(specs):
+        try:
+            QuantSpec.from_dict(value)
+        except (ValueError, TypeError) as exc:
+            errors.append(f"specs[{index}]: {exc}")
     model = manifest.get("model")
     if not isinstance(model, dict) or model.get("kind") not in MODEL_KINDS:
         errors.append(f"model.kind must be one of {', '.join(MODEL_KINDS)}")
@@ -136,11 +143,20 @@ def validate_manifest(manifest: Any, source: str = MANIFEST_FILE) -> dict:
         errors.append("modules must be a mapping of module name to layer entry")
     else:
         for name, entry in modules.items():
-            errors += _check_module(name, entry)
+            errors += _check_module(name, entry, len(specs))
     if errors:
         lines = "\n  - ".join(errors)
         raise PackedCheckpointError(f"{source} is not a valid distiq manifest:\n  - {lines}")
     return manifest
+
+
+def module_specs(manifest: dict, name: str) -> tuple[QuantSpec | None, QuantSpec | None]:
+    """The (weight, activation) specs of layer ``name`` of a validated manifest."""
+    entry, specs = manifest["modules"][name], manifest["specs"]
+    return tuple(
+        QuantSpec.from_dict(specs[entry[key]]) if entry.get(key) is not None else None
+        for key in ("weight_spec", "activation_spec")
+    )
 
 
 def read_manifest(path: str | Path) -> dict:

@@ -17,7 +17,8 @@ activations (static, 8-bit, per tensor or per channel; the learned or calibrated
   not fuse a ``DequantizeLinear``-fed MatMul into ``MatMulNBits``, and nothing consumes int8
   activations there.
 
-weights, ``precision="int8"`` (8-bit codes, per output channel or per tensor)::
+weights, ``precision="int8"`` (8-bit codes, or 7-bit "reduced range" ones, per output channel or
+per tensor)::
 
     codes (in, out) ─ DequantizeLinear(s (out,), z (out,), axis=1) ─ MatMul ─ Add(bias)
 
@@ -28,7 +29,9 @@ weights, ``precision="int8"`` (8-bit codes, per output channel or per tensor)::
   "auto"`` therefore writes INT8 weights only when every code lies in [-64, 63] (no pair can
   saturate) and otherwise UINT8 weights with activations shifted to UINT8 (u8 × u8 takes a
   non-saturating path on every CPU, but is not faster than fp32 there); ``"int8"`` forces the
-  fast form (exact only on CPUs with VNNI or on ARM), ``"uint8"`` the safe one.
+  fast form (exact only on CPUs with VNNI or on ARM), ``"uint8"`` the safe one. A model trained
+  with 7-bit symmetric weights (``QuantSpec(bits=7)``: codes in [-64, 63], onnxruntime's
+  ``reduce_range``) gets INT8 weights and is both exact and fast everywhere.
 
 weights, ``precision="int4"`` (4-bit codes, per group of ``g`` inputs, or one group per row)::
 
@@ -45,7 +48,7 @@ above, so the graph still computes the fake-quant model.
 
 Convolutions (the patch embedding, the task heads) always carry float ``Ŵ`` (exact) with their
 activation QDQ. Unsupported inputs raise ``ValueError`` before anything is written: weights of a
-bit width other than 8 (int8) or 4 (int4) — e.g. 3-bit — non-``int`` formats (nf4, fp8) in int8
+bit width other than 8 or 7 (int8) or 4 (int4) — e.g. 3-bit — non-``int`` formats (nf4, fp8) in int8
 or int4 graphs, per-group weights in an int8 graph, dynamic or non-8-bit activation quantization,
 static activation scales that were never calibrated.
 """
@@ -175,13 +178,13 @@ def plan_layer(name: str, module: nn.Module, precision: str, int8_weights: str) 
             f"{name}: {spec.format} weights have no {precision} ONNX form; export with "
             "precision='fp32' (dequantized weights, exact) or the packed format"
         )
-    need = 8 if precision == "int8" else 4
-    if spec.bits != need:
+    allowed = (8, 7) if precision == "int8" else (4,)
+    if spec.bits not in allowed:
         raise ValueError(
-            f"{name}: {spec.bits}-bit weights are not supported by ONNX precision {precision!r} "
-            f"(it stores {need}-bit weights; ONNX has 8-bit and 4-bit integer types only); use "
-            f"precision='int{spec.bits}' if it exists, 'fp32', or the packed format, which "
-            "stores 2-8 bits"
+            f"{name}: {spec.bits}-bit weights are not supported by ONNX precision {precision!r}, "
+            f"which stores {' or '.join(map(str, allowed))}-bit weights (ONNX has 8-bit and 4-bit "
+            "integer types; a wider container would hide the real size); use the precision that "
+            "matches, 'fp32' (dequantized weights, exact), or the packed format (2-8 bits)"
         )
     g = spec.granularity
     in_features = qw.codes.shape[1]

@@ -178,7 +178,7 @@ def _zero_points(qw, spec: QuantSpec, where: str) -> tuple[str, dict[str, torch.
     return "float32", {"zeros": zero.contiguous()}
 
 
-def _module_entry(name: str, module: nn.Module, scale_dtype: str):
+def _module_entry(name: str, module: nn.Module, scale_dtype: str, spec_index):
     """(manifest entry, {suffix: tensor}, {suffix: byte category}) for one quantized layer."""
     is_conv = isinstance(module, FakeQuantConv2d | QuantizedConv2d)
     act = activation_quantizer(module)
@@ -226,11 +226,11 @@ def _module_entry(name: str, module: nn.Module, scale_dtype: str):
             group_size=spec.group_size,
             symmetric=spec.symmetric,
             signed=spec.is_signed,
-            weight_spec=spec.to_dict(),
+            weight_spec=spec_index(spec),
             zero_point=zero_mode,
             num_groups=int(qw.scale.shape[1]) if qw.g_idx is not None else None,
         )
-    entry["activation_spec"] = act.spec.replace(learnable=False).to_dict() if act else None
+    entry["activation_spec"] = spec_index(act.spec.replace(learnable=False)) if act else None
     if act is not None and act.static:
         scale, zero = act.qparams()
         tensors["input_scale"], kinds["input_scale"] = scale.float().contiguous(), "activation"
@@ -305,6 +305,7 @@ def save_packed(
     *,
     adapter: Any = None,
     scale_dtype: str = "float32",
+    leftover_dtype: str = "float32",
     overwrite: bool = False,
 ) -> SizeBreakdown:
     """Write ``model``'s quantized layers as packed codes (see the module docstring).
@@ -319,6 +320,10 @@ def save_packed(
             renamed when complete).
         adapter: the model's ``VLMAdapter`` (its processor is saved with the weights).
         scale_dtype: ``float32`` (exact), ``float16`` or ``bfloat16`` (smaller; see above).
+        leftover_dtype: dtype of the full-precision tensors (embeddings, norms, biases,
+            unquantized layers): ``float32`` (exact) or ``float16`` / ``bfloat16`` (half the
+            bytes; those tensors are then rounded to 16 bits, relative error ``2⁻¹¹`` /
+            ``2⁻⁸``, and the loaded model is no longer identical).
         overwrite: replace an existing non-empty directory.
 
     Returns:
@@ -354,8 +359,16 @@ def save_packed(
     tensors: dict[str, torch.Tensor] = {}
     sizes = SizeBreakdown()
     category = {}
+    specs: list[dict] = []
+
+    def spec_index(spec: QuantSpec) -> int:
+        data = spec.to_dict()
+        if data not in specs:
+            specs.append(data)
+        return specs.index(data)
+
     for name, module in quantized.items():
-        entry, layer_tensors, kinds = _module_entry(name, module, scale_dtype)
+        entry, layer_tensors, kinds = _module_entry(name, module, scale_dtype, spec_index)
         manifest_modules[name] = entry
         for suffix, value in layer_tensors.items():
             tensors[f"{name}.{suffix}"] = value
@@ -374,6 +387,11 @@ def save_packed(
         category[key] = "fp"
         sizes.fp32_bytes += 4 * value.numel() if value.is_floating_point() else value.nbytes
     tensors = _unique(tensors)
+    if leftover_dtype != "float32":
+        target = _SCALE_DTYPES[leftover_dtype]
+        for key, value in tensors.items():
+            if category[key] == "fp" and value.is_floating_point():
+                tensors[key] = value.to(target)
     for key, value in tensors.items():
         kind = category[key]
         nbytes = value.numel() * value.element_size()
@@ -417,6 +435,8 @@ def save_packed(
             "weights_file": WEIGHTS_FILE,
             "weights_sha256": sha256_file(tmp / WEIGHTS_FILE),
             "scale_dtype": scale_dtype,
+            "leftover_dtype": leftover_dtype,
+            "specs": specs,
             "model": model_info,
             "modules": manifest_modules,
         }

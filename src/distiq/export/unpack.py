@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from distiq.export.layers import QuantizedConv2d
-from distiq.export.manifest import PackedCheckpointError
+from distiq.export.manifest import PackedCheckpointError, module_specs
 from distiq.quant import FakeQuantConv2d, FakeQuantLinear, QuantizedLinear, QuantSpec
 from distiq.quant.packing import packed_numel, unpack
 from distiq.quant.quantizers import ActivationQuantizer
@@ -132,10 +132,11 @@ def _zero_point(entry: dict, spec: QuantSpec, tensors: dict, name: str, shape) -
     return _take(tensors, f"{name}.zeros", shape, torch.float32, name)
 
 
-def _build_layer(name: str, entry: dict, tensors: dict, int_matmul: bool) -> nn.Module:
+def _build_layer(name: str, manifest: dict, tensors: dict, int_matmul: bool) -> nn.Module:
+    entry = manifest["modules"][name]
     kind = entry["type"]
     shape = tuple(entry["weight_shape"])
-    act_spec = QuantSpec.from_dict(entry["activation_spec"]) if entry["activation_spec"] else None
+    spec, act_spec = module_specs(manifest, name)
     bias = _take(tensors, f"{name}.bias", (shape[0],), None, name) if entry["bias"] else None
     if kind in ("fake_linear", "fake_conv2d"):
         weight = _take(tensors, f"{name}.weight", shape, None, name)
@@ -158,7 +159,6 @@ def _build_layer(name: str, entry: dict, tensors: dict, int_matmul: bool) -> nn.
             if bias is not None:
                 layer.bias.copy_(bias)
         return layer
-    spec = QuantSpec.from_dict(entry["weight_spec"])
     out_features, cols = shape[0], math.prod(shape[1:])
     bits = 8 if spec.format == "fp8_e4m3" else spec.bits
     packed = _take(
@@ -214,7 +214,7 @@ def install_layers(
     layers = {}
     for name, entry in modules.items():
         target = _check_target(model, name, entry)
-        layer = _build_layer(name, entry, tensors, int_matmul)
+        layer = _build_layer(name, manifest, tensors, int_matmul)
         layers[name] = layer.to(next(iter(target.parameters()), torch.empty(0)).device)
     prefixes = tuple(f"{name}." for name in modules)
     leftovers = {k: v for k, v in tensors.items() if not k.startswith(prefixes)}

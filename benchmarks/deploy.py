@@ -1,0 +1,284 @@
+"""Deployment benchmark: size, latency and memory of the demo model on every backend.
+
+    python benchmarks/deploy.py [--preset tiny] [--threads 2] [--repeats 60] [--quick]
+                                [--run-dir RUN ...] [--out benchmarks/results/deploy.json]
+
+Models: the demo model's architecture (``build_edge_vlm(preset)``, random weights: latency and
+size do not depend on the values) as a float teacher and compressed to W8A8 (int8 per-channel
+weights, int8 per-tensor static activations, calibrated), W7A8 (7-bit "reduced range" weights:
+the int8 form that is exact *and* takes onnxruntime's fast u8 x s8 kernel on AVX2 CPUs), W4A16 g64
+(4-bit weights in groups of 64) and W4A8 g64 — or the models of given run directories. Each model goes through
+``distiq.bench.measure_model``: PyTorch fp32, PyTorch W8A8 (``torch._int_mm``), onnxruntime
+fp32, int8 QDQ and int4 (``MatMulNBits``), batch 1, threads fixed, warm-up then interleaved timed
+runs, medians. Workloads: the language model on a prompt (``inputs_embeds (1, L, D)``,
+L = image tokens + 16) and the vision encoder on one image. A W8A8 row with ``int8_weights=
+"int8"`` shows the fast s8-weight form and its error on CPUs without VNNI (see
+``distiq.export.onnx_quant``).
+
+Ratios are speed-ups against onnxruntime fp32 measured in the same call (same machine state).
+Goal (issue 7): onnxruntime int8 >= 2.0x onnxruntime fp32 on the language model at batch 1.
+Sizes: the packed checkpoint of each compressed model with its breakdown (float32 scales, exact;
+float16 scales, smaller) against the fp32 tensors, and every ONNX export.
+
+CUDA (only when a GPU is present): runs ``benchmarks/cuda_kernels.py`` (bf16 / W8A8 / fp8 /
+W4A16 at decode and prefill) and stores its JSON under ``cuda``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import machine_info
+from distiq.bench import measure_model
+from distiq.export import load_run, save_packed
+from distiq.quant import PerChannel, PerGroup, PerTensor, QuantSpec, calibration, quantize_
+
+WORDS = [
+    *("how", "many", "red", "blue", "green", "yellow", "squares", "circles", "triangles"),
+    *("are", "there", "what", "colour", "is", "the", "shape", "at", "top", "left", "right"),
+    *("bottom", "centre", "digit", "yes", "no", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9"),
+]
+W8 = QuantSpec(bits=8, granularity=PerChannel(0))
+A8 = QuantSpec(bits=8, symmetric=False, granularity=PerTensor())
+W7 = QuantSpec(bits=7, granularity=PerChannel(0))
+W4G64 = QuantSpec(bits=4, granularity=PerGroup(64))
+CONFIGS = {
+    "w8a8": (W8, A8),
+    "w7a8": (W7, A8),
+    "w4a16-g64": (W4G64, None),
+    "w4a8-g64": (W4G64, A8),
+}
+
+
+def _samples(n: int, size: int) -> list[dict]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    questions = ["how many red squares are there", "what colour is the shape at the top left"]
+    return [
+        {
+            "image": Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)),
+            "question": questions[i % 2],
+            "answer": "2",
+        }
+        for i in range(n)
+    ]
+
+
+def build_models(preset: str) -> tuple[dict, object]:
+    from distiq.models import build_edge_vlm
+
+    teacher, adapter = build_edge_vlm(WORDS, preset)
+    teacher.eval()
+    size = teacher.config.vision_config.image_size
+    batch = adapter.build_inputs(_samples(8, size))
+    models = {"teacher": teacher}
+    for name, (weight, activation) in CONFIGS.items():
+        model = copy.deepcopy(teacher)
+        for part in ("vision", "projector", "language_model"):
+            config = adapter.quant_config(part, weight=weight, activation=activation, model=model)
+            quantize_(model, config)
+        if activation is not None:
+            with calibration(model), torch.no_grad():
+                model(**batch)
+        models[name] = model.eval()
+    return models, adapter
+
+
+SIZE_VARIANTS = {
+    "exact": {},  # float32 scales and leftovers: the loaded model is identical
+    "fp16-scales": {"scale_dtype": "float16"},
+    "fp16-scales+leftovers": {"scale_dtype": "float16", "leftover_dtype": "float16"},
+}
+
+
+def sizes_of(model, adapter) -> dict:
+    """Packed size of ``model`` in each storage variant (dicts, plus the exact one's table)."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant, options in SIZE_VARIANTS.items():
+            sizes = save_packed(model, Path(tmp) / variant, adapter=adapter, **options)
+            out[variant] = sizes.to_dict()
+            if variant == "exact":
+                out["table"] = sizes.table()
+    return out
+
+
+def preset_sizes(presets: list[str]) -> dict:
+    """4-bit g64 (vision, projector, language model; embeddings and lm_head in full precision,
+    the adapter's defaults) packed sizes of each preset's edge VLM."""
+    from distiq.models import build_edge_vlm
+
+    out = {}
+    for preset in presets:
+        model, adapter = build_edge_vlm(WORDS, preset)
+        for part in ("vision", "projector", "language_model"):
+            quantize_(model, adapter.quant_config(part, weight=W4G64, model=model))
+        out[preset] = sizes_of(model.eval(), adapter)
+    return out
+
+
+def _row(name: str, results) -> dict:
+    rows = {}
+    for workload in sorted({r.workload for r in results}):
+        base = next(
+            (r for r in results if r.workload == workload and r.backend == "ort-fp32"), None
+        )
+        base_ms = base.timing.median_ms if base is not None and base.timing else None
+        rows[workload] = {}
+        for r in results:
+            if r.workload != workload:
+                continue
+            entry = r.to_dict()
+            if r.timing is not None and base_ms:
+                entry["speedup_vs_ort_fp32"] = base_ms / r.timing.median_ms
+            rows[workload][r.backend] = entry
+    return {"model": name, "workloads": rows}
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'model':<14}{'workload':<16}{'backend':<14}{'median ms':>10}{'x ort-fp32':>11}"
+    header += f"{'peak MB':>9}{'size KB':>10}{'max|diff|':>11}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        for workload, backends in row["workloads"].items():
+            for backend, entry in backends.items():
+                if not entry["available"]:
+                    print(
+                        f"{row['model']:<14}{workload:<16}{backend:<14}  n/a: {entry['reason'][:70]}"
+                    )
+                    continue
+                diff = entry["max_abs_diff"]
+                print(
+                    f"{row['model']:<14}{workload:<16}{backend:<14}{entry['median_ms']:>10.3f}"
+                    f"{entry.get('speedup_vs_ort_fp32', float('nan')):>10.2f}x"
+                    f"{entry['memory']['delta_mb']:>9.1f}{entry['size_bytes'] / 1024:>10.1f}"
+                    f"{'' if diff is None else f'{diff:.2e}':>11}"
+                )
+
+
+def run_cuda(quick: bool, out: Path) -> dict | str:
+    if not torch.cuda.is_available():
+        return "not run: no CUDA device"
+    target = out.with_name(out.stem + "_cuda_kernels.json")
+    command = [
+        sys.executable,
+        str(Path(__file__).with_name("cuda_kernels.py")),
+        "--out",
+        str(target),
+    ]
+    subprocess.run(command + (["--quick"] if quick else []), check=True)
+    return json.loads(target.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny", help="edge VLM preset (tiny = the demo's)")
+    parser.add_argument("--run-dir", nargs="*", default=None, help="measure these runs instead")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=60)
+    parser.add_argument("--quick", action="store_true", help="few repeats (a smoke run)")
+    parser.add_argument("--size-presets", nargs="*", default=["tiny", "small"])
+    parser.add_argument("--out", default="benchmarks/results/deploy.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.quick:
+        args.warmup, args.repeats = 2, 5
+    out = Path(args.out)
+    started = time.time()
+    load_at_start = list(os.getloadavg())
+    if args.run_dir:
+        models = {}
+        for run_dir in args.run_dir:
+            run = load_run(run_dir)
+            models[Path(run_dir).name] = run.model
+            adapter = run.adapter
+    else:
+        models, adapter = build_models(args.preset)
+    common = dict(threads=args.threads, warmup=args.warmup, repeats=args.repeats)
+    rows, sizes = [], {}
+    for name, model in models.items():
+        print(f"measuring {name} ...", flush=True)
+        results = measure_model(model, adapter, workloads=("language_model", "vision"), **common)
+        rows.append(_row(name, results))
+        if name != "teacher" and any(p.numel() for p in model.parameters()):
+            try:
+                sizes[name] = sizes_of(model, adapter)
+            except ValueError as exc:  # a float run: nothing to pack
+                sizes[name] = str(exc)
+    if "w8a8" in models:
+        print("measuring w8a8 with s8 weights (int8_weights='int8') ...", flush=True)
+        results = measure_model(
+            models["w8a8"], adapter, backends=("ort-fp32", "ort-int8"),
+            workloads=("language_model",), int8_weights="int8", **common,
+        )  # fmt: skip
+        rows.append(_row("w8a8-s8", results))
+    print()
+    print_table(rows)
+    for name, entry in sizes.items():
+        if isinstance(entry, dict):
+            print(f"\npacked {name} (exact: float32 scales and leftovers):\n{entry['table']}")
+            for variant in list(SIZE_VARIANTS)[1:]:
+                print(f"packed {name} ({variant}): ratio {entry[variant]['ratio']:.4f}x")
+    by_preset = preset_sizes(args.size_presets)
+    print("\n4-bit g64 packed / fp32, by preset (target <= 0.16):")
+    for preset, entry in by_preset.items():
+        ratios = ", ".join(f"{v} {entry[v]['ratio']:.4f}x" for v in SIZE_VARIANTS)
+        print(f"  {preset:<6} {ratios}")
+    goal = None
+    for row in rows:
+        if row["model"] == "w8a8":
+            entry = row["workloads"]["language_model"].get("ort-int8", {})
+            speedup = entry.get("speedup_vs_ort_fp32")
+            goal = {"target": 2.0, "speedup": speedup, "met": bool(speedup and speedup >= 2.0)}
+            print(
+                f"\ngoal: ort int8 / ort fp32 on the language model = {speedup:.2f}x (target 2.0x)"
+            )
+    cuda = run_cuda(args.quick, out)
+    machine = machine_info()
+    machine["load_average_1_5_15"] = list(os.getloadavg())
+    machine["load_average_at_start"] = load_at_start
+    report = {
+        "benchmark": "deploy",
+        "machine": machine,
+        "preset": args.preset if not args.run_dir else None,
+        "run_dirs": args.run_dir,
+        "threads": args.threads,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "batch_size": 1,
+        "weights": "random (latency and size do not depend on values)" if not args.run_dir else "runs",
+        "rows": rows,
+        "sizes": {k: {kk: vv for kk, vv in v.items() if kk != "table"}
+                  if isinstance(v, dict) else v for k, v in sizes.items()},
+        "sizes_4bit_g64_by_preset": {
+            p: {kk: vv for kk, vv in v.items() if kk != "table"} for p, v in by_preset.items()
+        },
+        "goal_ort_int8_vs_fp32_language_model": goal,
+        "cuda": cuda,
+        "seconds": round(time.time() - started, 1),
+    }  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -50,21 +50,23 @@ def _tie_inputs(scale: float, n: int = 64 * 200) -> torch.Tensor:
     return torch.cat([x, up, down]).reshape(-1, 64)
 
 
+@pytest.mark.parametrize("granularity", [PerTensor(), PerChannel(-1)], ids=["tensor", "channel"])
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
-def test_activation_codes_are_bit_exact(precision, tmp_path):
+def test_activation_codes_are_bit_exact(precision, granularity, tmp_path):
     """Identity weights make each output one product x̂_i·Ŵ_ii, so onnxruntime (graph as
     written) must give torch's fake-quant output bit for bit: the activation codes agree."""
     layer = nn.Linear(64, 64, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.eye(64))
     weight = QuantSpec(bits=8, granularity=PerChannel(0)) if precision == "int8" else None
-    fake = FakeQuantLinear.from_float(layer, weight, QuantSpec(bits=8, granularity=PerTensor()))
+    fake = FakeQuantLinear.from_float(layer, weight, QuantSpec(bits=8, granularity=granularity))
     with calibration(fake):
         fake(torch.randn(32, 64) * 2.3)
-    scale = float(fake.act_quant.scale)
+    scale = float(fake.act_quant.scale[0])
     x = _tie_inputs(scale)
     # the test is not vacuous: dividing by s (QuantizeLinear's way) rounds differently
-    assert (torch.round(x / scale) != torch.round(x * (1.0 / torch.tensor(scale)))).any()
+    s = fake.act_quant.scale
+    assert (torch.round(x / s) != torch.round(x * (1.0 / s))).any()
     model = nn.Sequential(fake).eval()
     file = tmp_path / "layer.onnx"
     export_module(
@@ -75,6 +77,25 @@ def test_activation_codes_are_bit_exact(precision, tmp_path):
     with torch.no_grad():
         expected = model(x).numpy()
     np.testing.assert_array_equal(got, expected)
+
+
+def test_per_channel_conv_activations(tmp_path):
+    from distiq.quant import FakeQuantConv2d
+
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    spec = QuantSpec(bits=8, symmetric=False, granularity=PerChannel(1))
+    fake = FakeQuantConv2d.from_float(conv, QuantSpec(bits=8), spec)
+    a8 = QuantSpec(bits=8, symmetric=False, granularity=PerTensor())
+    head = FakeQuantLinear.from_float(nn.Linear(6 * 5 * 7, 8), QuantSpec(bits=8), a8)
+    model = nn.Sequential(fake, nn.Flatten(), head).eval()
+    x = torch.randn(2, 4, 5, 7)
+    with calibration(model):
+        model(x)
+    for precision in ("fp32", "int8"):  # conv activations: float ops / QDQ along axis 1
+        file = tmp_path / f"{precision}.onnx"
+        export_module(model, (x,), file, input_names=["x"], output_names=["y"], precision=precision)
+        got = _session(file, optimize=False).run(None, {"x": x.numpy()})[0]
+        np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-5, rtol=0)
 
 
 def test_int8_weight_type_avoids_u8s8_saturation():
@@ -90,6 +111,35 @@ def test_int8_weight_type_avoids_u8s8_saturation():
     assert plan_layer("l", small, "int8", "auto").weight == "int8"
     seven = FakeQuantLinear.from_float(nn.Linear(32, 8), QuantSpec(bits=7))  # reduced range
     assert plan_layer("l", seven, "int8", "auto").weight == "int8"
+
+
+@pytest.mark.slow
+def test_dynamo_exporter_writes_the_same_forms(tmp_path):
+    """exporter="dynamo" (torch.export + onnxscript translations) gives the same QDQ / INT4
+    graphs, equal to the fake-quant model up to float reassociation when run as written."""
+    a8 = QuantSpec(bits=8, symmetric=False, granularity=PerTensor())
+    for precision, weight in (
+        ("int8", QuantSpec(bits=8)),
+        ("int4", QuantSpec(bits=4, granularity=PerGroup(16))),
+    ):
+        model = nn.Sequential(
+            FakeQuantLinear.from_float(nn.Linear(32, 48), weight, a8),
+            nn.GELU(),
+            FakeQuantLinear.from_float(nn.Linear(48, 16), weight, a8),
+        ).eval()
+        x = torch.randn(3, 5, 32)
+        with calibration(model):
+            model(x)
+        file = tmp_path / f"{precision}.onnx"
+        export_module(
+            model, (x,), file, input_names=["x"], output_names=["y"],
+            dynamic_axes={"x": {0: "batch", 1: "tokens"}}, precision=precision, exporter="dynamo",
+        )  # fmt: skip
+        x2 = torch.randn(2, 7, 32)
+        got = _session(file, optimize=False).run(None, {"x": x2.numpy()})[0]
+        np.testing.assert_allclose(got, model(x2).detach().numpy(), atol=1e-5, rtol=0)
+        kernel = "MatMulIntegerToFloat" if precision == "int8" else "MatMulNBits"
+        assert _optimized_ops(file)[kernel] == 2
 
 
 def test_act_order_int4_layer(tmp_path):

@@ -44,10 +44,14 @@ def test_export_run_packed_and_onnx(w8a8_run):
     with torch.no_grad():
         got = load_packed(packed)(**batch).logits
         torch.testing.assert_close(got, student(**batch).logits, atol=0, rtol=0)
+    verification = json.loads((packed / "manifest.json").read_text())["verification"]
+    assert verification["identical"] and verification["samples"] == 4
     onnx_dir = export_run(path, "onnx")
     assert onnx_dir.name == "onnx-int8"  # auto: every layer fits int8
     manifest = json.loads((onnx_dir / "manifest.json").read_text())
     assert manifest["precision"] == "int8" and "language_model" in manifest["graphs"]
+    parity = manifest["verification"]
+    assert parity["answers_identical"] and parity["max_abs_logit_diff"] <= 1e-3
 
 
 def test_float_run(deploy, tmp_path):

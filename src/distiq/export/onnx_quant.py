@@ -12,7 +12,9 @@ activations (static, 8-bit, per tensor or per channel; the learned or calibrated
   computes ``round(x · (1/s))``, which differs for values near a rounding tie (measured: 7 % of
   the codes of values placed at ``(k + ½)·s``). Multiplying by the stored float32 ``1/s`` first
   and quantizing with scale 1 reproduces distiq's codes bit for bit. In ``int4`` and ``fp32``
-  graphs the same arithmetic is written with float ops,
+  graphs, and for per-channel activations (whose scales vary along the matmul's reduction axis,
+  so no integer GEMM can use them; onnxruntime would fuse such a QDQ MatMul and then fail at run
+  time), the same arithmetic is written with float ops,
   ``Mul(1/s) ─ Round ─ Add(z) ─ Clip ─ Sub(z) ─ Mul(s)`` (bit for bit distiq's): onnxruntime does
   not fuse a ``DequantizeLinear``-fed MatMul into ``MatMulNBits``, and nothing consumes int8
   activations there.
@@ -82,15 +84,16 @@ class _ActivationQDQ(torch.autograd.Function):
     """``(clamp(round(x·inv) + z) − z)·s`` with the ONNX form of the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, inv_scale, scale, zero_point, qmin: int, qmax: int, axis: int):
-        z = zero_point.to(torch.float32)
+    def forward(ctx, x, inv_scale, scale, zero_point, qmin: int, qmax: int, axis: int | None):
+        # inv_scale is shaped to broadcast against x; scale / zero_point are () or (C,)
+        z = zero_point.to(torch.float32).reshape(inv_scale.shape)
         q = torch.clamp(torch.round(x * inv_scale) + z, qmin, qmax)
-        return (q - z) * scale
+        return (q - z) * scale.reshape(inv_scale.shape)
 
     @staticmethod
     def symbolic(g, x, inv_scale, scale, zero_point, qmin, qmax, axis):
         ones = g.op("Constant", value_t=torch.ones(()))
-        if axis is not None and axis >= 0:
+        if axis is not None:  # per channel: 1-D scale / zero-point along axis (-1 or 1)
             ones = g.op("Expand", ones, g.op("Shape", scale))
             q = g.op("QuantizeLinear", g.op("Mul", x, inv_scale), ones, zero_point, axis_i=axis)
             return g.op("DequantizeLinear", q, scale, zero_point, axis_i=axis)
@@ -167,7 +170,12 @@ def plan_layer(name: str, module: nn.Module, precision: str, int8_weights: str) 
     """Decide (and check) how ``module`` is exported; raises ``ValueError`` if it cannot be."""
     is_conv = isinstance(module, FakeQuantConv2d | QuantizedConv2d)
     activation = _check_activation(name, module)
-    if activation is not None and precision != "int8":
+    act = activation_quantizer(module)
+    if activation is not None and (
+        precision != "int8" or isinstance(act.spec.granularity, PerChannel)
+    ):
+        # per-channel activation scales vary along the reduction axis: no integer GEMM can use
+        # them (and onnxruntime would fuse, then reject, such a QDQ MatMul)
         activation = "float"
     qw = quantized_weight(module)
     if is_conv or precision == "fp32" or qw is None:
@@ -199,8 +207,8 @@ def plan_layer(name: str, module: nn.Module, precision: str, int8_weights: str) 
             codes = qw.codes
             if int(codes.min()) < -SATURATION_FREE or int(codes.max()) >= SATURATION_FREE:
                 kind = "uint8"
-        if kind == "uint8" and activation is not None:
-            activation = "uint8"
+        if kind == "uint8" and activation not in (None, "float"):
+            activation = "uint8"  # u8 x u8: the kernel that cannot saturate
         return LayerPlan(name, "linear", kind, None, activation)
     block = g.size if isinstance(g, PerGroup) else in_features
     if isinstance(g, PerChannel) and g.axis % 2 != 0:
@@ -220,9 +228,10 @@ def plan_layer(name: str, module: nn.Module, precision: str, int8_weights: str) 
 class _ExportLayer(nn.Module):
     """The traced stand-in of one quantized layer (see the module docstring)."""
 
-    def __init__(self, module: nn.Module, plan: LayerPlan) -> None:
+    def __init__(self, module: nn.Module, plan: LayerPlan, exporter: str = "torchscript") -> None:
         super().__init__()
         self.plan = plan
+        self.exporter = exporter
         act = activation_quantizer(module)
         self.act_axis = None
         if plan.activation is not None:
@@ -234,13 +243,17 @@ class _ExportLayer(nn.Module):
             self.qmin, self.qmax = act.spec.quant_min + shift, act.spec.quant_max + shift
             per_channel = scale.numel() > 1
             self.act_axis = (1 if plan.kind == "conv2d" else -1) if per_channel else None
-            if per_channel and plan.activation == "float" and plan.kind == "conv2d":
-                scale, zero = scale.reshape(-1, 1, 1), zero.reshape(-1, 1, 1)  # (C, 1, 1)
             scale = scale.float() if per_channel else scale.float().reshape(())
             zero = (zero.float() + shift).to(dtype)
             zero = zero if per_channel else zero.reshape(())
+            # 1/s broadcasts against the input: (C,) on a linear's last axis, (C, 1, 1) on a
+            # conv's channels; the float form needs s and z in that shape too, QDQ takes them
+            # 1-D with an axis.
+            broadcast = (-1, 1, 1) if per_channel and plan.kind == "conv2d" else scale.shape
+            if plan.activation == "float":
+                scale, zero = scale.reshape(broadcast), zero.reshape(broadcast)
             self.register_buffer("act_scale", scale)
-            self.register_buffer("act_inv_scale", 1.0 / scale)  # the float32 1/s distiq uses
+            self.register_buffer("act_inv_scale", (1.0 / scale).reshape(broadcast))  # distiq's 1/s
             self.register_buffer("act_zero_point", zero)
         qw = quantized_weight(module)
         bias = module.bias.detach().float().clone() if module.bias is not None else None
@@ -286,12 +299,14 @@ class _ExportLayer(nn.Module):
             codes = codes[:, perm]
         scale = scale.expand(out_features, in_features // block)
         zero = zero.expand(out_features, in_features // block)
-        self.register_buffer("codes", codes.t().contiguous().to(torch.int8))  # (in, out) values
+        # 4-bit values in an 8-bit carrier (int8 for INT4, uint8 for UINT4) until finalize_graph
+        dtype = torch.int8 if plan.weight == "int4" else torch.uint8
+        self.register_buffer("codes", codes.t().contiguous().to(dtype))  # (in, out)
         self.register_buffer("scale", scale.t().contiguous().float())  # (in/block, out)
         if plan.weight == "int4" and not bool(zero.any()):
             self.register_buffer("zero_point", None)  # optional in DequantizeLinear: z = 0
         else:
-            self.register_buffer("zero_point", zero.t().contiguous().round().to(torch.int8))
+            self.register_buffer("zero_point", zero.t().contiguous().round().to(dtype))
         self.block_size = block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -299,6 +314,11 @@ class _ExportLayer(nn.Module):
             z = self.act_zero_point
             q = torch.clamp(torch.round(x * self.act_inv_scale) + z, self.qmin, self.qmax)
             x = (q - z) * self.act_scale
+        elif self.plan.activation is not None and self.exporter == "dynamo":
+            x = torch.ops.distiq.act_qdq(
+                x, self.act_inv_scale, self.act_scale, self.act_zero_point, self.qmin, self.qmax,
+                self.act_axis or 0,
+            )  # fmt: skip
         elif self.plan.activation is not None:
             x = _ActivationQDQ.apply(
                 x, self.act_inv_scale, self.act_scale, self.act_zero_point, self.qmin, self.qmax,
@@ -310,8 +330,14 @@ class _ExportLayer(nn.Module):
             x = x.index_select(-1, self.perm)
         if self.plan.weight == "fp32":
             weight = self.weight
+        elif self.plan.weight in ("int8", "uint8") and self.exporter == "dynamo":
+            weight = torch.ops.distiq.dq_weight(self.codes, self.scale, self.zero_point)
         elif self.plan.weight in ("int8", "uint8"):
             weight = _DequantizeWeight.apply(self.codes, self.scale, self.zero_point)
+        elif self.exporter == "dynamo":
+            weight = torch.ops.distiq.dq_block(
+                self.codes, self.scale, self.zero_point, self.block_size, self.plan.weight == "int4"
+            )
         else:
             weight = _DequantizeBlock.apply(
                 self.codes, self.scale, self.zero_point, self.block_size, self.plan.weight == "int4"
@@ -351,8 +377,10 @@ class swapped_layers:
     """Context manager: the quantized layers of ``model`` replaced by their export stand-ins
     (restored on exit, also on error)."""
 
-    def __init__(self, model: nn.Module, plans: list[LayerPlan]) -> None:
-        self.model, self.plans, self.saved = model, plans, []
+    def __init__(
+        self, model: nn.Module, plans: list[LayerPlan], exporter: str = "torchscript"
+    ) -> None:
+        self.model, self.plans, self.exporter, self.saved = model, plans, exporter, []
 
     def __enter__(self) -> nn.Module:
         for plan in self.plans:
@@ -360,7 +388,7 @@ class swapped_layers:
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             old = getattr(parent, child)
             self.saved.append((parent, child, old))
-            setattr(parent, child, _ExportLayer(old, plan))
+            setattr(parent, child, _ExportLayer(old, plan, self.exporter))
         return self.model
 
     def __exit__(self, *exc) -> None:
@@ -407,10 +435,14 @@ def finalize_graph(model_proto, opset: int = 21):
 
     converted = set()
     for node in graph.node:
-        if node.domain != DOMAIN or node.op_type != BLOCK_OP:
-            continue
         attrs = {a.name: a.i for a in node.attribute}
-        block, signed = attrs["block_size"], bool(attrs["signed"])
+        if node.domain == DOMAIN and node.op_type == BLOCK_OP:  # TorchScript's stand-in
+            block, signed = attrs["block_size"], bool(attrs["signed"])
+        elif node.op_type == "DequantizeLinear" and attrs.get("block_size", 0) > 0:  # dynamo's
+            block = attrs["block_size"]
+            signed = take(node.input[0])[0].dtype.kind == "i"  # int8 carrier: INT4
+        else:
+            continue
         pairs = [(index, take(node.input[index])[0]) for index in range(len(node.input))]
         for index, values in [(i, v) for i, v in pairs if i != 1]:
             name = node.input[index]
@@ -428,6 +460,12 @@ def finalize_graph(model_proto, opset: int = 21):
         node.attribute.extend(
             [onnx.helper.make_attribute("axis", 0), onnx.helper.make_attribute("block_size", block)]
         )
+    defaults = {"output_dtype": 0, "block_size": 0, "saturate": 1}
+    for node in graph.node:  # drop default-valued attributes (some runtimes mishandle them)
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.domain == "":
+            keep = [a for a in node.attribute if defaults.get(a.name) != a.i]
+            del node.attribute[:]
+            node.attribute.extend(keep)
     kept = [o for o in model_proto.opset_import if o.domain not in ("", DOMAIN)]
     del model_proto.opset_import[:]
     model_proto.opset_import.extend([onnx.helper.make_opsetid("", opset), *kept])

@@ -21,7 +21,12 @@ PTQ layers) gets them from ``choose_qparams(Ŵ)`` and the same check; if that ch
 layer cannot be exported exactly and ``load_run`` says which.
 
 ``export_run(run_dir, format)`` writes ``run_dir/export/packed`` or
-``run_dir/export/onnx-<precision>`` (replacing an earlier export there).
+``run_dir/export/onnx-<precision>`` (replacing an earlier export there), then verifies it on a few
+synthetic questions (random images, questions drawn from the tokenizer's words): the packed
+checkpoint is reloaded from its directory and its logits compared with the run's model (they
+must be identical with the exact storage options, else it raises), the ONNX graphs go through
+``check_parity`` (logits and greedy answers). The result is stored under ``"verification"`` in
+the export's ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -268,6 +273,54 @@ def auto_precision(model: nn.Module) -> str:
     return "fp32"
 
 
+def synthetic_samples(adapter: Any, n: int = 4, seed: int = 0) -> list[dict]:
+    """``n`` VQA samples: noise images and 5-word questions from the tokenizer's plain words."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    special = set(getattr(adapter.tokenizer, "all_special_tokens", []))
+    words = sorted(w for w in adapter.tokenizer.get_vocab() if w.isalnum() and w not in special)
+    if not words:
+        raise ValueError("the tokenizer has no plain words to build verification questions from")
+    size = 64
+    return [
+        {
+            "image": Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)),
+            "question": " ".join(rng.choice(words, size=5)),
+        }
+        for _ in range(n)
+    ]
+
+
+def _verify_packed(run: LoadedRun, path: Path, samples: list[dict], exact: bool) -> dict:
+    from distiq.export.packed import load_packed
+
+    batch = run.adapter.build_inputs(samples, with_answers=False)
+    loaded = load_packed(path)
+    with torch.no_grad():
+        expected = run.model(**batch)
+        got = loaded(**batch)
+    expected = getattr(expected, "logits", expected)
+    got = getattr(got, "logits", got)
+    gap = float((got - expected).abs().max())
+    if exact and gap != 0.0:
+        raise RuntimeError(
+            f"the packed checkpoint at {path} reloads with logits {gap:.3g} away from the run's "
+            "model; this is a bug in distiq's packing, please report it"
+        )
+    return {"samples": len(samples), "max_abs_logit_diff": gap, "identical": gap == 0.0}
+
+
+def _record(path: Path, verification: dict) -> None:
+    from distiq.config import atomic_write
+
+    file = path / "manifest.json"
+    manifest = json.loads(file.read_text())
+    manifest["verification"] = verification
+    atomic_write(file, json.dumps(manifest, separators=(",", ":")))
+
+
 def export_run(
     run_dir: str | os.PathLike,
     format: str = "packed",
@@ -275,7 +328,9 @@ def export_run(
     out: str | os.PathLike | None = None,
     precision: str = "auto",
     scale_dtype: str = "float32",
+    leftover_dtype: str = "float32",
     int8_weights: str = "auto",
+    verify: bool = True,
 ) -> Path:
     """Export a run's model; what ``distiq export RUN_DIR --format packed|onnx`` calls.
 
@@ -286,8 +341,9 @@ def export_run(
             ``run_dir/export/onnx-<precision>``); replaced if it exists.
         precision: ONNX only: ``int8``, ``int4``, ``fp32`` or ``auto`` (int8 if every
             quantized layer fits it, else int4, else fp32).
-        scale_dtype: packed only (see ``save_packed``).
+        scale_dtype, leftover_dtype: packed only (see ``save_packed``).
         int8_weights: ONNX int8 only (see ``distiq.export.onnx_quant``).
+        verify: check the export on synthetic questions and record it (module docstring).
 
     Returns:
         The output directory.
@@ -311,9 +367,15 @@ def export_run(
             )
         target = Path(out) if out is not None else base / "packed"
         sizes = save_packed(
-            run.model, target, adapter=run.adapter, scale_dtype=scale_dtype, overwrite=True
-        )
+            run.model, target, adapter=run.adapter, scale_dtype=scale_dtype,
+            leftover_dtype=leftover_dtype, overwrite=True,
+        )  # fmt: skip
         log.info("packed checkpoint %s\n%s", target, sizes.table())
+        if verify:
+            exact = scale_dtype == "float32" and leftover_dtype == "float32"
+            result = _verify_packed(run, target, synthetic_samples(run.adapter), exact)
+            _record(target, result)
+            log.info("verified %s: %s", target, result)
         return target
     if precision == "auto":
         precision = auto_precision(run.model)
@@ -322,4 +384,11 @@ def export_run(
         run.model, target, adapter=run.adapter, precision=precision,
         int8_weights=int8_weights, overwrite=True,
     )  # fmt: skip
+    if verify:
+        from distiq.export.parity import check_parity
+
+        samples = synthetic_samples(run.adapter)
+        report = check_parity(run.model, target, samples, adapter=run.adapter, max_new_tokens=4)
+        _record(target, report.to_dict())
+        log.info("verified %s against the run's model: %s", target, report.to_dict())
     return target

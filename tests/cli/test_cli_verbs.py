@@ -41,12 +41,6 @@ def test_export_format_is_checked(runner, tmp_path):
     assert result.exit_code == 2 and "--format" in result.output
 
 
-def test_demo_is_not_available_yet(runner):
-    result = runner.invoke(app, ["demo", "--quick"])
-    assert result.exit_code == 2
-    assert "`distiq demo` is not available yet" in result.stderr
-
-
 def _verb_app(func):
     """A one-verb app running ``func`` under ``user_errors``."""
     verb = typer.Typer()

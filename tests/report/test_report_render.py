@@ -120,6 +120,17 @@ def test_blind_baseline_as_a_number():
     )
 
 
+def test_machine_from_bench_extra():
+    bench = {"machine": {"cpu": "EPYC", "cores": 2}, "threads": 2, "ort-int8": {}}
+    records = [
+        ResultRecord("a", "qad", 4, 8, extra={"bench": bench}),
+        ResultRecord("b", "rtn", 4, 8, extra={"bench": bench}),
+        ResultRecord("c", "rtn", 2, 16, extra={"machine": "laptop"}),
+    ]
+    md = render(_inputs(records)).markdown
+    assert "- cpu: EPYC, cores: 2, threads: 2 — a, b\n- laptop — c" in md
+
+
 def test_no_records_and_no_teacher():
     assert "No result records were found" in render(_inputs([])).markdown
     md = render(_inputs([ResultRecord("rtn", "rtn", 4, 8, value=70.0)])).markdown

@@ -11,6 +11,7 @@ available yet, 130 interrupted.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import typer
@@ -44,15 +45,20 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def setup_logging(verbose: bool) -> None:
-    """distiq's messages at INFO (DEBUG with ``--verbose``), other libraries' at WARNING (INFO
-    with ``--verbose``), on stderr; calling it again replaces the handler it installed."""
+def setup_logging(verbosity: int) -> None:
+    """Log to stderr: warnings only by default (people get progress bars and tables), distiq's
+    INFO messages with ``-v``, DEBUG with ``-vv`` (other libraries' INFO too). Calling it again
+    replaces the handler it installed."""
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
         root.removeHandler(handler)
     root.addHandler(_StderrHandler())
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
-    logging.getLogger("distiq").setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.setLevel(logging.INFO if verbosity >= 2 else logging.WARNING)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    logging.getLogger("distiq").setLevel(level)
+    if verbosity == 0:  # Hugging Face's own tqdm bars (loading / writing weights) would
+        # interleave with ours; read when huggingface_hub is first imported (lazily, later)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _version(value: bool) -> None:
@@ -63,7 +69,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+    verbose: int = typer.Option(
+        0, "--verbose", "-v", count=True, help="Log progress messages (-v) or debug ones (-vv)."
+    ),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),

@@ -1,28 +1,182 @@
-"""``distiq demo``: the embedded default end to end, offline (data, teacher, compression,
-evaluation, export, bench, report)."""
+"""``distiq demo``: the embedded default end to end, offline.
+
+1. generate the synthetic edge scenes (cached under ``OUT/data``);
+2. train the edge VLM teacher (cached in ``OUT/teacher``);
+3. compress it with rtn, gptq, qat and qad at W4A8 and W2A16 (group 64), plus kd (a smaller
+   full-precision student) — the shipped recipes, same data and steps for every trained method
+   (each run evaluates on the test split; cached in ``OUT/runs/NAME``);
+4. measure every model (size, latency: ``distiq.bench``) and export the most accurate quantized
+   one (packed and ONNX: ``distiq.export``);
+5. gather the records in ``OUT/results.json`` and write ``OUT/report.md`` / ``report.html``.
+
+Every recipe is validated and the output checked before any long work. The wall time of each
+stage goes to ``OUT/demo_times.json`` and is printed at the end.
+"""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from distiq.cli._common import not_available, user_errors
+from distiq.cli._common import console, engine_function, records_table, step_progress, user_errors
+from distiq.cli.demo_plan import (
+    FULL,
+    QUICK,
+    RUNS,
+    TEACHER,
+    DemoSettings,
+    cache_action,
+    planned_recipe,
+    recipes_dir,
+    run_dir,
+)
+
+QUANTIZED = ("rtn", "gptq", "qat", "qad", "qlora-kd")
+
+
+class _Engine:
+    """The library functions the demo drives (looked up once: exit 2 if one is not built)."""
+
+    def __init__(self) -> None:
+        self.generate_scenes = engine_function("demo", "distiq.data", "generate_scenes")
+        self.recipe_from_dict = engine_function("demo", "distiq.train.recipe", "recipe_from_dict")
+        self.recipe_to_dict = engine_function("demo", "distiq.train.recipe", "recipe_to_dict")
+        self.compress = engine_function("demo", "distiq.train", "compress")
+        self.export_run = engine_function("demo", "distiq.export", "export_run")
+        self.bench_run = engine_function("demo", "distiq.bench", "bench_run")
+
+
+def _validated(engine: _Engine, names: list[str], settings: DemoSettings, out: Path, scenes: Path):
+    """``{name: Recipe}``: every planned recipe built and validated (all errors at once)."""
+    recipes = {}
+    for name in names:
+        data = planned_recipe(name, settings, out, scenes)
+        recipes[name] = engine.recipe_from_dict(data, source=f"demo recipe {name}")
+    return recipes
+
+
+def _run(engine: _Engine, name: str, recipe: Any, times: dict[str, float], fresh: bool) -> bool:
+    """Run (or reuse, or resume) one recipe; ``fresh`` forces a new run (its teacher changed).
+    Returns whether it ran."""
+    directory = Path(recipe.output)
+    action = "run" if fresh else cache_action(directory, engine.recipe_to_dict(recipe))
+    if action == "reuse":
+        typer.echo(f"{name}: reusing {directory}")
+        times[name] = 0.0
+        return False
+    started = time.perf_counter()
+    with step_progress(f"{name}") as progress:
+        engine.compress(
+            recipe,
+            overwrite=action == "run",
+            resume=action == "resume",
+            on_step=progress.on_step,
+            on_eval=progress.on_eval,
+        )
+    times[name] = round(time.perf_counter() - started, 1)
+    return True
+
+
+def run_demo(out: Path, settings: DemoSettings) -> dict[str, Any]:
+    """The whole demo into ``out``; returns ``{"report": ReportFiles, "times": {...},
+    "records": [...], "best": name | None}``."""
+    from distiq.report import check_goals, collect_inputs, goals_summary, write_report
+    from distiq.report.render import check_writable
+    from distiq.results import read_records, upsert_records, with_retention
+
+    total_started = time.perf_counter()
+    check_writable(out)
+    recipes_dir()  # the recipes are there
+    engine = _Engine()
+    names = [TEACHER, *RUNS]
+    # validate every recipe before the long work (the scene folder is known only after step 1)
+    _validated(engine, names, settings, out, out / "data" / "edge-scenes")
+    times: dict[str, float] = {}
+    term = console()
+
+    started = time.perf_counter()
+    with console(stderr=True).status(f"Generating {settings.scenes} scenes…"):
+        scenes = engine.generate_scenes(out / "data", count=settings.scenes, seed=0)
+    times["scenes"] = round(time.perf_counter() - started, 1)
+    recipes = _validated(engine, names, settings, out, Path(scenes.root))
+
+    teacher_ran = _run(engine, TEACHER, recipes[TEACHER], times, fresh=False)
+    for name in RUNS:  # a new teacher makes every run built on the old one stale
+        _run(engine, name, recipes[name], times, fresh=teacher_ran)
+
+    started = time.perf_counter()
+    records = []
+    for name in names:
+        directory = run_dir(out, name)
+        existing = read_records(directory / "results.json")
+        if existing and all(r.size_mb is not None and r.latency_ms is not None for r in existing):
+            records += existing  # measured before (cached run)
+            continue
+        with console(stderr=True).status(f"Measuring {name}…"):
+            records += engine.bench_run(directory, repeats=settings.bench_repeats)
+    times["bench"] = round(time.perf_counter() - started, 1)
+
+    quantized = [r for r in records if r.method in QUANTIZED and r.value is not None]
+    best = max(quantized, key=lambda r: r.value) if quantized else None
+    started = time.perf_counter()
+    if best is not None:
+        directory = run_dir(out, best.name)
+        exported = []
+        for fmt in ("packed", "onnx"):
+            with console(stderr=True).status(f"Exporting {best.name} ({fmt})…"):
+                try:
+                    exported.append(str(engine.export_run(directory, fmt)))
+                except ValueError as exc:  # what a format cannot hold (e.g. 2-bit in ONNX)
+                    term.print(f"[yellow]export {fmt} of {best.name} skipped: {exc}")
+        records = [
+            r.replace(extra={**r.extra, "exported": exported}) if r.name == best.name else r
+            for r in records
+        ]
+    times["export"] = round(time.perf_counter() - started, 1)
+
+    results = out / "results.json"
+    upsert_records(results, with_retention(records))
+    started = time.perf_counter()
+    inputs = collect_inputs([out, run_dir(out, TEACHER)])
+    files = write_report(inputs, out)
+    times["report"] = round(time.perf_counter() - started, 1)
+    times["total"] = round(time.perf_counter() - total_started, 1)
+
+    from distiq.config import atomic_write
+
+    atomic_write(out / "demo_times.json", json.dumps(times, indent=2) + "\n")
+    term.print(records_table(inputs.records, title="distiq demo"))
+    term.print(goals_summary(check_goals(inputs.records)))
+    return {"report": files, "times": times, "records": inputs.records, "best": best}
 
 
 @user_errors
 def command(
     quick: Annotated[
-        bool, typer.Option("--quick", help="A small, fast version (about 2 minutes).")
+        bool,
+        typer.Option("--quick", help="A small, fast version (about 2 minutes) for a first look."),
     ] = False,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path(
-        "distiq-demo"
-    ),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output directory (default: distiq-demo, or distiq-demo-quick with --quick).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the embedded default end to end, offline: data, teacher, compression, report."""
-    not_available(
-        "demo",
-        "it needs the compression engine (distiq.train: compress, evaluate), export and bench, "
-        "which are still being built",
+    settings = QUICK if quick else FULL
+    target = out if out is not None else Path("distiq-demo-quick" if quick else "distiq-demo")
+    result = run_demo(target, settings)
+    times = result["times"]
+    typer.echo(
+        "times (s): " + ", ".join(f"{stage} {seconds:g}" for stage, seconds in times.items())
     )
+    typer.echo(f"report: {result['report'].markdown}")
+    typer.echo(f"report: {result['report'].html}")

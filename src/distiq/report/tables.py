@@ -13,8 +13,8 @@ Per-question-type accuracy comes from a record's ``extra``, in either form:
 The blind-question baseline (answering from the question alone, no image) is read from
 ``extra["blind_baseline"]`` of any record: a number (%) or ``{"accuracy": %, "by_question_type":
 {type: %}}``. The machine a record was measured on from
-``extra["machine"]`` (a mapping such as ``{"cpu": ..., "cores": ..., "torch": ..., "gpu": ...}``
-or a string).
+``extra["machine"]`` or ``extra["bench"]["machine"]`` (``distiq.bench``'s place; a mapping such
+as ``{"cpu": ..., "cores": ..., "torch": ...}`` or a string).
 """
 
 from __future__ import annotations
@@ -183,11 +183,26 @@ def describe_machine(machine: Any) -> str:
     return str(machine)
 
 
+def machine_of(record: ResultRecord) -> Any:
+    """The machine a record names: ``extra["machine"]``, or ``extra["bench"]["machine"]`` (with
+    the thread count) as ``distiq.bench`` writes it; ``None`` when it names none."""
+    machine = record.extra.get("machine")
+    if machine:
+        return machine
+    bench = record.extra.get("bench")
+    if isinstance(bench, Mapping) and bench.get("machine"):
+        machine = bench["machine"]
+        if isinstance(machine, Mapping) and "threads" in bench:
+            machine = {**machine, "threads": bench["threads"]}
+        return machine
+    return None
+
+
 def machines(records: list[ResultRecord]) -> list[tuple[str, list[str]]]:
     """``[(machine description, [record names measured on it])]`` in first-seen order."""
     found: dict[str, list[str]] = {}
     for record in records:
-        machine = record.extra.get("machine")
+        machine = machine_of(record)
         if machine:
             found.setdefault(describe_machine(machine), []).append(record.name)
     return list(found.items())

@@ -1,0 +1,186 @@
+"""``distiq demo``: the plan (shipped recipes + the demo's paths and sizes), the cache, and the
+orchestration with the engine replaced by fakes (the engine has its own tests; here the demo's
+order, caching, export of the best run, results.json and report are checked)."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import ClassVar
+
+import pytest
+
+from distiq.cli import app, demo
+from distiq.cli.demo_plan import FULL, QUICK, RUNS, TEACHER, cache_action, planned_recipe
+from distiq.config import dump_yaml
+from distiq.results import ResultRecord, read_records, upsert_records
+from distiq.train.recipe import recipe_from_dict, recipe_to_dict
+
+ACCURACY = {"teacher": 92.0, "kd-small": 88.0, "rtn": 70.0, "gptq": 80.0, "qat": 86.0, "qad": 91.5}
+
+
+@pytest.mark.parametrize("settings", [FULL, QUICK], ids=["full", "quick"])
+def test_every_planned_recipe_is_valid(tmp_path, settings):
+    for name in (TEACHER, *RUNS):
+        data = planned_recipe(name, settings, tmp_path / "out", tmp_path / "scenes")
+        recipe = recipe_from_dict(data, source=name)
+        assert recipe.output == tmp_path / "out" / (
+            "teacher" if name == TEACHER else f"runs/{name}"
+        )
+        assert recipe.data.scenes == tmp_path / "scenes"
+        if name != TEACHER:
+            assert recipe.teacher.path == tmp_path / "out" / "teacher"
+        if settings is QUICK:
+            assert recipe.data.test_questions == QUICK.test_questions
+            if recipe.method in ("qat", "kd", "qad"):
+                assert recipe.train.steps == QUICK.student_steps
+            if recipe.method == "teacher":
+                assert recipe.train.steps == QUICK.teacher_steps
+
+
+def test_trained_methods_share_steps_and_batch(tmp_path):
+    trained = [
+        recipe_from_dict(planned_recipe(name, FULL, tmp_path, tmp_path))
+        for name in RUNS
+        if name.split("-")[0] in ("qat", "qad", "kd")
+    ]
+    assert len({(r.train.steps, r.train.batch_size, r.train.seed) for r in trained}) == 1
+
+
+def test_cache_action(tmp_path):
+    recipe = recipe_from_dict(planned_recipe("rtn-w4a8", QUICK, tmp_path, tmp_path))
+    planned = recipe_to_dict(recipe)
+    run = tmp_path / "run"
+    assert cache_action(run, planned) == "run"
+    dump_yaml(recipe, run / "recipe.yaml")
+    assert cache_action(run, planned) == "run"  # no result yet, no checkpoint
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.pt").write_bytes(b"")
+    assert cache_action(run, planned) == "resume"
+    upsert_records(run / "results.json", [ResultRecord("rtn-w4a8", "rtn", 4, 8, value=50.0)])
+    assert cache_action(run, planned) == "reuse"
+    changed = recipe_to_dict(recipe_from_dict(planned_recipe("rtn-w4a8", FULL, tmp_path, tmp_path)))
+    assert cache_action(run, changed) == "run"
+    (run / "results.json").write_text("{corrupt")
+    assert cache_action(run, planned) == "run"
+
+
+class FakeEngine:
+    """distiq's real recipe functions; fake scenes, compress, bench and export."""
+
+    calls: ClassVar[list] = []
+
+    def __init__(self):
+        self.recipe_from_dict = recipe_from_dict
+        self.recipe_to_dict = recipe_to_dict
+
+    def generate_scenes(self, out, count, seed):
+        root = Path(out) / f"edge-scenes-n{count}"
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "meta.json").write_text("{}")
+        return SimpleNamespace(root=root)
+
+    def compress(self, recipe, *, overwrite, resume, on_step, on_eval):
+        self.calls.append(("compress", recipe.run_name, overwrite, resume))
+        out = Path(recipe.output)
+        dump_yaml(recipe, out / "recipe.yaml")
+        quant = recipe.quantization
+        key = recipe.run_name if recipe.method in ("teacher", "kd") else recipe.method
+        value = ACCURACY[key] - (5.0 if quant is not None and quant.w_bits == 2 else 0.0)
+        record = ResultRecord(
+            recipe.run_name,
+            recipe.method,
+            quant.w_bits if quant else 16,
+            quant.a_bits if quant else 16,
+            quant.group_size if quant else None,
+            value=value,
+        )
+        upsert_records(out / "results.json", [record])
+        if recipe.method in ("teacher", "qat", "kd", "qad"):
+            on_step(SimpleNamespace(step=1, steps=1, total=1.0))
+            lines = [{"kind": "train", "step": 1, "total": 1.0, "terms": {"task": 1.0}}]
+            (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        return out
+
+    def bench_run(self, run_dir, *, repeats):
+        self.calls.append(("bench", Path(run_dir).name, repeats))
+        old = read_records(Path(run_dir) / "results.json")
+        new = [
+            r.replace(size_mb=4.0 * r.w_bits / 16, latency_ms=1.0, latency_backend="ort-int8")
+            for r in old
+        ]
+        return upsert_records(Path(run_dir) / "results.json", new)
+
+    def export_run(self, run_dir, fmt):
+        self.calls.append(("export", Path(run_dir).name, fmt))
+        if fmt == "onnx":
+            raise ValueError("2-bit weights do not fit ONNX")
+        return Path(run_dir) / "export" / fmt
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    from distiq.report import plots
+
+    FakeEngine.calls = []
+    monkeypatch.setattr(demo, "_Engine", FakeEngine)
+    for name in ("training_curves", "accuracy_vs_size", "accuracy_vs_latency"):  # drawing is
+        monkeypatch.setattr(plots, name, lambda *args: b"PNG")  # tested in tests/report
+    return FakeEngine
+
+
+def test_demo_end_to_end_with_cache(runner, tmp_path, fake_engine):
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    compressed = [c[1] for c in fake_engine.calls if c[0] == "compress"]
+    assert compressed == ["teacher", *RUNS]
+    assert [c for c in fake_engine.calls if c[0] == "export"] == [
+        ("export", "qad-w4a8", "packed"),
+        ("export", "qad-w4a8", "onnx"),
+    ]
+    assert "export onnx of qad-w4a8 skipped: 2-bit weights do not fit ONNX" in result.stdout
+    records = {r.name: r for r in read_records(out / "results.json")}
+    assert list(records) == ["teacher", *RUNS]
+    assert records["qad-w4a8"].extra["exported"] == [str(out / "runs/qad-w4a8/export/packed")]
+    assert records["qad-w4a8"].retention == pytest.approx(91.5 / 92.0)
+    assert all(r.size_mb is not None and r.latency_ms == 1.0 for r in records.values())
+    md = (out / "report.md").read_text()
+    assert "6 of 6 goals met." in md
+    assert "![training curves of teacher](curves_teacher.png)" in md
+    assert "![training curves of qad-w4a8](curves_qad-w4a8.png)" in md
+    assert f"report: {out / 'report.md'}\n" in result.stdout
+    times = json.loads((out / "demo_times.json").read_text())
+    assert {"scenes", "teacher", *RUNS, "bench", "export", "report", "total"} == set(times)
+
+    # everything cached: nothing is trained or measured again
+    fake_engine.calls.clear()
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [c[0] for c in fake_engine.calls] == ["export", "export"]
+    assert "teacher: reusing" in result.stdout
+
+    # a changed teacher recipe retrains the teacher and therefore every run
+    recipe = out / "teacher" / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("seed: 0", "seed: 1", 1))
+    fake_engine.calls.clear()
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [c[1:] for c in fake_engine.calls if c[0] == "compress"] == [
+        (name, True, False) for name in ("teacher", *RUNS)
+    ]
+
+
+def test_demo_bad_output_fails_before_work(runner, tmp_path, fake_engine):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(blocker)])
+    assert result.exit_code == 1 and "it is a file, not a directory" in result.stderr
+    assert fake_engine.calls == []
+
+
+def test_demo_missing_recipes_is_a_clear_error(runner, tmp_path, fake_engine, monkeypatch):
+    monkeypatch.setenv("DISTIQ_RECIPES", str(tmp_path / "nowhere"))
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "the demo's recipes are not in" in result.stderr and "DISTIQ_RECIPES" in result.stderr
+    assert fake_engine.calls == []

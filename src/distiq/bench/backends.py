@@ -111,7 +111,7 @@ def _fp32_bytes(model: nn.Module) -> int:
 
 
 def _inputs(model: nn.Module, adapter: Any, seq_len: int | None) -> dict[str, torch.Tensor]:
-    from distiq.export.onnx import image_facts
+    from distiq.export.onnx_parts import image_facts
 
     facts = image_facts(model, adapter)
     vlm = getattr(model, "vlm", model)
@@ -146,7 +146,7 @@ def _torch_call(part: nn.Module, workload: str, inputs: dict) -> Callable[[], to
 
 
 def _part(model: nn.Module, adapter: Any, workload: str) -> nn.Module:
-    from distiq.export.onnx import language_graph, vision_graph
+    from distiq.export.onnx_parts import language_graph, vision_graph
 
     part = (
         language_graph(model, adapter)

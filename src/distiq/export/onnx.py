@@ -20,10 +20,12 @@ dynamic; the language model has no KV cache (each decoding step re-runs the pref
 exact, O(L²) per answer — fine for short VQA answers).
 
 Quantized layers become QDQ per ``distiq.export.onnx_quant`` (``precision`` ``int8``, ``int4`` or
-``fp32``). Graphs are traced with the TorchScript-based exporter (``torch.onnx.export(...,
-dynamo=False)``, opset 20, then rewritten to opset 21 for INT4): on this machine it exports the
-tiny edge VLM's language model in ~1 s where the dynamo exporter takes 15-30 s, and custom QDQ
-forms are plain ``symbolic`` methods. Every file is written to a temporary directory that is
+``fp32``). Graphs are traced by default with the TorchScript-based exporter
+(``torch.onnx.export(..., dynamo=False)``, opset 20, then rewritten to opset 21 for INT4): on this
+machine it exports the edge VLM's language model in ~1 s where the dynamo exporter takes 15-30 s.
+``exporter="dynamo"`` uses ``torch.export`` instead (the exporter PyTorch is moving to; the
+TorchScript one is deprecated) and writes the same QDQ / INT4 forms
+(``distiq.export.onnx_dynamo``). Every file is written to a temporary directory that is
 renamed to ``path`` when complete; all checks run before anything is written.
 """
 
@@ -43,6 +45,16 @@ import torch
 from torch import nn
 
 import distiq
+from distiq.export.onnx_parts import (
+    DetectionGraph,
+    EmbedGraph,
+    LanguageGraph,
+    ProjectorGraph,
+    SegmentationGraph,
+    VisionGraph,
+    resolve_vlm,
+    vlm_image_facts,
+)
 from distiq.export.onnx_quant import (
     LayerPlan,
     finalize_graph,
@@ -74,132 +86,6 @@ class OnnxExport:
     @property
     def size_bytes(self) -> dict[str, int]:
         return {name: file.stat().st_size for name, file in self.graphs.items()}
-
-
-# -- the traced parts -----------------------------------------------------------------------------
-class EmbedGraph(nn.Module):
-    """input_ids (B, L) -> inputs_embeds (B, L, D)."""
-
-    def __init__(self, embedding: nn.Module) -> None:
-        super().__init__()
-        self.embedding = embedding
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embedding(input_ids)
-
-
-class VisionGraph(nn.Module):
-    """pixel_values (B, 3, H, W) -> the projector's input (LLaVA's feature selection)."""
-
-    def __init__(self, tower: nn.Module, layers: list[int], drop_class_token: bool) -> None:
-        super().__init__()
-        self.tower, self.layers, self.drop = tower, layers, drop_class_token
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.tower(pixel_values, output_hidden_states=True, return_dict=True)
-        selected = [out.hidden_states[i] for i in self.layers]
-        if self.drop:
-            selected = [h[:, 1:] for h in selected]
-        return torch.cat(selected, dim=-1) if len(selected) > 1 else selected[0]
-
-
-class LanguageGraph(nn.Module):
-    """inputs_embeds (B, L, D), attention_mask (B, L) -> logits (B, L, V); no KV cache."""
-
-    def __init__(self, language_model: nn.Module, lm_head: nn.Module) -> None:
-        super().__init__()
-        self.language_model, self.lm_head = language_model, lm_head
-
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False
-        )
-        return self.lm_head(out.last_hidden_state)
-
-
-class _Detection(nn.Module):
-    def __init__(self, head, prefix: int, grid: tuple[int, int], stride: int) -> None:
-        super().__init__()
-        self.head, self.prefix, self.grid, self.stride = head, prefix, grid, stride
-
-    def forward(self, image_features: torch.Tensor):
-        out = self.head(image_features[:, self.prefix :], self.grid, self.stride)
-        return out["cls_logits"], out["box_ltrb"]
-
-
-class _Segmentation(nn.Module):
-    def __init__(self, head, prefix: int, grid: tuple[int, int], size: tuple[int, int]) -> None:
-        super().__init__()
-        self.head, self.prefix, self.grid, self.size = head, prefix, grid, size
-
-    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        return self.head(image_features[:, self.prefix :], self.grid, self.size)
-
-
-# -- checks ---------------------------------------------------------------------------------------
-def _resolve(model: nn.Module, adapter: Any):
-    """(vlm, adapter, heads model or None) for a LLaVA VLM or ``VLMWithHeads``."""
-    from distiq.models import VLMWithHeads
-
-    heads = None
-    if isinstance(model, VLMWithHeads):
-        heads, vlm, adapter = model, model.vlm, adapter or model.base_adapter
-    else:
-        vlm = model
-    if adapter is None:
-        raise ValueError(
-            "export_onnx needs the model's adapter (adapter=...; distiq.models.load and "
-            "build_edge_vlm return it): the runner needs its tokenizer, image processor and prompt"
-        )
-    if getattr(adapter, "family", None) != "llava":
-        raise ValueError(
-            f"export_onnx splits LLaVA-architecture VLMs (the built-in edge VLM, "
-            f"LlavaForConditionalGeneration, VLMWithHeads); got a {adapter.family!r} model. Other "
-            "families: export the packed format, or trace their parts with torch.onnx yourself"
-        )
-    return vlm, adapter, heads
-
-
-def _image_facts(vlm: nn.Module, adapter: Any) -> dict:
-    from PIL import Image
-
-    vision = vlm.config.vision_config
-    size = int(vision.image_size)
-    inputs, expansions = adapter.image_inputs([Image.new("RGB", (size, size))])
-    height, width = inputs["pixel_values"].shape[-2:]
-    patch = int(vision.patch_size)
-    layers = vlm.config.vision_feature_layer
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    return {
-        "image_size": [int(height), int(width)],
-        "patch_size": patch,
-        "grid": [int(height) // patch, int(width) // patch],
-        "num_image_tokens": expansions[0].count(adapter.image_placeholder),
-        "feature_layers": layers,
-        "drop_class_token": vlm.config.vision_feature_select_strategy == "default",
-    }
-
-
-def language_graph(model: nn.Module, adapter: Any = None) -> LanguageGraph:
-    """The language-model part of a LLaVA VLM (or ``VLMWithHeads``) as a module (it shares the
-    model's layers): what ``language_model.onnx`` computes."""
-    vlm, adapter, _ = _resolve(model, adapter)
-    names = adapter.module_names()
-    return LanguageGraph(vlm.get_submodule(names.language_model), vlm.get_submodule(names.lm_head))
-
-
-def vision_graph(model: nn.Module, adapter: Any = None) -> VisionGraph:
-    """The vision part (tower + LLaVA's feature selection) as a module: ``vision.onnx``."""
-    vlm, adapter, _ = _resolve(model, adapter)
-    facts = _image_facts(vlm, adapter)
-    tower = vlm.get_submodule(adapter.module_names().vision)
-    return VisionGraph(tower, facts["feature_layers"], facts["drop_class_token"])
-
-
-def image_facts(model: nn.Module, adapter: Any = None) -> dict:
-    """Image size, patch size, grid and image-token count of a LLaVA VLM (manifest ``vlm``)."""
-    vlm, adapter, _ = _resolve(model, adapter)
-    return _image_facts(vlm, adapter)
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -337,12 +223,12 @@ def export_onnx(
             uncalibrated activation quantization — before anything is written.
     """
     path = Path(path)
-    vlm, adapter, heads = _resolve(model, adapter)
+    vlm, adapter, heads = resolve_vlm(model, adapter)
     _check_exporter(exporter)
     plans = plan_model(model, precision, int8_weights)
     if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not overwrite)):
         raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
-    facts = _image_facts(vlm, adapter)
+    facts = vlm_image_facts(vlm, adapter)
     names = adapter.module_names()
     text = vlm.config.get_text_config()
     hidden, vocab = int(text.hidden_size), int(text.vocab_size)
@@ -371,7 +257,7 @@ def export_onnx(
                   "inputs_embeds": {0: "batch", 1: "sequence"}}),
                 ("vision", vision, (pixels,), ["pixel_values"], ["image_features"],
                  {"pixel_values": {0: "batch"}, "image_features": {0: "batch"}}),
-                ("projector", _Wrap(vlm.get_submodule(names.projector)), (features,),
+                ("projector", ProjectorGraph(vlm.get_submodule(names.projector)), (features,),
                  ["image_features"], ["image_embeds"],
                  {"image_features": {0: "batch", 1: "tokens"},
                   "image_embeds": {0: "batch", 1: "tokens"}}),
@@ -384,7 +270,7 @@ def export_onnx(
             ]  # fmt: skip
             if heads is not None and heads.detection_head is not None:
                 parts.append(
-                    ("detection_head", _Detection(heads.detection_head, prefix, grid,
+                    ("detection_head", DetectionGraph(heads.detection_head, prefix, grid,
                                                   facts["patch_size"]),
                      (features,), ["image_features"], ["cls_logits", "box_ltrb"],
                      {"image_features": {0: "batch"}, "cls_logits": {0: "batch"},
@@ -392,7 +278,7 @@ def export_onnx(
                 )  # fmt: skip
             if heads is not None and heads.segmentation_head is not None:
                 parts.append(
-                    ("segmentation_head", _Segmentation(heads.segmentation_head, prefix, grid,
+                    ("segmentation_head", SegmentationGraph(heads.segmentation_head, prefix, grid,
                                                         (height, width)),
                      (features,), ["image_features"], ["seg_logits"],
                      {"image_features": {0: "batch"}, "seg_logits": {0: "batch"}})
@@ -444,15 +330,6 @@ def export_onnx(
     return OnnxExport(
         path, precision, {n: path / g["file"] for n, g in graphs.items()}, plans, manifest
     )
-
-
-class _Wrap(nn.Module):
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
 
 
 def _eos_ids(vlm: nn.Module, tokenizer: Any) -> list[int]:

@@ -93,6 +93,9 @@ def test_three_bit_run_to_onnx_is_refused_before_writing(deploy, tmp_path):
     _write_run(deploy, path, QuantSpec(bits=3, granularity=PerGroup(32)))
     with pytest.raises(ValueError, match="3-bit weights are not supported"):
         export_run(path, "onnx", precision="int4")
+    with pytest.raises(ValueError, match="fit neither ONNX int8 nor int4"):
+        export_run(path, "onnx")  # auto does not fall back to float32 silently
     assert not (path / "export").exists()
+    assert export_run(path, "onnx", precision="fp32").name == "onnx-fp32"  # asked for: fine
     packed = export_run(path, "packed")  # the packed format holds 3-bit codes
     assert json.loads((packed / "manifest.json").read_text())["modules"]

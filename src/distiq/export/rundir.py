@@ -261,16 +261,30 @@ def float_twin(model: nn.Module) -> nn.Module:
 
 
 def auto_precision(model: nn.Module) -> str:
-    """The ONNX precision that fits the model's layers: int8, else int4, else fp32."""
+    """The ONNX precision that holds the model's quantized weights: ``int8`` if every layer fits
+    it, else ``int4``; ``fp32`` for a model without quantized weights. Weights that neither
+    holds (2/3/5/6-bit, nf4, fp8, mixed widths) raise: silently writing them as float32 would
+    hide that the file is not low-bit — ask for ``precision="fp32"`` explicitly."""
+    from distiq.export.layers import is_quantized, quantized_weight
     from distiq.export.onnx_quant import plan_model
 
+    quantized = [m for m in model.modules() if is_quantized(m) and quantized_weight(m) is not None]
+    if not quantized:
+        return "fp32"
+    problems = []
     for precision in ("int8", "int4"):
         try:
             plan_model(model, precision)
-        except ValueError:
+        except ValueError as exc:
+            problems.append(str(exc).splitlines()[1].strip())
             continue
         return precision
-    return "fp32"
+    raise ValueError(
+        "the model's quantized weights fit neither ONNX int8 nor int4 ("
+        + "; ".join(problems)
+        + "); export with precision='fp32' (dequantized float weights, exact) or the packed "
+        "format (2-8 bits)"
+    )
 
 
 def synthetic_samples(adapter: Any, n: int = 4, seed: int = 0) -> list[dict]:

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_info
-from distiq.bench import measure_model
+from distiq.bench import BACKENDS, measure_model
 from distiq.export import load_run, save_packed
 from distiq.quant import PerChannel, PerGroup, PerTensor, QuantSpec, calibration, quantize_
 
@@ -196,6 +196,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--quick", action="store_true", help="few repeats (a smoke run)")
     parser.add_argument("--size-presets", nargs="*", default=["tiny", "small"])
+    parser.add_argument(
+        "--backends", nargs="*", default=list(BACKENDS), choices=list(BACKENDS),
+        help="backends to measure (default: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--workloads", nargs="*", default=["language_model", "vision"],
+        choices=["language_model", "vision"],
+    )  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results/deploy.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -216,7 +224,10 @@ def main() -> None:
     rows, sizes = [], {}
     for name, model in models.items():
         print(f"measuring {name} ...", flush=True)
-        results = measure_model(model, adapter, workloads=("language_model", "vision"), **common)
+        results = measure_model(
+            model, adapter, backends=tuple(args.backends), workloads=tuple(args.workloads),
+            **common,
+        )  # fmt: skip
         rows.append(_row(name, results))
         if name != "teacher" and any(p.numel() for p in model.parameters()):
             try:
@@ -261,6 +272,7 @@ def main() -> None:
         "preset": args.preset if not args.run_dir else None,
         "run_dirs": args.run_dir,
         "threads": args.threads,
+        "backends": args.backends,
         "warmup": args.warmup,
         "repeats": args.repeats,
         "batch_size": 1,

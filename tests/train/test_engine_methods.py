@@ -1,0 +1,257 @@
+"""``compress`` end to end on a tiny edge VLM and a tiny scene set: every method runs, leaves a
+loadable run directory whose saved model *is* the evaluated one, and records its accuracy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distiq.data import generate_scenes
+from distiq.models import VLMWithHeads, load
+from distiq.quant import FakeQuantLinear, QuantSpec, dequantize, quantize
+from distiq.results import read_records
+from distiq.train import read_metrics
+from distiq.train.methods import compress, evaluate
+from distiq.train.recipe import recipe_from_dict
+from distiq.train.runs import load_compressed
+
+TINY = dict(
+    image_size=32,
+    patch_size=8,
+    vision_hidden_size=32,
+    vision_layers=2,
+    vision_heads=2,
+    vision_intermediate_size=64,
+    text_hidden_size=64,
+    text_layers=2,
+    text_heads=2,
+    text_kv_heads=2,
+    text_intermediate_size=128,
+    max_length=64,
+)
+TRAIN = {"steps": 3, "batch_size": 8, "lr": 1.0e-3, "log_every": 1, "warmup_steps": 1}
+W4A8 = {
+    "weight": {"bits": 4},
+    "activation": {"bits": 8, "symmetric": False, "granularity": "per_tensor"},
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny scene set and a teacher trained on it for a few steps."""
+    root = tmp_path_factory.mktemp("engine")
+    scenes = generate_scenes(root / "data", count=48, image_size=32, workers=1).root
+    base = {"data": {"scenes": str(scenes), "val_questions": 9, "test_questions": 12}}
+    teacher = recipe_from_dict(
+        {
+            **base,
+            "method": "teacher",
+            "output": str(root / "teacher"),
+            "teacher": {"preset": "tiny", "model": TINY},
+            "train": {**TRAIN, "steps": 4, "eval_every": 2, "best_metric": "vqa_accuracy"},
+        }
+    )
+    compress(teacher)
+    return root, base
+
+
+def _run(world, name: str, **recipe) -> tuple:
+    root, base = world
+    data = {
+        **base,
+        "teacher": str(root / "teacher"),
+        "output": str(root / name),
+        "train": TRAIN,
+        "calibration": {"samples": 16, "batch_size": 8},
+        **recipe,
+    }
+    run_dir = compress(recipe_from_dict(data))
+    return run_dir, read_records(run_dir / "results.json")[0]
+
+
+def test_teacher_directory(world):
+    root, _ = world
+    teacher = root / "teacher"
+    model, _ = load(teacher)  # a plain Hugging Face directory
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    heads = VLMWithHeads.from_pretrained(teacher)
+    assert heads.detection_head is not None and heads.segmentation_head is not None
+    (record,) = read_records(teacher / "results.json")
+    assert record.method == "teacher" and 0 <= record.value <= 100
+    assert record.extra["blind_baseline"]["accuracy"] >= 0
+    assert set(record.extra["by_question_type"]) <= {
+        "count", "color", "identity", "position", "relation", "exist", "compare",
+    }  # fmt: skip
+    terms = {t for line in read_metrics(teacher / "metrics.jsonl") for t in line.get("terms", {})}
+    assert {"vqa", "detection", "segmentation"} <= terms
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_ptq_run_saves_the_evaluated_model(world, method):
+    run_dir, record = _run(world, method, method=method, quantization=W4A8)
+    assert (record.method, record.w_bits, record.a_bits, record.steps) == (method, 4, 8, 0)
+    manifest = json.loads((run_dir / "quantization.json").read_text())["modules"]
+    assert manifest and all(e["weight"] is not None for e in manifest.values())
+    assert any(e["activation"] is not None for e in manifest.values())
+    # The stored weights are exactly on the integer grid their stored scales describe.
+    from safetensors.torch import load_file
+
+    state = load_file(str(run_dir / "quant_state.safetensors"))
+    model, _, _ = load_compressed(run_dir)
+    spec = QuantSpec(bits=4)
+    for name in list(manifest)[:4]:
+        weight = model.get_submodule(name).weight.detach()
+        scale, zero = state[f"{name}.weight_scale"], state[f"{name}.weight_zero_point"]
+        codes = quantize(weight, scale, zero, spec)
+        torch.testing.assert_close(dequantize(codes, scale, zero, spec), weight, atol=0, rtol=0)
+    assert any(isinstance(m, FakeQuantLinear) for m in model.modules())
+    # Re-evaluating the saved run gives the recorded accuracy.
+    (again,) = evaluate(run_dir)
+    assert again.value == pytest.approx(record.value)
+
+
+def test_qat_trains_with_the_task_loss_only(world):
+    run_dir, record = _run(
+        world,
+        "qat",
+        method="qat",
+        quantization={
+            "weight": {"bits": 4, "learnable": True},
+            "activation": {**W4A8["activation"], "learnable": True},
+        },
+    )
+    lines = [line for line in read_metrics(run_dir / "metrics.jsonl") if line["kind"] == "train"]
+    assert len(lines) == TRAIN["steps"]
+    assert set(lines[0]["terms"]) == {"task"}
+    assert record.steps == TRAIN["steps"]
+    (again,) = evaluate(run_dir)
+    assert again.value == pytest.approx(record.value)
+
+
+def test_qad_with_gptq_init_logs_every_term(world):
+    run_dir, record = _run(
+        world,
+        "qad",
+        method="qad",
+        init="gptq",
+        quantization={
+            "weight": {
+                "bits": 2,
+                "symmetric": False,
+                "granularity": "per_group(32)",
+                "learnable": True,
+            }
+        },
+        objective={
+            "terms": {
+                "task": {},
+                "kd": {"temperature": 2.0},
+                "pd": {"weight": 0.5},
+                "rounding": {"weight": 1.0e-3},
+            }
+        },
+    )
+    lines = [line for line in read_metrics(run_dir / "metrics.jsonl") if line["kind"] == "train"]
+    assert set(lines[-1]["terms"]) == {"task", "kd", "pd", "rounding"}
+    assert (record.w_bits, record.a_bits, record.group_size) == (2, 16, 32)
+    model, _, manifest = load_compressed(run_dir)
+    assert all(e["activation"] is None for e in manifest["modules"].values())
+    assert not any(isinstance(m, FakeQuantLinear) for m in model.modules())
+
+
+def test_selective_qad_freezes_all_but_the_sensitive_layers(world):
+    root, _ = world
+    run_dir, record = _run(
+        world,
+        "qad-selective",
+        method="qad",
+        quantization={"weight": {"bits": 4, "learnable": True}},
+        objective={"terms": {"task": {}, "kd": {}}},
+        selective={"fraction": 0.25, "samples": 8},
+    )
+    selected = record.extra["selective_layers"]
+    manifest = json.loads((run_dir / "quantization.json").read_text())["modules"]
+    assert 0 < len(selected) < len(manifest)
+    # A frozen layer's latent weight stayed the teacher's: its stored weight is the teacher's
+    # weight quantized with the (learned) scale.
+    teacher = VLMWithHeads.from_pretrained(root / "teacher")
+    student, _, _ = load_compressed(run_dir)
+    from safetensors.torch import load_file
+
+    state = load_file(str(run_dir / "quant_state.safetensors"))
+    frozen = next(n for n in manifest if n not in selected)
+    original = teacher.get_submodule(frozen).weight.detach()
+    stored = student.get_submodule(frozen).weight.detach()
+    scale, zero = state[f"{frozen}.weight_scale"], state[f"{frozen}.weight_zero_point"]
+    spec = QuantSpec(bits=4)
+    expected = dequantize(quantize(original, scale, zero, spec), scale, zero, spec)
+    torch.testing.assert_close(stored, expected, atol=1e-6, rtol=1e-6)
+    trained = selected[0]
+    moved = student.get_submodule(trained).weight.detach()
+    scale, zero = state[f"{trained}.weight_scale"], state[f"{trained}.weight_zero_point"]
+    original = teacher.get_submodule(trained).weight.detach()
+    assert not torch.equal(
+        moved, dequantize(quantize(original, scale, zero, spec), scale, zero, spec)
+    )
+
+
+def test_kd_student_is_smaller_and_full_precision(world):
+    run_dir, record = _run(
+        world,
+        "kd",
+        method="kd",
+        student={"init": "preset", "model": {"text_layers": 1}},
+        objective={"terms": {"task": {}, "kd": {"temperature": 2.0}}},
+    )
+    model, _ = load(run_dir)
+    assert model.config.text_config.num_hidden_layers == 1
+    assert (record.w_bits, record.a_bits) == (16, 16)
+    teacher_params = read_records(world[0] / "teacher" / "results.json")[0].params
+    assert record.params < teacher_params
+
+
+def test_existing_run_needs_overwrite(world):
+    root, base = world
+    recipe = recipe_from_dict(
+        {**base, "method": "rtn", "teacher": str(root / "teacher"), "output": str(root / "rtn"),
+         "quantization": W4A8, "calibration": {"samples": 8, "batch_size": 8}}
+    )  # fmt: skip
+    with pytest.raises(FileExistsError):
+        compress(recipe)
+    assert compress(recipe, overwrite=True) == root / "rtn"
+
+
+def test_qlora_kd_merges_and_requantizes(world):
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    run_dir, record = _run(
+        world,
+        "qlora",
+        method="qlora-kd",
+        quantization={
+            "weight": {"bits": 4, "format": "nf4", "granularity": "per_group(64)"},
+            "activation": None,
+        },
+        objective={"terms": {"task": {}, "kd": {}}},
+        qlora={"rank": 4, "alpha": 8.0},
+    )
+    extra = record.extra
+    assert extra["lora_layers"] > 0
+    assert extra["merge_requantize_drop"] == pytest.approx(
+        extra["qlora_unmerged_value"] - record.value
+    )
+    manifest = json.loads((run_dir / "quantization.json").read_text())["modules"]
+    # NF4 needs 64-wide blocks: layers with 32 inputs stay in full precision.
+    model, _ = load(run_dir)
+    widths = {
+        "vlm." + name: module.in_features
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name != "lm_head"
+    }
+    assert set(manifest) == {name for name, width in widths.items() if width % 64 == 0}
+    assert any(width == 32 for width in widths.values())
+    assert all(e["weight"]["format"] == "nf4" for e in manifest.values())
+    lines = [line for line in read_metrics(run_dir / "metrics.jsonl") if line["kind"] == "train"]
+    assert set(lines[0]["terms"]) == {"task", "kd"}

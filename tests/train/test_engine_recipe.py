@@ -1,0 +1,200 @@
+"""Recipes: every shipped recipe loads and round-trips; bad recipes and bad paths fail early,
+with every problem at once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distiq.config import ConfigError
+from distiq.quant import PerGroup
+from distiq.train.methods import check_recipe
+from distiq.train.recipe import load_recipe, recipe_from_dict, recipe_to_dict
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+
+
+def test_recipes_are_shipped():
+    names = {p.stem for p in RECIPES}
+    assert {"teacher", "rtn-w4a8", "gptq-w4a8", "qat-w4a8", "qad-w4a8", "kd-small"} <= names
+    assert {"qat-w2a16-g64", "qad-w2a16-g64", "gptq-w2a16-g64", "qlora-kd-nf4"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipe_loads_and_round_trips(path, tmp_path):
+    recipe = load_recipe(path)
+    assert recipe.method in path.stem or recipe.method == "qlora-kd"
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+    assert load_recipe(again) == recipe
+
+
+def test_same_schedule_for_every_trained_method():
+    """Same data order, steps and batch size for every trained student recipe (issue 6 §4)."""
+    trained = [load_recipe(p) for p in RECIPES if p.stem != "teacher"]
+    trained = [r for r in trained if r.method in ("qat", "qad", "kd", "qlora-kd")]
+    assert {(r.train.steps, r.train.batch_size, r.train.seed) for r in trained} == {
+        (trained[0].train.steps, trained[0].train.batch_size, trained[0].train.seed)
+    }
+
+
+def test_invalid_recipe_reports_every_problem_at_once():
+    with pytest.raises(ConfigError) as info:
+        recipe_from_dict(
+            {
+                "method": "qadd",
+                "teachr": "runs/teacher",
+                "quantization": {"weight": {"bits": 9}, "parts": ["vison"]},
+                "train": {"stepz": 3},
+                "objective": {"terms": {"kd": {"temprature": 2.0}}},
+            }
+        )
+    message = str(info.value)
+    errors = info.value.errors
+    assert len(errors) >= 6, errors
+    assert "did you mean 'qad'" in message
+    assert "did you mean 'teacher'" in message
+    assert "did you mean 'steps'" in message
+    assert "did you mean 'temperature'" in message
+    assert "did you mean 'vision'" in message
+    assert "bits=9" in message
+
+
+def test_cross_section_checks():
+    with pytest.raises(ConfigError) as info:
+        recipe_from_dict(
+            {
+                "method": "qat",
+                "data": {"scenes": "d"},
+                "objective": {"terms": {"task": {}, "kd": {}}},
+                "init": "gptq",
+            }
+        )
+    text = str(info.value)
+    assert "needs a quantization section" in text
+    assert "needs teacher" in text
+    assert "task loss only" in text
+    assert "init: gptq applies to method qad only" in text
+    with pytest.raises(ConfigError, match="needs a kd term"):
+        recipe_from_dict(
+            {"method": "kd", "teacher": "t", "student": {"init": "preset", "preset": "tiny"}}
+        )
+
+
+def test_part_overrides_change_one_part():
+    recipe = recipe_from_dict(
+        {
+            "method": "gptq",
+            "teacher": "t",
+            "quantization": {
+                "weight": {"bits": 4},
+                "parts": ["vision", "language_model"],
+                "part_overrides": {"vision": {"weight": {"bits": 8}, "activation": None}},
+            },
+        }
+    )
+    quant = recipe.quantization
+    assert quant.spec("vision", "weight").bits == 8
+    assert quant.spec("language_model", "weight").bits == 4
+    assert quant.spec("vision", "activation") is None
+    with pytest.raises(ConfigError, match="not among parts"):
+        recipe_from_dict(
+            {
+                "method": "gptq",
+                "teacher": "t",
+                "quantization": {"parts": ["vision"], "part_overrides": {"heads": {}}},
+            }
+        )
+
+
+def test_granularity_reads_from_yaml_text():
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "qad-w2a16-g64.yaml")
+    assert recipe.quantization.weight.granularity == PerGroup(64)
+    assert recipe.quantization.group_size == 64
+
+
+# ---------------------------------------------------------------------- early path checks
+def _recipe(tmp_path: Path, **changes) -> object:
+    scenes = tmp_path / "scenes"
+    scenes.mkdir(exist_ok=True)
+    (scenes / "meta.json").write_text("{}")
+    teacher = tmp_path / "teacher"
+    teacher.mkdir(exist_ok=True)
+    (teacher / "config.json").write_text("{}")
+    data = {
+        "method": "rtn",
+        "teacher": str(teacher),
+        "output": str(tmp_path / "run"),
+        "data": {"scenes": str(scenes)},
+        "quantization": {"weight": {"bits": 4}},
+        **changes,
+    }
+    return recipe_from_dict(data)
+
+
+def test_check_recipe_accepts_good_paths(tmp_path):
+    check_recipe(_recipe(tmp_path))
+    assert (tmp_path / "run").is_dir()
+
+
+def test_missing_teacher_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="teacher directory .* does not exist"):
+        check_recipe(_recipe(tmp_path, teacher=str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        check_recipe(_recipe(tmp_path, teacher=str(tmp_path / "empty")))
+
+
+def test_empty_or_missing_dataset(tmp_path):
+    (tmp_path / "nodata").mkdir()
+    with pytest.raises(FileNotFoundError, match="is empty"):
+        check_recipe(_recipe(tmp_path, data={"scenes": str(tmp_path / "nodata")}))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_recipe(_recipe(tmp_path, data={"scenes": str(tmp_path / "missing")}))
+
+
+def test_existing_run_is_refused_unless_overwrite_or_resume(tmp_path):
+    recipe = _recipe(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("method: rtn\n")
+    (run / "results.json").write_text("[]")
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        check_recipe(recipe)
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        check_recipe(recipe, resume=True)
+    check_recipe(recipe, overwrite=True)
+    assert not (run / "results.json").exists()
+    # A folder that is not a distiq run is never deleted.
+    assert not (run / "recipe.yaml").exists()
+    (run / "precious.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="refusing to delete"):
+        check_recipe(recipe, overwrite=True)
+    assert (run / "precious.txt").is_file()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes everywhere")
+def test_unwritable_output(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(PermissionError, match="cannot write"):
+            check_recipe(_recipe(tmp_path, output=str(locked / "run")))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_output_under_a_file_is_unwritable(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PermissionError, match="cannot write the output directory"):
+        check_recipe(_recipe(tmp_path, output=str(tmp_path / "file" / "run")))
+
+
+def test_output_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        check_recipe(_recipe(tmp_path, output=str(tmp_path / "file")))

@@ -1,0 +1,182 @@
+"""The engine's VLM glue: image-grouped data, the shared-prefix forward, greedy decoding and the
+VQA evaluation, each checked against the plain Hugging Face path (``adapter.build_inputs``,
+``model(...)``, ``adapter.generate_answers``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distiq.data import generate_scenes
+from distiq.models import VLMWithHeads, build_edge_vlm
+from distiq.tasks.vqa import vqa_accuracy
+from distiq.train.vlm import EngineModel, evaluate_vqa, greedy_answers
+from distiq.train.vqa_data import load_scene_split, tokenize_questions
+
+TINY = dict(
+    image_size=32,
+    patch_size=8,
+    vision_hidden_size=32,
+    vision_layers=1,
+    vision_heads=2,
+    vision_intermediate_size=64,
+    text_hidden_size=32,
+    text_layers=2,
+    text_heads=2,
+    text_kv_heads=2,
+    text_intermediate_size=64,
+    max_length=64,
+)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return generate_scenes(tmp_path_factory.mktemp("scenes"), count=30, image_size=32, workers=1)
+
+
+@pytest.fixture(scope="module")
+def model_and_data(scenes):
+    import json
+
+    words = json.loads(scenes.meta.read_text())["vocabulary"]
+    vlm, adapter = build_edge_vlm(words, "tiny", seed=3, **TINY)
+    train = load_scene_split(scenes.root, "train", adapter)
+    model = VLMWithHeads(
+        vlm,
+        adapter,
+        num_detection_classes=train.num_detection_classes,
+        num_segmentation_classes=train.num_segmentation_classes,
+    ).eval()
+    with torch.no_grad():  # larger logits than the initialisation's, so argmaxes are clear
+        vlm.lm_head.weight.mul_(20.0)
+    return model, adapter, train
+
+
+def _samples(dataset, items):
+    out = []
+    for item in items:
+        for row in item["rows"]:
+            record = dataset.questions[row]
+            out.append({"image": item["image"], **record})
+    return out
+
+
+def test_tokens_match_build_inputs(model_and_data):
+    _, adapter, train = model_and_data
+    items = [train[i] for i in range(3)]
+    samples = _samples(train, items)
+    reference = adapter.build_inputs(samples)
+    batch = train.collate(items)
+    prefix = batch["prefix_ids"]
+    assert int(batch["image_positions"].sum()) == 16  # (32 / 8)^2 image tokens
+    for q in range(len(samples)):
+        length = int(batch["suffix_mask"][q].sum())
+        ids = torch.cat([prefix, batch["suffix_ids"][q, :length]])
+        ref_length = int(reference["attention_mask"][q].sum())
+        assert torch.equal(ids, reference["input_ids"][q, :ref_length])
+        labels = torch.cat([torch.full_like(prefix, -100), batch["labels"][q, :length]])
+        assert torch.equal(labels, reference["labels"][q, :ref_length])
+
+
+def test_pixel_values_match_the_image_processor(model_and_data):
+    _, adapter, train = model_and_data
+    items = [train[i] for i in range(4)]
+    fast = train.pixel_values([item["image"] for item in items])
+    slow, _ = adapter.image_inputs([item["image"] for item in items])
+    torch.testing.assert_close(fast, slow["pixel_values"], atol=1e-6, rtol=0)
+
+
+def test_tokenize_questions_rejects_empty(model_and_data):
+    _, adapter, _ = model_and_data
+    with pytest.raises(ValueError, match="empty"):
+        tokenize_questions(adapter, [], None)
+
+
+def test_shared_prefix_forward_equals_full_forward(model_and_data):
+    model, adapter, train = model_and_data
+    items = [train[i] for i in range(4)]
+    samples = _samples(train, items)
+    engine = EngineModel(model).eval()
+    batch = train.collate(items)
+    with torch.no_grad():
+        out = engine(batch)
+        reference = model.vlm(**adapter.build_inputs(samples)).logits
+    prefix = batch["prefix_ids"].shape[0]
+    for q in range(len(samples)):
+        length = int(batch["suffix_mask"][q].sum())
+        torch.testing.assert_close(
+            out.logits[q, :length], reference[q, prefix : prefix + length], atol=1e-5, rtol=1e-5
+        )
+    # The heads ran once per image on the same patch features as VLMWithHeads' forward.
+    with torch.no_grad():
+        full = model(batch["pixel_values"])
+    torch.testing.assert_close(out.segmentation, full.segmentation)
+    torch.testing.assert_close(out.detection["cls_logits"], full.detection["cls_logits"])
+
+
+def test_shared_prefix_forward_gradients_match(model_and_data):
+    """The loss and every parameter gradient equal those of the plain forward."""
+    from distiq.tasks.vqa import answer_token_loss
+
+    model, adapter, train = model_and_data
+    items = [train[i] for i in range(3)]
+    samples = _samples(train, items)
+    engine = EngineModel(model).train()
+    batch = train.collate(items)
+    model.zero_grad()
+    loss = answer_token_loss(engine(batch, heads=False).logits, batch["labels"])
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.vlm.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    inputs = adapter.build_inputs(samples)
+    reference = answer_token_loss(model.vlm(**inputs).logits, inputs["labels"])
+    reference.backward()
+    torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-5)
+    for name, param in model.vlm.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(grads[name], param.grad, atol=1e-6, rtol=1e-4)
+    model.zero_grad()
+    model.eval()
+
+
+def test_greedy_answers_equal_generate(model_and_data):
+    model, adapter, train = model_and_data
+    items = [train[i] for i in range(5)]
+    samples = _samples(train, items)
+    engine = EngineModel(model)
+    answers = greedy_answers(engine, train.generation_collate(items), adapter.tokenizer)
+    reference = adapter.generate_answers(model.vlm, samples, max_new_tokens=4)
+    assert answers == reference
+    assert len(set(answers)) > 1  # not a degenerate constant answer
+
+
+def test_evaluate_vqa_scores_the_generated_answers(model_and_data):
+    model, adapter, train = model_and_data
+    subset = train.subset(range(6))
+    engine = EngineModel(model)
+    metrics = evaluate_vqa(engine, subset, batch_images=4)
+    items = [subset[i] for i in range(len(subset))]
+    answers = greedy_answers(engine, subset.generation_collate(items), adapter.tokenizer)
+    records = [subset.questions[r] for item in items for r in item["rows"]]
+    expected = sum(vqa_accuracy(a, r["answers"]) for a, r in zip(answers, records)) / len(records)
+    assert metrics["vqa_accuracy"] == pytest.approx(expected)
+    assert metrics["num_questions"] == len(records)
+    types = {r["question_type"] for r in records}
+    assert {k.split("/")[-1] for k in metrics if "/question_type/" in k} == types
+
+
+def test_limit_questions_is_fixed_and_bounded(model_and_data):
+    _, _, train = model_and_data
+    limited = train.limit_questions(10)
+    assert 10 <= limited.question_count() < 10 + 4
+    assert limited.images == train.limit_questions(10).images
+    assert train.limit_questions(None) is train
+
+
+def test_batch_keeps_detection_and_masks(model_and_data):
+    _, _, train = model_and_data
+    batch = train.collate([train[0], train[1]])
+    assert batch["mask"].shape == (2, 32, 32)
+    assert batch["mask"].max() < train.num_segmentation_classes
+    assert len(batch["boxes"]) == 2 and batch["boxes"][0].shape[1] == 4
+    assert batch["question_image"].tolist() == [0] * len(train.rows[0]) + [1] * len(train.rows[1])

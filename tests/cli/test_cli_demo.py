@@ -101,8 +101,8 @@ class FakeEngine:
             (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
         return out
 
-    def bench_run(self, run_dir, *, repeats):
-        self.calls.append(("bench", Path(run_dir).name, repeats))
+    def bench_run(self, run_dir, *, repeats, workloads):
+        self.calls.append(("bench", Path(run_dir).name, repeats, workloads))
         old = read_records(Path(run_dir) / "results.json")
         new = [
             r.replace(size_mb=4.0 * r.w_bits / 16, latency_ms=1.0, latency_backend="ort-int8")
@@ -149,8 +149,13 @@ def test_demo_end_to_end_with_cache(runner, tmp_path, fake_engine):
     assert "![training curves of teacher](curves_teacher.png)" in md
     assert "![training curves of qad-w4a8](curves_qad-w4a8.png)" in md
     assert f"report: {out / 'report.md'}\n" in result.stdout
-    times = json.loads((out / "demo_times.json").read_text())
-    assert {"scenes", "teacher", *RUNS, "bench", "export", "report", "total"} == set(times)
+    summary = json.loads((out / "demo_times.json").read_text())
+    assert {"scenes", "teacher", *RUNS, "bench", "export", "report", "total"} == set(
+        summary["seconds"]
+    )
+    assert summary["reused"] == [] and summary["settings"]["scenes"] == QUICK.scenes
+    bench = [c for c in fake_engine.calls if c[0] == "bench"]
+    assert bench[0] == ("bench", "teacher", QUICK.bench_repeats, ("language_model",))
 
     # everything cached: nothing is trained or measured again
     fake_engine.calls.clear()
@@ -158,6 +163,8 @@ def test_demo_end_to_end_with_cache(runner, tmp_path, fake_engine):
     assert result.exit_code == 0, result.output
     assert [c[0] for c in fake_engine.calls] == ["export", "export"]
     assert "teacher: reusing" in result.stdout
+    summary = json.loads((out / "demo_times.json").read_text())
+    assert summary["reused"] == ["teacher", *RUNS] and "teacher" not in summary["seconds"]
 
     # a changed teacher recipe retrains the teacher and therefore every run
     recipe = out / "teacher" / "recipe.yaml"

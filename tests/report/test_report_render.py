@@ -174,3 +174,13 @@ def test_check_writable(tmp_path):
         check_writable("/proc/distiq-report-test")
     assert check_writable(tmp_path / "new" / "dir").is_dir()
     assert list((tmp_path / "new" / "dir").iterdir()) == []  # the write check leaves nothing
+
+
+def test_point_labels_do_not_overlap():
+    anchors = [(100.0, 200.0, "qat-w2a16-g64", False), (120.0, 200.0, "qad-w4a8", False)]
+    anchors += [(400.0, 200.0, "far-away", True), (100.0, 203.0, "third", False)]
+    offsets = plots._place_labels(anchors, dpi=100)
+    assert offsets[0] == (5.0, 4.0) and offsets[2] == (-5.0, 4.0)  # free: stays above its point
+    line = plots._LABEL_FONT * 1.35
+    assert offsets[1] == (5.0, pytest.approx(4.0 - line))  # moved one line down
+    assert offsets[3] == (5.0, pytest.approx(4.0 + line))  # then up

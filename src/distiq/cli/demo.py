@@ -15,6 +15,7 @@ stage goes to ``OUT/demo_times.json`` and is printed at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -59,14 +60,16 @@ def _validated(engine: _Engine, names: list[str], settings: DemoSettings, out: P
     return recipes
 
 
-def _run(engine: _Engine, name: str, recipe: Any, times: dict[str, float], fresh: bool) -> bool:
+def _run(
+    engine: _Engine, name: str, recipe: Any, times: dict[str, float], reused: list, fresh: bool
+) -> bool:
     """Run (or reuse, or resume) one recipe; ``fresh`` forces a new run (its teacher changed).
     Returns whether it ran."""
     directory = Path(recipe.output)
     action = "run" if fresh else cache_action(directory, engine.recipe_to_dict(recipe))
     if action == "reuse":
         typer.echo(f"{name}: reusing {directory}")
-        times[name] = 0.0
+        reused.append(name)
         return False
     started = time.perf_counter()
     with step_progress(f"{name}") as progress:
@@ -104,9 +107,10 @@ def run_demo(out: Path, settings: DemoSettings) -> dict[str, Any]:
     times["scenes"] = round(time.perf_counter() - started, 1)
     recipes = _validated(engine, names, settings, out, Path(scenes.root))
 
-    teacher_ran = _run(engine, TEACHER, recipes[TEACHER], times, fresh=False)
+    reused: list[str] = []
+    teacher_ran = _run(engine, TEACHER, recipes[TEACHER], times, reused, fresh=False)
     for name in RUNS:  # a new teacher makes every run built on the old one stale
-        _run(engine, name, recipes[name], times, fresh=teacher_ran)
+        _run(engine, name, recipes[name], times, reused, fresh=teacher_ran)
 
     started = time.perf_counter()
     records = []
@@ -117,7 +121,9 @@ def run_demo(out: Path, settings: DemoSettings) -> dict[str, Any]:
             records += existing  # measured before (cached run)
             continue
         with console(stderr=True).status(f"Measuring {name}…"):
-            records += engine.bench_run(directory, repeats=settings.bench_repeats)
+            records += engine.bench_run(
+                directory, repeats=settings.bench_repeats, workloads=settings.bench_workloads
+            )
     times["bench"] = round(time.perf_counter() - started, 1)
 
     quantized = [r for r in records if r.method in QUANTIZED and r.value is not None]
@@ -148,10 +154,17 @@ def run_demo(out: Path, settings: DemoSettings) -> dict[str, Any]:
 
     from distiq.config import atomic_write
 
-    atomic_write(out / "demo_times.json", json.dumps(times, indent=2) + "\n")
+    summary = {"seconds": times, "reused": reused, "settings": dataclasses.asdict(settings)}
+    atomic_write(out / "demo_times.json", json.dumps(summary, indent=2) + "\n")
     term.print(records_table(inputs.records, title="distiq demo"))
     term.print(goals_summary(check_goals(inputs.records)))
-    return {"report": files, "times": times, "records": inputs.records, "best": best}
+    return {
+        "report": files,
+        "times": times,
+        "reused": reused,
+        "records": inputs.records,
+        "best": best,
+    }
 
 
 @user_errors
@@ -178,5 +191,7 @@ def command(
     typer.echo(
         "times (s): " + ", ".join(f"{stage} {seconds:g}" for stage, seconds in times.items())
     )
+    if result["reused"]:
+        typer.echo("reused from an earlier run: " + ", ".join(result["reused"]))
     typer.echo(f"report: {result['report'].markdown}")
     typer.echo(f"report: {result['report'].html}")

@@ -50,6 +50,7 @@ class DemoSettings:
         val_questions / test_questions: questions in validation / the final test evaluation.
         calibration_samples: calibration images for rtn / gptq / activation ranges.
         bench_repeats: timed runs per backend in ``bench``.
+        bench_workloads: what ``bench`` times (``language_model``, ``vision``).
     """
 
     scenes: int
@@ -60,6 +61,7 @@ class DemoSettings:
     test_questions: int | None = None
     calibration_samples: int | None = None
     bench_repeats: int = 20
+    bench_workloads: tuple[str, ...] = ("language_model", "vision")
 
 
 FULL = DemoSettings(scenes=25_000)
@@ -72,6 +74,7 @@ QUICK = DemoSettings(
     test_questions=300,
     calibration_samples=32,
     bench_repeats=3,
+    bench_workloads=("language_model",),
 )
 
 

@@ -107,7 +107,7 @@ def _retention_goal(records: list[ResultRecord], setting: Setting, threshold: fl
         return GoalCheck(goal, measured, "not measured", target=threshold)
     retention = 100.0 * qad.value / teacher.value if teacher.value else 0.0
     measured = (
-        f"{qad.name}: {qad.value:.2f} vs teacher {teacher.name}: {teacher.value:.2f} "
+        f"{qad.name}: {qad.value:.2f} vs the teacher ({teacher.name}): {teacher.value:.2f} "
         f"→ {retention:.2f} % retained"
     )
     status: Status = "met" if retention >= threshold else "not met"

@@ -41,6 +41,35 @@ def _colour(method: str) -> str:
     return f"C{index % 10}"
 
 
+_LABEL_FONT = 7  # points
+
+
+def _place_labels(
+    anchors: list[tuple[float, float, str, bool]], dpi: float
+) -> list[tuple[float, float]]:
+    """Offsets (points) for point labels so that no two overlap: each label starts just above
+    its point (to the right, or to the left when ``right_half``) and moves down or up by one
+    line until its box is free. ``anchors`` are ``(x px, y px, text, right_half)``."""
+    px_per_pt = dpi / 72
+    line = _LABEL_FONT * 1.35 * px_per_pt
+    placed: list[tuple[float, float, float, float]] = []
+    offsets = []
+    for x, y, text, right_half in anchors:
+        width = len(text) * _LABEL_FONT * 0.58 * px_per_pt
+        dx = -5.0 if right_half else 5.0
+        left = x + dx * px_per_pt - (width if right_half else 0.0)
+        for step in (0, -1, 1, -2, 2, -3, 3, -4, 4):
+            bottom = y + 4 * px_per_pt + step * line
+            box = (left, bottom, left + width, bottom + line)
+            if all(
+                box[2] <= o[0] or box[0] >= o[2] or box[3] <= o[1] or box[1] >= o[3] for o in placed
+            ):
+                break
+        placed.append(box)
+        offsets.append((dx, 4.0 + step * line / px_per_pt))
+    return offsets
+
+
 def _scatter(
     records: list[ResultRecord], x_of: Any, x_label: str, title: str, label_of: Any
 ) -> bytes | None:
@@ -52,12 +81,14 @@ def _scatter(
     if not points:
         return None
     figure = _figure(7.0, 4.5)
+    figure.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.92)
     axes = figure.add_subplot()
     xs = [x for x, _ in points]
     log_x = max(xs) / min(xs) > 20
-    position = (lambda x: math.log(x)) if log_x else (lambda x: x)
-    middle = (position(min(xs)) + position(max(xs))) / 2
+    if log_x:
+        axes.set_xscale("log")
     seen: set[str] = set()
+    labels: dict[tuple[float, float], list[str]] = {}  # points at the same place share a label
     for x, record in points:
         label = record.method if record.method not in seen else None
         seen.add(record.method)
@@ -70,28 +101,35 @@ def _scatter(
             label=label,
             zorder=3,
         )
-        right_half = position(x) > middle  # label to the left there, so it stays inside
-        axes.annotate(
-            label_of(record),
-            (x, record.value),
-            textcoords="offset points",
-            xytext=(-5 if right_half else 5, 4),
-            ha="right" if right_half else "left",
-            fontsize=7,
-        )
+        labels.setdefault((x, record.value), []).append(label_of(record))
     teachers = [r for _, r in points if r.method == "teacher"]
     if teachers:
         axes.axhline(teachers[-1].value, color="grey", linestyle="--", linewidth=1, zorder=1)
-    if log_x:
-        axes.set_xscale("log")
-    metric = points[0][1].metric
     axes.margins(x=0.08, y=0.08)
+    x_low, x_high = axes.get_xlim()  # fixes the limits, so data -> pixels is final
+    middle = (x_low * x_high) ** 0.5 if log_x else (x_low + x_high) / 2
+    order = sorted(labels, key=lambda point: (-point[1], point[0]))
+    anchors = []
+    for x, y in order:
+        px, py = axes.transData.transform((x, y))
+        anchors.append((px, py, ", ".join(labels[(x, y)]), x > middle))
+    for (x, y), (dx, dy), (_, _, text, right_half) in zip(
+        order, _place_labels(anchors, figure.dpi), anchors
+    ):
+        axes.annotate(
+            text,
+            (x, y),
+            textcoords="offset points",
+            xytext=(dx, dy),
+            ha="right" if right_half else "left",
+            fontsize=_LABEL_FONT,
+        )
+    metric = points[0][1].metric
     axes.set_xlabel(x_label)
     axes.set_ylabel(f"{metric} (%)")
     axes.set_title(title)
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=8, title="method (marker: weight bits)", title_fontsize=8)
-    figure.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.92)
     return _png(figure)
 
 

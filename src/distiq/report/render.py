@@ -143,7 +143,7 @@ def build_blocks(inputs: ReportInputs) -> tuple[list[Block], dict[str, bytes]]:
 
     blocks += _goal_blocks(check_goals(records))
 
-    per_type = question_type_table(sorted(records, key=lambda r: (r.task, r.metric)))
+    per_type = question_type_table([r for group in groups.values() for r in group])
     if per_type is not None:
         blocks += [Heading("Accuracy per question type"), TableBlock(per_type)]
 

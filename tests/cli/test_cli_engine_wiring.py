@@ -46,7 +46,11 @@ def fake_train(monkeypatch, tmp_path):
         calls["evaluate"] = (run_dir, test_questions)
         return [ResultRecord("qad-w4a8", "qad", 4, 8, 64, value=87.25)]
 
+    def check_recipe(recipe, *, overwrite=False, resume=False):
+        calls["check_recipe"] = dict(recipe=recipe, overwrite=overwrite, resume=resume)
+
     monkeypatch.setattr(distiq.train, "load_recipe", load_recipe, raising=False)
+    monkeypatch.setattr(distiq.train, "check_recipe", check_recipe, raising=False)
     monkeypatch.setattr(distiq.train, "compress", compress, raising=False)
     monkeypatch.setattr(distiq.train, "evaluate", evaluate, raising=False)
     return calls
@@ -58,9 +62,11 @@ def test_compress(runner, recipe, fake_train, tmp_path):
     assert result.exit_code == 0, result.output
     assert fake_train["load_recipe"] == (recipe, {"output": out})
     assert fake_train["compress"]["resume"] is True and fake_train["compress"]["overwrite"] is False
+    assert fake_train["check_recipe"] == fake_train["compress"]  # checked before the work
     assert f"run: {out}\n" in result.stdout
     assert "qad-w4a8" in result.stdout and "88.50" in result.stdout
     assert "step 2: validation vqa_accuracy 88.5" in result.stderr
+    assert "━" in result.stderr and "2/2" in result.stderr  # the progress bar
 
 
 def test_teacher_refuses_other_methods(runner, recipe, fake_train):
@@ -87,11 +93,16 @@ def test_engine_input_errors_are_user_errors(runner, recipe, monkeypatch):
     def exists(recipe, **kwargs):
         raise FileExistsError(f"{recipe.output} already holds a run; pass --overwrite or --resume")
 
+    def never(*args, **kwargs):
+        raise AssertionError("compress must not start after a failed check")
+
     monkeypatch.setattr(distiq.train, "load_recipe", lambda p, **c: SimpleNamespace(
         method="qad", run_name="qad", output=p.parent), raising=False)  # fmt: skip
-    monkeypatch.setattr(distiq.train, "compress", exists, raising=False)
+    monkeypatch.setattr(distiq.train, "check_recipe", exists, raising=False)
+    monkeypatch.setattr(distiq.train, "compress", never, raising=False)
     result = runner.invoke(app, ["compress", str(recipe)])
     assert result.exit_code == 1 and "already holds a run; pass --overwrite" in result.stderr
+    assert "━" not in result.stderr  # no progress bar was started
 
 
 def test_eval(runner, fake_train, tmp_path):

@@ -265,6 +265,10 @@ def run_recipe(
             f"{recipe_path} is a {recipe.method!r} recipe; `distiq teacher` trains teachers "
             "(method: teacher); run it with `distiq compress`"
         )
+    # teacher directory, data, output directory: clear errors before the progress bar starts
+    engine_function(verb, "distiq.train", "check_recipe")(
+        recipe, overwrite=overwrite, resume=resume
+    )
     with step_progress(f"{recipe.method} {recipe.run_name}") as progress:
         run_dir = compress(
             recipe,

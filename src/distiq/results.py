@@ -88,11 +88,10 @@ def write_records(path: str | os.PathLike, records: list[ResultRecord]) -> Path:
     return atomic_write(path, json.dumps([r.to_dict() for r in records], indent=2) + "\n")
 
 
-def upsert_records(path: str | os.PathLike, records: list[ResultRecord]) -> list[ResultRecord]:
-    """Merge ``records`` into the file by ``name``: fields that are not None in a new record
-    replace the stored ones (``extra`` dicts are merged); new names are appended. Returns the
-    merged list."""
-    merged = {r.name: r for r in read_records(path)}
+def merge_records(records: list[ResultRecord]) -> list[ResultRecord]:
+    """Merge records by ``name``, in order: a later record's fields that are not None replace the
+    earlier ones (``extra`` dicts are merged); new names are appended."""
+    merged: dict[str, ResultRecord] = {}
     for new in records:
         old = merged.get(new.name)
         if old is None:
@@ -104,7 +103,13 @@ def upsert_records(path: str | os.PathLike, records: list[ResultRecord]) -> list
             if f.name != "extra" and getattr(new, f.name) is not None
         }
         merged[new.name] = old.replace(**changes, extra={**old.extra, **new.extra})
-    out = list(merged.values())
+    return list(merged.values())
+
+
+def upsert_records(path: str | os.PathLike, records: list[ResultRecord]) -> list[ResultRecord]:
+    """Merge ``records`` into the file by ``name`` (``merge_records``), atomically. Returns the
+    merged list."""
+    out = merge_records([*read_records(path), *records])
     write_records(path, out)
     return out
 

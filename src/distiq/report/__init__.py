@@ -16,7 +16,7 @@ plot is drawn, so ``import distiq.report`` is light.
 """
 
 from distiq.report.goals import GoalCheck, check_goals, goals_summary
-from distiq.report.inputs import ReportInputs, RunCurves, collect_inputs, merge_records, read_curves
+from distiq.report.inputs import ReportInputs, RunCurves, collect_inputs, read_curves
 from distiq.report.render import (
     REPORT_HTML,
     REPORT_MD,
@@ -27,6 +27,7 @@ from distiq.report.render import (
     report,
     write_report,
 )
+from distiq.results import merge_records
 
 __all__ = [
     "GoalCheck",

@@ -16,7 +16,6 @@ JSON is an error naming the file and line, except a torn *last* line (a run kill
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from distiq.config import ConfigError
-from distiq.results import ResultRecord, read_records, with_retention
+from distiq.results import ResultRecord, merge_records, read_records, with_retention
 
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.jsonl"
@@ -135,24 +134,6 @@ def read_curves(path: str | os.PathLike, name: str | None = None) -> RunCurves:
         eval_steps=tuple(int(_number(ln["step"])) for ln in evals),
         eval_metrics=eval_metrics,
     )
-
-
-def merge_records(records: list[ResultRecord]) -> list[ResultRecord]:
-    """Merge records by ``name`` in order (as ``upsert_records`` does on disk): a later record's
-    non-None fields replace the earlier ones and ``extra`` dicts are merged."""
-    merged: dict[str, ResultRecord] = {}
-    for new in records:
-        old = merged.get(new.name)
-        if old is None:
-            merged[new.name] = new
-            continue
-        changes = {
-            f.name: getattr(new, f.name)
-            for f in dataclasses.fields(new)
-            if f.name != "extra" and getattr(new, f.name) is not None
-        }
-        merged[new.name] = old.replace(**changes, extra={**old.extra, **new.extra})
-    return list(merged.values())
 
 
 def _run_dirs(directory: Path) -> list[Path]:

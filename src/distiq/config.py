@@ -253,6 +253,27 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     return path
 
 
+def check_writable(directory: str | os.PathLike, what: str = "the output", hint: str = "") -> Path:
+    """Create ``directory`` if needed and check that files can be written there, before any long
+    work. Raises ``NotADirectoryError`` / ``PermissionError`` (``OSError``s) naming the path, with
+    ``hint`` (how to fix it) appended."""
+    out = Path(directory)
+    suffix = f"; {hint}" if hint else ""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(
+            f"cannot write {what} to {out}: it is a file, not a directory{suffix}"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".distiq-write-check-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        error = NotADirectoryError if isinstance(exc, NotADirectoryError) else PermissionError
+        raise error(f"cannot write {what} to {out}: {reason}{suffix}") from None
+    return out
+
+
 def dump_yaml(obj: Any, path: str | os.PathLike) -> Path:
     """Write a config object (or plain data) as YAML, atomically."""
     return atomic_write(path, yaml.safe_dump(to_dict(obj), sort_keys=False))

@@ -190,7 +190,7 @@ def test_unwritable_output(tmp_path):
 
 def test_output_under_a_file_is_unwritable(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(PermissionError, match="cannot write the output directory"):
+    with pytest.raises(NotADirectoryError, match="cannot write the run to .*: Not a directory"):
         check_recipe(_recipe(tmp_path, output=str(tmp_path / "file" / "run")))
 
 

@@ -14,11 +14,10 @@ import html
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distiq import __version__
+from distiq import __version__, config
 from distiq.config import atomic_write
 from distiq.report import plots
 from distiq.report.goals import WIDE_MARGIN, GoalCheck, check_goals, goals_summary
@@ -279,22 +278,9 @@ def render(inputs: ReportInputs) -> RenderedReport:
 
 
 def check_writable(out_dir: str | os.PathLike) -> Path:
-    """Create ``out_dir`` if needed and check that files can be written there; raise
-    ``NotADirectoryError`` / ``PermissionError`` (an ``OSError``) with a message naming the path
-    otherwise."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"cannot write the report to {out}: it is a file, not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out, prefix=".distiq-write-check-"):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise type(exc)(
-            f"cannot write the report to {out}: {reason}; choose a writable directory with --out"
-        ) from None
-    return out
+    """Create ``out_dir`` if needed and check that the report can be written there (an ``OSError``
+    naming the path and the ``--out`` fix otherwise)."""
+    return config.check_writable(out_dir, "the report", "choose a writable directory with --out")
 
 
 def write_report(inputs: ReportInputs, out_dir: str | os.PathLike) -> ReportFiles:

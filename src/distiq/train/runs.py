@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distiq import config
 from distiq.config import atomic_write, to_dict
 from distiq.quant import QuantConfig, QuantSpec, fake_quant_modules, quantize_
 from distiq.quant.functional import choose_qparams
@@ -218,12 +219,5 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
 
 
 def check_writable(run_dir: Path) -> None:
-    """Create ``run_dir`` and write a probe file; a clear error when the path is not writable."""
-    import tempfile
-
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".probe-"):
-            pass
-    except OSError as exc:
-        raise PermissionError(f"cannot write the output directory {run_dir}: {exc}") from exc
+    """Create ``run_dir``; a clear error when the path is not writable."""
+    config.check_writable(run_dir, "the run", "choose a writable output directory")

@@ -85,7 +85,7 @@ def test_teacher_directory(world):
         "count", "color", "identity", "position", "relation", "exist", "compare",
     }  # fmt: skip
     terms = {t for line in read_metrics(teacher / "metrics.jsonl") for t in line.get("terms", {})}
-    assert {"vqa", "detection", "segmentation"} <= terms
+    assert {"vqa", "detection", "segmentation", "grounding", "centres"} <= terms
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])

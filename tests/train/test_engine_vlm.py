@@ -180,3 +180,20 @@ def test_batch_keeps_detection_and_masks(model_and_data):
     assert batch["mask"].max() < train.num_segmentation_classes
     assert len(batch["boxes"]) == 2 and batch["boxes"][0].shape[1] == 4
     assert batch["question_image"].tolist() == [0] * len(train.rows[0]) + [1] * len(train.rows[1])
+
+
+def test_boxes_and_masks_follow_the_model_resolution(scenes):
+    """Heads see the model's input pixels: a 16 px model on 32 px scenes gets halved boxes and
+    nearest-resized masks."""
+    import json
+
+    words = json.loads(scenes.meta.read_text())["vocabulary"]
+    _, adapter = build_edge_vlm(words, "tiny", **{**TINY, "image_size": 16})
+    small = load_scene_split(scenes.root, "train", adapter)
+    full = load_scene_split(scenes.root, "train", build_edge_vlm(words, "tiny", **TINY)[1])
+    item, reference = small[0], full[0]
+    torch.testing.assert_close(item["boxes"], reference["boxes"] / 2)
+    assert item["mask"].shape == (16, 16)
+    assert torch.equal(item["mask"], reference["mask"][1::2, 1::2])  # nearest: pixel centres
+    batch = small.collate([item])
+    assert batch["pixel_values"].shape[-2:] == (16, 16)

@@ -94,7 +94,7 @@ def compress(
         from distiq.train.teacher import train_teacher
 
         return train_teacher(
-            recipe, overwrite=True, resume=resume, on_step=on_step, on_eval=on_eval
+            recipe, overwrite=not resume, resume=resume, on_step=on_step, on_eval=on_eval
         )
     started = time.perf_counter()
     teacher, adapter = load_vlm(recipe.teacher.path)

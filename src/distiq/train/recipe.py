@@ -20,7 +20,11 @@ Schema (every key but ``method`` optional; defaults shown)::
     #   model: {}                #   EdgeVLMConfig overrides, e.g. {text_layers: 4}
     #   heads: true              #   detection + segmentation heads (dense supervision)
     #   segmentation_target: category   # category | colour
-    #   weights: {vqa: 1.0, detection: 1.0, segmentation: 1.0}
+    #   weights: {vqa: 1.0, detection: 1.0, segmentation: 1.0, grounding: 1.0, centres: 1.0}
+    #   grounding_layer: null    #   language-model layer whose output the grounding head reads
+    #                            #   (null: the second to last)
+    #   pca_stem: true           #   start the ViT patch embedding as the PCA whitening of
+    #                            #   training patches (a better-conditioned vision stem)
     student:
       init: teacher              # teacher: a copy of the teacher | preset: a smaller edge VLM
       preset: null               # (init: preset) tiny | small | base
@@ -77,11 +81,18 @@ EDGE_PRESET_NAMES: tuple[str, ...] = ("tiny", "small", "base")
 
 @dataclass(frozen=True)
 class TeacherWeights:
-    """Weights of the teacher's training losses (each a mean over its own elements)."""
+    """Weights of the teacher's training losses (each a mean over its own elements):
+    ``vqa`` answer tokens, the ``detection`` and ``segmentation`` heads, and the grounded
+    auxiliary heads of :mod:`distiq.train.grounding` (``grounding``: question words,
+    ``centres``: object centres, ``counts``: scene counts in every image token; synthetic
+    scenes only, 0 turns them off)."""
 
     vqa: float = 1.0
     detection: float = 1.0
     segmentation: float = 1.0
+    grounding: float = 1.0
+    centres: float = 1.0
+    counts: float = 0.0
 
     def _validate(self) -> list[str]:
         return [f"{k} must be >= 0" for k, v in dataclasses.asdict(self).items() if v < 0]
@@ -97,6 +108,8 @@ class TeacherConfig:
     heads: bool = True
     segmentation_target: Literal["category", "colour"] = "category"
     weights: TeacherWeights = field(default_factory=TeacherWeights)
+    grounding_layer: int | None = None
+    pca_stem: bool = True
 
     @classmethod
     def _from_config(cls, value: object) -> TeacherConfig:

@@ -217,15 +217,29 @@ class ImageQuestions(Dataset):
             "labels": None,
             "mask": None,
         }
+        # Heads see the model's input pixels: boxes and masks follow the processor's resize.
+        width, height = item["image"].size
+        target_h, target_w = self.size
         if self.detection is not None:
             boxes, labels = self.detection.get(image_id, ([], []))
-            item["boxes"] = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            if (width, height) != (target_w, target_h):
+                scale = torch.tensor([target_w / width, target_h / height] * 2)
+                boxes = boxes * scale
+            item["boxes"] = boxes
             item["labels"] = torch.tensor(labels, dtype=torch.long)
         if self.masks is not None:
+            from PIL import Image
+
             raw = read_label_image(Path(self.masks[image_id]), f"mask of image {image_id}")
             lookup = self.mask_lookup
-            mask = lookup[raw] if lookup is not None else raw
-            item["mask"] = torch.from_numpy(np.ascontiguousarray(mask).astype(np.int64))
+            mask = np.ascontiguousarray(lookup[raw] if lookup is not None else raw)
+            if mask.shape != (target_h, target_w):
+                resized = Image.fromarray(mask.astype(np.uint8)).resize(
+                    (target_w, target_h), Image.Resampling.NEAREST
+                )
+                mask = np.asarray(resized)
+            item["mask"] = torch.from_numpy(mask.astype(np.int64))
         return item
 
     def subset(self, indices: Sequence[int]) -> ImageQuestions:
@@ -271,7 +285,7 @@ class ImageQuestions(Dataset):
         Keys:
             ``pixel_values`` (B, 3, H, W); ``prefix_ids`` (P,) shared by every prompt and
             ``image_positions`` (P,) bool; ``question_image`` (Q,) long: the image (row of
-            ``pixel_values``) of each question.
+            ``pixel_values``) of each question; ``image_id`` (B,) long.
             With answers (training): ``suffix_ids`` (Q, S) right-padded, ``suffix_mask`` (Q, S),
             ``labels`` (Q, S): answer and eos ids, -100 elsewhere (Hugging Face convention,
             aligned with ``suffix_ids``).
@@ -310,6 +324,7 @@ class ImageQuestions(Dataset):
             "prefix_ids": tokens.prefix_ids,
             "image_positions": tokens.image_positions,
             "question_image": torch.tensor(question_image, dtype=torch.long),
+            "image_id": torch.tensor([int(item["image_id"]) for item in items], dtype=torch.long),
             "suffix_ids": suffix_ids,
             "suffix_mask": suffix_mask,
             "answers": [list(self.questions[r]["answers"]) for r in rows],

@@ -184,3 +184,23 @@ def test_point_labels_do_not_overlap():
     line = plots._LABEL_FONT * 1.35
     assert offsets[1] == (5.0, pytest.approx(4.0 - line))  # moved one line down
     assert offsets[3] == (5.0, pytest.approx(4.0 + line))  # then up
+
+
+def test_qlora_merge_requantize_drop_is_shown():
+    records = [
+        ResultRecord("teacher", "teacher", value=90.0),
+        ResultRecord(
+            "qlora-kd-nf4",
+            "qlora-kd",
+            4,
+            16,
+            64,
+            value=86.5,
+            extra={"qlora_unmerged_value": 88.0, "merge_requantize_drop": 1.5},
+        ),
+        ResultRecord("rtn", "rtn", 4, 8, 64, value=70.0),
+    ]
+    markdown = render(_inputs(records)).markdown
+    assert "## Merging adapters and re-quantizing" in markdown
+    assert "| qlora-kd-nf4 | 4/16 | 88.00 | 86.50 | 1.50 |" in markdown
+    assert "Merging adapters" not in render(_inputs(records[::2])).markdown

@@ -28,6 +28,7 @@ from distiq.report.tables import (
     fmt_number,
     group_by_metric,
     machines,
+    merge_table,
     question_type_table,
     results_table,
 )
@@ -139,6 +140,18 @@ def build_blocks(inputs: ReportInputs) -> tuple[list[Block], dict[str, bytes]]:
             notes.append(f"Blind-question baseline (question only, no image): {blind:.2f}.")
         blocks.append(Paragraph(" ".join(notes)))
         blocks.append(TableBlock(results_table(group)))
+
+    merges = merge_table([r for group in groups.values() for r in group])
+    if merges is not None:
+        blocks += [
+            Heading("Merging adapters and re-quantizing"),
+            Paragraph(
+                "A QLoRA-style run trains adapters on a frozen quantized base; deploying it merges "
+                "the adapters into the weights and quantizes them again. The table shows what "
+                "that step cost (the results table reports the deployed model)."
+            ),
+            TableBlock(merges),
+        ]
 
     blocks += _goal_blocks(check_goals(records))
 

@@ -112,6 +112,31 @@ def results_table(records: list[ResultRecord]) -> Table:
     return header, rows
 
 
+def merge_table(records: list[ResultRecord]) -> Table | None:
+    """What merging LoRA adapters and re-quantizing cost (``qlora-kd`` runs): accuracy as trained
+    (quantized base + adapters, ``extra["qlora_unmerged_value"]``), as deployed (merged and
+    re-quantized: the record's ``value``) and the drop in points. ``None`` when no record has
+    the numbers."""
+    rows = []
+    for r in records:
+        unmerged = r.extra.get("qlora_unmerged_value")
+        if not _is_number(unmerged) or r.value is None:
+            continue
+        rows.append(
+            [
+                r.name,
+                fmt_bits(r),
+                fmt_number(float(unmerged)),
+                fmt_number(r.value),
+                fmt_number(float(unmerged) - r.value),
+            ]
+        )
+    if not rows:
+        return None
+    header = ["name", "bits W/A", "as trained (base + adapters)", "merged + re-quantized", "drop"]
+    return header, rows
+
+
 def per_question_type(record: ResultRecord) -> dict[str, float]:
     """``{question type: accuracy in %}`` from ``record.extra`` (both forms, see the module
     docstring); empty when the record carries none."""

@@ -22,6 +22,7 @@ are identical to the official ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -91,6 +92,12 @@ def normalize_answer(answer: str) -> str:
     """Normalise a predicted answer exactly as the official VQA evaluation does."""
     if not isinstance(answer, str):
         raise TypeError(f"an answer must be a str, got {type(answer).__name__}: {answer!r}")
+    return _normalize(answer)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _normalize(answer: str) -> str:
+    # Cached: an evaluation normalises the same few hundred answer strings again and again.
     text = answer.replace("\n", " ").replace("\t", " ").strip()
     return process_digit_article(process_punctuation(text))
 

@@ -191,3 +191,18 @@ def test_demo_missing_recipes_is_a_clear_error(runner, tmp_path, fake_engine, mo
     assert result.exit_code == 1
     assert "the demo's recipes are not in" in result.stderr and "DISTIQ_RECIPES" in result.stderr
     assert fake_engine.calls == []
+
+
+def test_recipes_ship_inside_the_package(monkeypatch):
+    # The wheel's package data (pyproject: distiq = ["recipes/*.yaml"]) is the folder found
+    # next to the package, the same files as the checkout's recipes/.
+    import distiq
+    from distiq.cli.demo_plan import recipes_dir
+
+    monkeypatch.delenv("DISTIQ_RECIPES", raising=False)
+    found = recipes_dir()
+    assert found == Path(distiq.__file__).resolve().parent / "recipes"
+    top = Path(__file__).resolve().parents[2] / "recipes"
+    assert sorted(p.name for p in found.glob("*.yaml")) == sorted(
+        p.name for p in top.glob("*.yaml")
+    )

@@ -79,14 +79,15 @@ QUICK = DemoSettings(
 
 
 def recipes_dir() -> Path:
-    """The shipped recipes: ``$DISTIQ_RECIPES`` if set, else ``recipes/`` of the source tree
-    distiq runs from."""
+    """The shipped recipes: ``$DISTIQ_RECIPES`` if set, else the ``recipes`` folder of the
+    installed package (a link to the checkout's top-level ``recipes/`` in a source tree; package
+    data in a wheel)."""
     env = os.environ.get(RECIPES_ENV)
-    path = Path(env) if env else Path(distiq.__file__).resolve().parents[2] / "recipes"
+    path = Path(env) if env else Path(distiq.__file__).resolve().parent / "recipes"
     if not (path / f"{TEACHER}.yaml").is_file():
         raise FileNotFoundError(
-            f"the demo's recipes are not in {path} (no {TEACHER}.yaml); run distiq from its "
-            f"source checkout or point {RECIPES_ENV} at the recipes folder"
+            f"the demo's recipes are not in {path} (no {TEACHER}.yaml); reinstall distiq "
+            f"(`bash scripts/setup.sh`) or point {RECIPES_ENV} at a folder of recipes"
         )
     return path
 

@@ -1,5 +1,6 @@
 """The distiq command line: help for every verb, version, light start-up."""
 
+import os
 import subprocess
 import sys
 
@@ -50,3 +51,18 @@ def test_cli_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("preset", [None, "ACTIVE"])
+def test_main_makes_openmp_wait_passively_unless_told(monkeypatch, preset):
+    from distiq.cli import main
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "placeholder")  # restored after the test
+    if preset is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY")
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", preset)
+    monkeypatch.setattr(sys, "argv", ["distiq", "--help"])
+    with pytest.raises(SystemExit):
+        main()
+    assert os.environ["OMP_WAIT_POLICY"] == (preset or "PASSIVE")

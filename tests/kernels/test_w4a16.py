@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from distiq.kernels import dequantize_w4a16, pack_w4a16, w4a16_linear
+from distiq.kernels.w4a16 import unpack_w4a16_codes
 from distiq.quant.functional import choose_qparams, dequantize, quantize
 from distiq.quant.spec import PerGroup, QuantSpec
 
@@ -26,8 +27,26 @@ def _quantized(n=48, k=640, group=64):
 def test_packed_weight_dequantizes_to_distiq_values(group):
     codes, s, z, reference = _quantized(group=group)
     packed = pack_w4a16(codes, s, z, group, dtype=torch.float32)
-    assert packed.packed.dtype == torch.uint8 and packed.packed.shape == (48, 320)
+    assert packed.packed.dtype == torch.int32 and packed.packed.shape == (80, 48)  # (K/8, N)
+    assert packed.scale.shape == (640 // group, 48) and packed.shape == (48, 640)
     torch.testing.assert_close(dequantize_w4a16(packed), reference, atol=2e-6, rtol=0)
+
+
+def test_packed_words_hold_codes_low_nibble_first():
+    """Word [j, n] holds codes (n, 8j .. 8j+7), code 8j+i in bits 4i..4i+3 (checked bit by bit
+    against an independent loop, including codes of 15 in the sign nibble)."""
+    codes = torch.randint(0, 16, (5, 16))
+    codes[0, 7] = 15
+    packed = pack_w4a16(codes, torch.ones(5, 1), torch.zeros(5, 1), 16).packed
+    for n in range(5):
+        for j in range(2):
+            word = int(packed[j, n]) & 0xFFFFFFFF
+            assert [(word >> (4 * i)) & 0xF for i in range(8)] == codes[
+                n, 8 * j : 8 * j + 8
+            ].tolist()
+    assert unpack_w4a16_codes(pack_w4a16(codes, torch.ones(5, 1), torch.zeros(5, 1), 16)).equal(
+        codes.to(torch.int32)
+    )
 
 
 def test_cpu_linear_matches_reference_and_bias():
@@ -48,22 +67,57 @@ def test_rejects_signed_codes_and_bad_groups():
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_kernel_in_interpreter_matches_reference():
     """Runs the real Triton kernel in Triton's CPU interpreter (a subprocess: the interpreter is
-    chosen when triton is imported), fixed meta-parameters, ragged N and group counts."""
+    chosen when triton is imported): both inner loops (FMA with each int->float conversion,
+    tensor-core dot), one and several rows, ragged N, K not a multiple of BLOCK_K,
+    K tiles spanning several groups, fused bias, fp32 and fp16 activations. (bf16 is not checked
+    here: Triton 3.6's interpreter computes tl.dot on bf16 wrongly; the GPU benchmark checks it.)"""
     code = textwrap.dedent(
         """
         import torch
-        from distiq.kernels.w4a16 import _triton_w4a16, pack_w4a16
+        from distiq.kernels.w4a16 import _triton_kernel, _triton_w4a16, pack_w4a16
         from distiq.quant.functional import choose_qparams, dequantize, quantize
         from distiq.quant.spec import PerGroup, QuantSpec
         torch.manual_seed(0)
-        spec = QuantSpec(bits=4, symmetric=False, granularity=PerGroup(64))
-        w = torch.randn(48, 640); s, z = choose_qparams(w, spec); c = quantize(w, s, z, spec)
-        ref_w = dequantize(c, s, z, spec); x = torch.randn(3, 640)
-        packed = pack_w4a16(c, s, z, 64, dtype=torch.float32)
-        for cfg in ({"BLOCK_N": 16, "GROUPS_PER_BLOCK": 1, "SPLIT_K": 1},
-                    {"BLOCK_N": 32, "GROUPS_PER_BLOCK": 4, "SPLIT_K": 2}):
-            err = (_triton_w4a16(x, packed, cfg) - x @ ref_w.t()).abs().max().item()
-            assert err < 1e-3, (cfg, err)
+        spec = QuantSpec(bits=4, symmetric=False, granularity=PerGroup(32))
+        w = torch.randn(40, 96); s, z = choose_qparams(w, spec); c = quantize(w, s, z, spec)
+        ref_w = dequantize(c, s, z, spec).double(); bias = torch.randn(40)
+        cfgs = [dict(BLOCK_N=16, BLOCK_K=64, USE_DOT=0),  # K tile spans 2 groups, K % 64 != 0
+                dict(BLOCK_N=32, BLOCK_K=32, USE_DOT=0, MAGIC=0),
+                dict(BLOCK_N=16, BLOCK_K=32, USE_DOT=1),
+                dict(BLOCK_N=16, BLOCK_K=64, USE_DOT=0, MAGIC=2, LOOP_STAGES=3)]
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 3e-3)):
+            packed = pack_w4a16(c, s, z, 32, dtype=dtype)
+            for m, cfg in ((1, cfgs[0]), (1, cfgs[1]), (1, cfgs[2]), (1, cfgs[3]),
+                           (3, cfgs[0]), (3, cfgs[2])):
+                # MAGIC=2 keeps 13+ bits of each c·x (relative error ~4e-5 in fp32)
+                limit = max(tol, 1e-4) if cfg.get("MAGIC") == 2 else tol
+                x = torch.randn(m, 96).to(dtype)
+                b = bias.to(dtype) if m == 3 else None
+                out = _triton_w4a16(x, packed, b, cfg)
+                want = x.double() @ ref_w.t() + (0 if b is None else b.double())
+                assert out.dtype == dtype and out.shape == (m, 40), (out.dtype, out.shape)
+                err = ((out.double() - want).norm() / want.norm()).item()
+                assert err < limit, (dtype, m, cfg, err)
+        try:
+            _triton_w4a16(x, packed, None, dict(BLOCK_N=16, BLOCK_K=64, USE_DOT=1))
+        except ValueError as e:
+            assert "group_size" in str(e)
+        else:
+            raise AssertionError("a dot tile spanning two groups must be refused")
+        # The autotuned path (what w4a16_linear runs): pruning, config choice, launch. Timing
+        # needs a GPU, so each config's "time" is its rank; every pruned-in config still runs.
+        tuned = _triton_kernel()[1]
+        ran = []
+        tuned._do_bench = lambda call, quantiles: (call(), ran.append(1), [float(len(ran))] * 3)[2]
+        packed = pack_w4a16(c, s, z, 32, dtype=torch.float32)
+        for m in (1, 3):
+            x = torch.randn(m, 96)
+            err = (_triton_w4a16(x, packed) - (x.double() @ ref_w.t())).abs().max().item()
+            assert err < 1e-3, (m, err)
+        chosen = list(tuned.cache.values())
+        assert len(chosen) == 2 and not chosen[0].kwargs["USE_DOT"], chosen
+        # group 32: no dot config (K tiles of 64/128 span groups); 3 rows: only the small FMA tile
+        assert len(ran) == 7 + 1, len(ran)
         print("ok")
         """
     )
@@ -77,8 +131,11 @@ def test_triton_kernel_in_interpreter_matches_reference():
 @pytest.mark.gpu
 def test_triton_kernel_on_cuda_matches_reference():
     codes, s, z, reference = _quantized(n=4096, k=4096, group=128)
-    packed = pack_w4a16(codes, s, z, 128).to("cuda")
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
-    out = w4a16_linear(x, packed).float()
-    want = x.float() @ reference.cuda().t()
-    assert (out - want).norm() / want.norm() < 2e-3
+    packed = pack_w4a16(codes, s, z, 128)
+    bf16 = pack_w4a16(codes, s, z, 128, dtype=torch.bfloat16).to("cuda")
+    for rows in (1, 4):
+        for dtype in (torch.float16, torch.bfloat16):
+            x = torch.randn(rows, 4096, device="cuda", dtype=dtype)
+            out = w4a16_linear(x, packed.to("cuda") if dtype == torch.float16 else bf16).float()
+            want = x.float() @ reference.cuda().t()
+            assert (out - want).norm() / want.norm() < 1e-2, (rows, dtype)

@@ -1,18 +1,30 @@
 """W4A16: 4-bit weights (groupwise scale and zero-point), 16-bit activations, for decode on a GPU.
 
 Layout of a ``W4A16Weight`` (N = out features, K = in features, G = K / group_size):
-- ``packed``: ``(N, K/2)`` uint8; byte ``j`` of a row holds code ``2j`` in its low nibble and code
-  ``2j+1`` in its high nibble; codes are unsigned 0-15;
-- ``scale``: ``(N, G)``; ``zero_scaled``: ``(N, G)`` = zero-point · scale, so that
-  ``w[n, k] = codes[n, k] · scale[n, g] − zero_scaled[n, g]`` with ``g = k // group_size``
+- ``packed``: ``(K/8, N)`` int32, K-major ("column-major" words, as GemLite and gpt-fast lay out
+  4-bit weights): word ``[j, n]`` holds the codes of weights ``(n, 8j) .. (n, 8j+7)``, code
+  ``8j+i`` in bits ``4i .. 4i+3``; codes are unsigned 0-15. Consecutive columns ``n`` are
+  consecutive words, so the threads of a warp that each take one output feature read one
+  contiguous, coalesced run of memory;
+- ``scale``: ``(G, N)``; ``zero_scaled``: ``(G, N)`` = zero-point · scale, so that
+  ``w[n, k] = codes[n, k] · scale[g, n] − zero_scaled[g, n]`` with ``g = k // group_size``
   (the same value as distiq's ``(q − z) · s``, regrouped for the kernel).
 
 ``w4a16_linear(x, weight)`` computes ``x @ wᵀ``. With a CUDA device, Triton, and at most
-``GEMV_MAX_ROWS`` rows of ``x`` (a decode step), it runs the Triton kernel below, which reads the
-packed weights once (4 bits per weight: the memory traffic a decode step is bound by) and folds the
-zero-point out of the inner loop: per group, Σₖ wₖxₖ = s·Σₖ qₖxₖ − (z·s)·Σₖ xₖ. Otherwise (CPU,
-prefill) it dequantizes and calls ``F.linear`` — on a GPU a prefill is compute-bound, so the one
-extra pass over the weights costs little there.
+``GEMV_MAX_ROWS`` rows of ``x`` (a decode step), it runs ONE Triton kernel (no memset, no cast:
+it writes ``x.dtype`` into an uninitialised output, bias fused) that reads the packed weights once
+(4 bits per weight: the memory traffic a decode step is bound by) and folds the zero-point out of
+the inner loop: per group, Σₖ wₖxₖ = s·Σₖ qₖxₖ − (z·s)·Σₖ xₖ. Two inner loops, picked per call by
+the autotuner:
+- FMA (``USE_DOT=0``): per word row, the 8 nibbles are turned into floats with the
+  ``0x4B000000`` trick (``float(bits | 2²³) − 2²³``: two cheap ALU ops instead of the
+  quarter-rate int→float conversion) and multiply-added on CUDA cores; the sum over K stays in
+  per-thread partial sums until the end (one cross-thread reduction per output tile);
+- DOT (``USE_DOT=1``): the tile is dequantized to ``x.dtype`` codes and multiplied on tensor
+  cores (``tl.dot``, rows padded to 16), so M rows cost one unpack instead of M, and Triton
+  pipelines its weight loads (cp.async, ``num_stages``).
+Otherwise (CPU, prefill) it dequantizes and calls ``F.linear`` — on a GPU a prefill is
+compute-bound, so the one extra pass over the weights costs little there.
 """
 
 from __future__ import annotations
@@ -25,19 +37,37 @@ import torch.nn.functional as F
 
 GEMV_MAX_ROWS = 8
 
+# (BLOCK_N, BLOCK_K, USE_DOT, LOOP_STAGES, MAGIC, num_warps, num_stages): small on purpose, so that
+# the first call's autotuning (one compile and one timing per config, per shape and row count)
+# stays ~10-20 s. benchmarks/w4a16_variants.py sweeps wider and says which of these win on a card.
+AUTOTUNE_CONFIGS = (
+    (32, 256, 0, 1, 2, 4, 1),
+    (16, 512, 0, 1, 2, 4, 1),
+    (32, 256, 0, 3, 2, 4, 1),
+    (16, 512, 0, 3, 2, 4, 1),
+    (64, 256, 0, 3, 2, 8, 1),
+    (32, 256, 0, 3, 1, 4, 1),
+    (16, 128, 0, 3, 1, 4, 1),
+    (32, 128, 1, 1, 1, 4, 3),
+    (64, 128, 1, 1, 1, 4, 4),
+    (16, 128, 1, 1, 1, 4, 4),
+    (32, 64, 1, 1, 1, 4, 4),
+)
+
 
 @dataclass
 class W4A16Weight:
     """Packed 4-bit weight; see the module docstring for the layout."""
 
-    packed: torch.Tensor  # (N, K/2) uint8
-    scale: torch.Tensor  # (N, G)
-    zero_scaled: torch.Tensor  # (N, G)
+    packed: torch.Tensor  # (K/8, N) int32
+    scale: torch.Tensor  # (G, N)
+    zero_scaled: torch.Tensor  # (G, N)
     group_size: int
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.packed.shape[0], self.packed.shape[1] * 2
+        """``(N, K)``: out features, in features."""
+        return self.packed.shape[1], self.packed.shape[0] * 8
 
     def to(self, device: torch.device | str) -> W4A16Weight:
         return W4A16Weight(
@@ -68,18 +98,30 @@ def pack_w4a16(
         )
     scale = scale.reshape(n, k // group_size).float()
     zero = zero_point.reshape(n, k // group_size).float()
-    c = codes.to(torch.uint8)
-    packed = (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
-    return W4A16Weight(packed, scale.to(dtype), (zero * scale).to(dtype), group_size)
+    shifts = torch.arange(0, 32, 4, device=codes.device, dtype=torch.int64)
+    words = (codes.to(torch.int64).reshape(n, k // 8, 8) << shifts).sum(-1)  # (N, K/8) in [0, 2³²)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return W4A16Weight(
+        words.t().contiguous(),
+        scale.t().contiguous().to(dtype),
+        (zero * scale).t().contiguous().to(dtype),
+        group_size,
+    )
+
+
+def unpack_w4a16_codes(weight: W4A16Weight) -> torch.Tensor:
+    """The ``(N, K)`` int32 codes in [0, 15] that ``weight.packed`` holds."""
+    shifts = torch.arange(0, 32, 4, device=weight.packed.device, dtype=torch.int32)
+    codes = (weight.packed[:, None, :] >> shifts[None, :, None]) & 0xF  # (K/8, 8, N)
+    return codes.reshape(-1, codes.shape[-1]).t()
 
 
 def dequantize_w4a16(weight: W4A16Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The ``(N, K)`` weight that ``weight`` encodes."""
-    p = weight.packed
-    codes = torch.stack([p & 0xF, p >> 4], dim=-1).reshape(p.shape[0], -1).float()  # (N, K)
+    codes = unpack_w4a16_codes(weight).float()  # (N, K)
     g = weight.group_size
-    w = codes.unflatten(-1, (-1, g)) * weight.scale.float()[..., None]
-    w = w - weight.zero_scaled.float()[..., None]
+    w = codes.unflatten(-1, (-1, g)) * weight.scale.float().t()[..., None]
+    w = w - weight.zero_scaled.float().t()[..., None]
     return w.reshape(codes.shape).to(dtype)
 
 
@@ -90,10 +132,30 @@ def w4a16_linear(
     rows = x.numel() // x.shape[-1]
     group = weight.group_size
     power_of_two = group & (group - 1) == 0  # Triton tiles have power-of-two sizes
-    if x.is_cuda and rows <= GEMV_MAX_ROWS and power_of_two and _triton_kernel() is not None:
-        out = _triton_w4a16(x.reshape(rows, x.shape[-1]), weight).reshape(*x.shape[:-1], -1)
-        return out if bias is None else out + bias
+    if (
+        x.is_cuda
+        and 0 < rows <= GEMV_MAX_ROWS
+        and power_of_two
+        and group >= 16
+        and _triton_kernel() is not None
+    ):
+        out = _triton_w4a16(x.reshape(rows, x.shape[-1]), weight, bias)
+        return out.reshape(*x.shape[:-1], -1)
     return F.linear(x, dequantize_w4a16(weight, x.dtype), bias)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tensor-core configs whose K tile would span two groups (the dot sums a tile before the
+    per-group scale), and, for several rows, CUDA-core tiles too big for registers (that path holds
+    a (rows, BLOCK_K/8, BLOCK_N) partial sum per program)."""
+    args = {**named_args, **kwargs}
+
+    def fits(c) -> bool:
+        if c.kwargs["USE_DOT"]:
+            return c.kwargs["BLOCK_K"] <= args["GROUP"]
+        return args["M"] == 1 or c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 2048
+
+    return [c for c in configs if fits(c)] or [c for c in configs if not c.kwargs["USE_DOT"]]
 
 
 @functools.cache
@@ -105,110 +167,243 @@ def _triton_kernel():
     except ImportError:
         return None
 
-    configs = [
-        triton.Config({"BLOCK_N": bn, "GROUPS_PER_BLOCK": gpb, "SPLIT_K": sk}, num_warps=w)
-        for bn in (8, 16, 32)
-        for gpb in (1, 2)
-        for sk in (1, 2, 4)
-        for w in (2, 4)
-    ]
-
     @triton.jit
     def kernel(
-        x_ptr,
-        w_ptr,
-        s_ptr,
-        zs_ptr,
-        out_ptr,
+        x_ptr,  # (M, K), row stride stride_xm
+        w_ptr,  # (K/8, N) int32, contiguous
+        s_ptr,  # (G, N), contiguous
+        zs_ptr,  # (G, N), contiguous
+        b_ptr,  # (N,) bias, read only when HAS_BIAS
+        out_ptr,  # (M, N), row stride stride_om
+        M,
         N,
         stride_xm,
-        stride_wn,
-        stride_sn,
         stride_om,
-        N_GROUPS: tl.constexpr,
+        one_bits,  # 0x3F800000 (1.0f), a runtime value so ptxas fuses and+or into one LOP3
+        K: tl.constexpr,  # constexpr: known trip count (one compile per in-features value)
         GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr,  # 1, or GEMV_MAX_ROWS >= M (rows beyond M are masked)
+        HAS_BIAS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        GROUPS_PER_BLOCK: tl.constexpr,
-        SPLIT_K: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        USE_DOT: tl.constexpr,
+        MAGIC: tl.constexpr = 1,  # 0: int->float cvt; 1: 0x4B000000 trick; 2: see FMA, M = 1
+        LOOP_STAGES: tl.constexpr = 1,
+        UNROLL: tl.constexpr = 1,
     ):
-        # The packed weight is read as int32 words: word j of a row holds codes 8j..8j+7,
-        # code 8j+i in bits 4i..4i+3 (little-endian bytes, low nibble first).
+        WORDS: tl.constexpr = BLOCK_K // 8
         pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        WORDS: tl.constexpr = GROUP // 8
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        offs_g = tl.arange(0, GROUPS_PER_BLOCK)
         offs_w = tl.arange(0, WORDS)
-        offs_i = tl.arange(0, 8)
-        shifts = offs_i * 4
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for it in range(0, tl.cdiv(N_GROUPS, GROUPS_PER_BLOCK * SPLIT_K)):
-            groups = (it * SPLIT_K + pid_k) * GROUPS_PER_BLOCK + offs_g  # (GPB,)
-            g_mask = groups < N_GROUPS
-            word = groups[:, None] * WORDS + offs_w[None, :]  # (GPB, WORDS)
-            p = tl.load(
-                w_ptr + offs_n[:, None, None] * stride_wn + word[None, :, :],
-                mask=n_mask[:, None, None] & g_mask[None, :, None],
-                other=0,
-            )  # (BN, GPB, WORDS) int32
-            codes = (p[:, :, :, None] >> shifts[None, None, None, :]) & 0xF  # (BN, GPB, WORDS, 8)
-            k_idx = word[:, :, None] * 8 + offs_i[None, None, :]  # (GPB, WORDS, 8)
-            x = tl.load(x_ptr + pid_m * stride_xm + k_idx, mask=g_mask[:, None, None], other=0.0)
-            x = x.to(tl.float32)
-            qx = tl.sum(
-                tl.sum(codes.to(tl.float32) * x[None, :, :, :], axis=3), axis=2
-            )  # (BN, GPB)
-            sx = tl.sum(tl.sum(x, axis=2), axis=1)  # (GPB,)
-            sg = offs_n[:, None] * stride_sn + groups[None, :]
-            sg_mask = n_mask[:, None] & g_mask[None, :]
-            s = tl.load(s_ptr + sg, mask=sg_mask, other=0.0).to(tl.float32)
-            zs = tl.load(zs_ptr + sg, mask=sg_mask, other=0.0).to(tl.float32)
-            acc += tl.sum(s * qx - zs * sx[None, :], axis=1)
-        out = out_ptr + pid_m * stride_om + offs_n
-        if SPLIT_K == 1:
-            tl.store(out, acc, mask=n_mask)
+        k_words = K // 8
+        if USE_DOT:
+            DOT_M: tl.constexpr = 16
+            offs_m = tl.arange(0, DOT_M)
+            # row r of a K tile holds nibble r // WORDS of word r % WORDS: k = 8 (r % W) + r // W
+            offs_r = tl.arange(0, BLOCK_K)
+            k_of_r = (offs_r % WORDS) * 8 + offs_r // WORDS
+            shifts = tl.arange(0, 8) * 4
+            acc = tl.zeros((DOT_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                w_idx = k0 // 8 + offs_w
+                p = tl.load(
+                    w_ptr + w_idx[:, None] * N + offs_n[None, :],
+                    mask=(w_idx < k_words)[:, None] & n_mask[None, :],
+                    other=0,
+                )  # (W, BN)
+                c = (p[None, :, :] >> shifts[:, None, None]) & 0xF  # (8, W, BN)
+                if MAGIC:
+                    f = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                else:
+                    f = c.to(tl.float32)
+                xk = k0 + k_of_r
+                xt = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + xk[None, :],
+                    mask=(offs_m < M)[:, None] & (xk < K)[None, :],
+                    other=0.0,
+                )  # (16, BK)
+                wt = tl.reshape(f, (BLOCK_K, BLOCK_N)).to(xt.dtype)
+                d = tl.dot(xt, wt, input_precision=DOT_PRECISION)  # (16, BN) fp32
+                g = k0 // GROUP
+                s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                zs = tl.load(zs_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                sx = tl.sum(xt.to(tl.float32), axis=1)  # (16,)
+                acc += d * s[None, :] - sx[:, None] * zs[None, :]
+            offs_m_out = offs_m
+            result = acc
+        elif BLOCK_M == 1:
+            acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+            # The kernel's num_stages pipelines only loads that feed a tl.dot; LOOP_STAGES > 1
+            # asks tl.range to pipeline these weight loads (cp.async), UNROLL > 1 unrolls the loop
+            # so that ptxas can issue later tiles' loads early: both keep more bytes in flight.
+            for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL):
+                w_idx = k0 // 8 + offs_w
+                w_mask = w_idx < k_words
+                p = tl.load(
+                    w_ptr + w_idx[:, None] * N + offs_n[None, :],
+                    mask=w_mask[:, None] & n_mask[None, :],
+                    other=0,
+                )  # (W, BN)
+                if MAGIC == 2:
+                    # One shift serves two nibbles, which land in bits 12-15 and 16-19, the top
+                    # of a float's mantissa: float(bits | 1.0) = 1 + c·2⁻¹¹ (or 1 + c·2⁻⁷), and
+                    # Σ(1 + c·2⁻ᵉ)x − Σx = 2⁻ᵉ·Σcx, so no per-weight subtraction: 2.5 instead
+                    # of 4 integer/float ops per weight (13+ bits of c·x survive the offset).
+                    ql = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+                    qh = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+                    sxl = tl.zeros((WORDS,), dtype=tl.float32)
+                    sxh = tl.zeros((WORDS,), dtype=tl.float32)
+                    for j in tl.static_range(4):
+                        if j < 2:
+                            pj = p << (12 - 8 * j)
+                        else:
+                            pj = p >> (8 * j - 12)
+                        lo = ((pj & 0xF000) | one_bits).to(tl.float32, bitcast=True)
+                        hi = ((pj & 0xF0000) | one_bits).to(tl.float32, bitcast=True)
+                        x_lo = tl.load(x_ptr + w_idx * 8 + 2 * j, mask=w_mask, other=0.0)
+                        x_hi = tl.load(x_ptr + w_idx * 8 + 2 * j + 1, mask=w_mask, other=0.0)
+                        x_lo = x_lo.to(tl.float32)
+                        x_hi = x_hi.to(tl.float32)
+                        ql += lo * x_lo[:, None]
+                        qh += hi * x_hi[:, None]
+                        sxl += x_lo
+                        sxh += x_hi
+                    q = ql * 2048.0 + qh * 128.0 - (sxl * 2048.0 + sxh * 128.0)[:, None]
+                    sx = sxl + sxh
+                else:
+                    q = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+                    sx = tl.zeros((WORDS,), dtype=tl.float32)
+                    for i in tl.static_range(8):
+                        xi = tl.load(x_ptr + w_idx * 8 + i, mask=w_mask, other=0.0)
+                        xi = xi.to(tl.float32)
+                        c = (p >> (4 * i)) & 0xF
+                        if MAGIC:
+                            f = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                        else:
+                            f = c.to(tl.float32)
+                        q += f * xi[:, None]
+                        sx += xi
+                if BLOCK_K <= GROUP:  # one group per tile: one scale per column
+                    g = k0 // GROUP
+                    s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                    zs = tl.load(zs_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+                    acc += q * s[None, :] - sx[:, None] * zs[None, :]
+                else:
+                    sg = ((w_idx * 8) // GROUP)[:, None] * N + offs_n[None, :]
+                    sg_mask = w_mask[:, None] & n_mask[None, :]
+                    s = tl.load(s_ptr + sg, mask=sg_mask, other=0.0).to(tl.float32)
+                    zs = tl.load(zs_ptr + sg, mask=sg_mask, other=0.0).to(tl.float32)
+                    acc += q * s - sx[:, None] * zs
+            offs_m_out = tl.arange(0, 1)
+            result = tl.sum(acc, axis=0)[None, :]
         else:
-            tl.atomic_add(out, acc, mask=n_mask)
+            offs_m = tl.arange(0, BLOCK_M)
+            m_mask = offs_m < M
+            acc = tl.zeros((BLOCK_M, WORDS, BLOCK_N), dtype=tl.float32)
+            for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES, loop_unroll_factor=UNROLL):
+                w_idx = k0 // 8 + offs_w
+                w_mask = w_idx < k_words
+                p = tl.load(
+                    w_ptr + w_idx[:, None] * N + offs_n[None, :],
+                    mask=w_mask[:, None] & n_mask[None, :],
+                    other=0,
+                )  # (W, BN)
+                q = tl.zeros((BLOCK_M, WORDS, BLOCK_N), dtype=tl.float32)
+                sx = tl.zeros((BLOCK_M, WORDS), dtype=tl.float32)
+                for i in tl.static_range(8):
+                    xi = tl.load(
+                        x_ptr + offs_m[:, None] * stride_xm + w_idx[None, :] * 8 + i,
+                        mask=m_mask[:, None] & w_mask[None, :],
+                        other=0.0,
+                    ).to(tl.float32)  # (BM, W)
+                    c = (p >> (4 * i)) & 0xF
+                    if MAGIC:
+                        f = (c | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    else:
+                        f = c.to(tl.float32)
+                    q += f[None, :, :] * xi[:, :, None]
+                    sx += xi
+                sg = ((w_idx * 8) // GROUP)[:, None] * N + offs_n[None, :]
+                sg_mask = w_mask[:, None] & n_mask[None, :]
+                s = tl.load(s_ptr + sg, mask=sg_mask, other=0.0).to(tl.float32)
+                zs = tl.load(zs_ptr + sg, mask=sg_mask, other=0.0).to(tl.float32)
+                acc += q * s[None, :, :] - sx[:, :, None] * zs[None, :, :]
+            offs_m_out = offs_m
+            result = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            b = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            result += b[None, :]
+        tl.store(
+            out_ptr + offs_m_out[:, None] * stride_om + offs_n[None, :],
+            result.to(out_ptr.dtype.element_ty),
+            mask=(offs_m_out < M)[:, None] & n_mask[None, :],
+        )
 
+    configs = [
+        triton.Config(
+            {"BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": dot, "LOOP_STAGES": ls, "MAGIC": magic},
+            num_warps=warps,
+            num_stages=stages,
+        )
+        for bn, bk, dot, ls, magic, warps, stages in AUTOTUNE_CONFIGS
+    ]
     tuned = triton.autotune(
-        configs=configs, key=["N", "N_GROUPS", "GROUP"], reset_to_zero=["out_ptr"]
+        configs=configs,
+        key=["M", "N", "K", "GROUP"],
+        prune_configs_by={"early_config_prune": _prune},
     )(kernel)
     return kernel, tuned
 
 
-def _triton_w4a16(x: torch.Tensor, weight: W4A16Weight, config: dict | None = None) -> torch.Tensor:
+def _triton_w4a16(
+    x: torch.Tensor,
+    weight: W4A16Weight,
+    bias: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """``x (M, K)``, M small -> ``(M, N)`` in ``x.dtype``. ``config`` fixes the meta-parameters
-    (``BLOCK_N``, ``GROUPS_PER_BLOCK``, ``SPLIT_K``) instead of autotuning (used by the tests,
-    which run the kernel in Triton's interpreter on the CPU)."""
+    (``BLOCK_N``, ``BLOCK_K``, ``USE_DOT``; optionally ``MAGIC``, ``LOOP_STAGES``, ``UNROLL``,
+    ``num_warps``, ``num_stages``)
+    instead of autotuning (the tests run the kernel in Triton's interpreter on the CPU; the
+    variant benchmark sweeps them)."""
     import triton
 
     raw, tuned = _triton_kernel()
-    kernel = tuned if config is None else raw
     n, k = weight.shape
+    m = x.shape[0]
     if x.shape[1] != k:
         raise ValueError(f"x has {x.shape[1]} features, the weight expects {k}")
+    if config is not None and config.get("USE_DOT") and config["BLOCK_K"] > weight.group_size:
+        raise ValueError(
+            f"USE_DOT needs BLOCK_K ({config['BLOCK_K']}) <= group_size ({weight.group_size})"
+        )
+    if not all(t.is_contiguous() for t in (weight.packed, weight.scale, weight.zero_scaled)):
+        raise ValueError("the W4A16Weight's tensors must be contiguous (as pack_w4a16 makes them)")
     x = x.contiguous()
-    words = weight.packed.view(torch.int32)  # (N, K/8): 8 codes per word
-    out = torch.zeros(x.shape[0], n, device=x.device, dtype=torch.float32)
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
 
     def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), x.shape[0], meta["SPLIT_K"])
+        return (triton.cdiv(n, meta["BLOCK_N"]),)
 
-    kernel[grid](
+    (raw if config is not None else tuned)[grid](
         x,
-        words,
+        weight.packed,
         weight.scale,
         weight.zero_scaled,
+        out if bias is None else bias,
         out,
+        m,
         n,
         x.stride(0),
-        words.stride(0),
-        weight.scale.stride(0),
         out.stride(0),
-        N_GROUPS=k // weight.group_size,
+        0x3F800000,
+        K=k,
         GROUP=weight.group_size,
+        BLOCK_M=1 if m == 1 else GEMV_MAX_ROWS,  # two variants to compile, not one per row count
+        HAS_BIAS=bias is not None,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         **(config or {}),
     )
-    return out.to(x.dtype)
+    return out

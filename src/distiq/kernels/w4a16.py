@@ -10,15 +10,16 @@ Layout of a ``W4A16Weight`` (N = out features, K = in features, G = K / group_si
   ``w[n, k] = codes[n, k] · scale[g, n] − zero_scaled[g, n]`` with ``g = k // group_size``
   (the same value as distiq's ``(q − z) · s``, regrouped for the kernel).
 
-``w4a16_linear(x, weight)`` computes ``x @ wᵀ``. With a CUDA device, Triton, and at most
-``GEMV_MAX_ROWS`` rows of ``x`` (a decode step), it runs ONE Triton kernel (no memset, no cast:
-it writes ``x.dtype`` into an uninitialised output, bias fused) that reads the packed weights once
-(4 bits per weight: the memory traffic a decode step is bound by) and folds the zero-point out of
-the inner loop: per group, Σₖ wₖxₖ = s·Σₖ qₖxₖ − (z·s)·Σₖ xₖ. Two inner loops, picked per call by
-the autotuner:
-- FMA (``USE_DOT=0``): per word row, the 8 nibbles are turned into floats with the
-  ``0x4B000000`` trick (``float(bits | 2²³) − 2²³``: two cheap ALU ops instead of the
-  quarter-rate int→float conversion) and multiply-added on CUDA cores; the sum over K stays in
+``w4a16_linear(x, weight)`` computes ``x @ wᵀ``. With a CUDA device, Triton, a power-of-two
+group size ≥ 16, and at most ``GEMV_MAX_ROWS`` rows of ``x`` (a decode step), it runs ONE Triton
+kernel (no memset, no cast: it writes ``x.dtype`` into an uninitialised output, bias fused) that
+reads the packed weights once (4 bits per weight: the memory traffic a decode step is bound by)
+and folds the zero-point out of the inner loop: per group, Σₖ wₖxₖ = s·Σₖ qₖxₖ − (z·s)·Σₖ xₖ.
+Two inner loops, picked per shape and row count by the autotuner:
+- FMA (``USE_DOT=0``): per word row, the 8 nibbles are turned into floats without the
+  quarter-rate int→float conversion — ``MAGIC=1``: ``float(bits | 2²³) − 2²³``; ``MAGIC=2``
+  (one row): one shift places two nibbles at the top of a 1.0f mantissa, no per-weight
+  subtraction (see the kernel) — and multiply-added on CUDA cores; the sum over K stays in
   per-thread partial sums until the end (one cross-thread reduction per output tile);
 - DOT (``USE_DOT=1``): the tile is dequantized to ``x.dtype`` codes and multiplied on tensor
   cores (``tl.dot``, rows padded to 16), so M rows cost one unpack instead of M, and Triton

@@ -38,22 +38,23 @@ import torch.nn.functional as F
 
 GEMV_MAX_ROWS = 8
 
-# (BLOCK_N, BLOCK_K, USE_DOT, LOOP_STAGES, MAGIC, num_warps, num_stages): small on purpose, so that
-# the first call's autotuning (one compile and one timing per config, per shape and row count)
-# stays ~10-20 s. benchmarks/w4a16_variants.py sweeps wider and says which of these win on a card.
-AUTOTUNE_CONFIGS = (
-    (32, 256, 0, 1, 2, 4, 1),
-    (16, 512, 0, 1, 2, 4, 1),
-    (32, 256, 0, 3, 2, 4, 1),
-    (16, 512, 0, 3, 2, 4, 1),
-    (64, 256, 0, 3, 2, 8, 1),
-    (32, 256, 0, 3, 1, 4, 1),
-    (16, 128, 0, 3, 1, 4, 1),
-    (32, 128, 1, 1, 1, 4, 3),
-    (64, 128, 1, 1, 1, 4, 4),
-    (16, 128, 1, 1, 1, 4, 4),
-    (32, 64, 1, 1, 1, 4, 4),
-)
+# The configs the first call autotunes over (one compile and one timing each, per shape and row
+# count): the winners of benchmarks/w4a16_variants.py on an NVIDIA H200
+# (benchmarks/results/w4a16_variants_h200.log). One row (decode): CUDA cores, two nibbles per
+# shift into a float mantissa (MAGIC=2), 16 columns per program, 1.49-1.62x bf16. Two to eight
+# rows: tensor cores (USE_DOT) or a small CUDA-core tile; all of them were slower than bf16 there.
+AUTOTUNE_CONFIGS: tuple[dict[str, int], ...] = (
+    {"BLOCK_N": 16, "BLOCK_K": 1024, "USE_DOT": 0, "LOOP_STAGES": 3, "MAGIC": 2, "UNROLL": 1,
+     "num_warps": 8, "num_stages": 1},
+    {"BLOCK_N": 16, "BLOCK_K": 512, "USE_DOT": 0, "LOOP_STAGES": 1, "MAGIC": 2, "UNROLL": 8,
+     "num_warps": 4, "num_stages": 1},
+    {"BLOCK_N": 32, "BLOCK_K": 128, "USE_DOT": 1, "LOOP_STAGES": 1, "MAGIC": 1, "UNROLL": 1,
+     "num_warps": 4, "num_stages": 3},
+    {"BLOCK_N": 128, "BLOCK_K": 128, "USE_DOT": 1, "LOOP_STAGES": 1, "MAGIC": 1, "UNROLL": 1,
+     "num_warps": 8, "num_stages": 3},
+    {"BLOCK_N": 16, "BLOCK_K": 128, "USE_DOT": 0, "LOOP_STAGES": 3, "MAGIC": 1, "UNROLL": 1,
+     "num_warps": 4, "num_stages": 1},
+)  # fmt: skip
 
 
 @dataclass
@@ -344,11 +345,11 @@ def _triton_kernel():
 
     configs = [
         triton.Config(
-            {"BLOCK_N": bn, "BLOCK_K": bk, "USE_DOT": dot, "LOOP_STAGES": ls, "MAGIC": magic},
-            num_warps=warps,
-            num_stages=stages,
+            {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+            num_warps=c["num_warps"],
+            num_stages=c["num_stages"],
         )
-        for bn, bk, dot, ls, magic, warps, stages in AUTOTUNE_CONFIGS
+        for c in AUTOTUNE_CONFIGS
     ]
     tuned = triton.autotune(
         configs=configs,

@@ -10,6 +10,7 @@ from typing import ClassVar
 import pytest
 
 from distiq.cli import app, demo
+from distiq.cli.demo_jobs import default_jobs
 from distiq.cli.demo_plan import FULL, QUICK, RUNS, TEACHER, cache_action, planned_recipe
 from distiq.config import dump_yaml
 from distiq.results import ResultRecord, read_records, upsert_records
@@ -79,8 +80,12 @@ class FakeEngine:
         (root / "meta.json").write_text("{}")
         return SimpleNamespace(root=root)
 
+    fail: ClassVar[str | None] = None  # a run name whose compress raises
+
     def compress(self, recipe, *, overwrite, resume, on_step, on_eval):
         self.calls.append(("compress", recipe.run_name, overwrite, resume))
+        if recipe.run_name == self.fail:
+            raise ValueError(f"{recipe.run_name} failed on purpose")
         out = Path(recipe.output)
         dump_yaml(recipe, out / "recipe.yaml")
         quant = recipe.quantization
@@ -122,6 +127,7 @@ def fake_engine(monkeypatch):
     from distiq.report import plots
 
     FakeEngine.calls = []
+    monkeypatch.setattr(FakeEngine, "fail", None)
     monkeypatch.setattr(demo, "_Engine", FakeEngine)
     for name in ("training_curves", "accuracy_vs_size", "accuracy_vs_latency"):  # drawing is
         monkeypatch.setattr(plots, name, lambda *args: b"PNG")  # tested in tests/report
@@ -130,7 +136,9 @@ def fake_engine(monkeypatch):
 
 def test_demo_end_to_end_with_cache(runner, tmp_path, fake_engine):
     out = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", "--quick", "--out", str(out)], env={"COLUMNS": "200"})
+    result = runner.invoke(
+        app, ["demo", "--quick", "-j", "1", "--out", str(out)], env={"COLUMNS": "200"}
+    )
     assert result.exit_code == 0, result.output
     compressed = [c[1] for c in fake_engine.calls if c[0] == "compress"]
     assert compressed == ["teacher", *RUNS]
@@ -159,7 +167,7 @@ def test_demo_end_to_end_with_cache(runner, tmp_path, fake_engine):
 
     # everything cached: nothing is trained or measured again
     fake_engine.calls.clear()
-    result = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
+    result = runner.invoke(app, ["demo", "--quick", "-j", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert [c[0] for c in fake_engine.calls] == ["export", "export"]
     assert "teacher: reusing" in result.stdout
@@ -170,7 +178,7 @@ def test_demo_end_to_end_with_cache(runner, tmp_path, fake_engine):
     recipe = out / "teacher" / "recipe.yaml"
     recipe.write_text(recipe.read_text().replace("seed: 0", "seed: 1", 1))
     fake_engine.calls.clear()
-    result = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
+    result = runner.invoke(app, ["demo", "--quick", "-j", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert [c[1:] for c in fake_engine.calls if c[0] == "compress"] == [
         (name, True, False) for name in ("teacher", *RUNS)
@@ -206,3 +214,25 @@ def test_recipes_ship_inside_the_package(monkeypatch):
     assert sorted(p.name for p in found.glob("*.yaml")) == sorted(
         p.name for p in top.glob("*.yaml")
     )
+
+
+@pytest.mark.skipif(default_jobs() == 1, reason="needs fork")
+def test_demo_runs_in_worker_processes(runner, tmp_path, fake_engine):
+    # Workers are forked: they run the (fake) engine, the parent sees only their run directories.
+    out = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--quick", "--jobs", "3", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    compressed = [c[1] for c in fake_engine.calls if c[0] == "compress"]
+    assert compressed == ["teacher"]  # in this process; the rest ran in the workers
+    records = {r.name: r for r in read_records(out / "results.json")}
+    assert list(records) == ["teacher", *RUNS] and records["qad-w4a8"].value == 91.5
+    summary = json.loads((out / "demo_times.json").read_text())
+    assert set(RUNS) <= set(summary["seconds"]) and summary["jobs"] == 3
+
+    # a failing run is reported as the error it is, after the others stopped
+    fake_engine.fail = "qat-w2a16-g64"
+    result = runner.invoke(
+        app, ["demo", "--quick", "--jobs", "2", "--out", str(tmp_path / "again")]
+    )
+    assert result.exit_code == 1
+    assert "qat-w2a16-g64 failed on purpose" in result.stderr

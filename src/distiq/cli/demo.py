@@ -24,6 +24,7 @@ from typing import Annotated, Any
 import typer
 
 from distiq.cli._common import console, engine_function, records_table, step_progress, user_errors
+from distiq.cli.demo_jobs import Job, default_jobs, run_jobs
 from distiq.cli.demo_plan import (
     FULL,
     QUICK,
@@ -60,16 +61,23 @@ def _validated(engine: _Engine, names: list[str], settings: DemoSettings, out: P
     return recipes
 
 
-def _run(
-    engine: _Engine, name: str, recipe: Any, times: dict[str, float], reused: list, fresh: bool
-) -> bool:
-    """Run (or reuse, or resume) one recipe; ``fresh`` forces a new run (its teacher changed).
-    Returns whether it ran."""
+def _action(engine: _Engine, name: str, recipe: Any, reused: list, fresh: bool) -> str:
+    """``run`` | ``resume`` | ``reuse`` (said and noted in ``reused``) for one recipe; ``fresh``
+    forces a new run (its teacher changed)."""
     directory = Path(recipe.output)
     action = "run" if fresh else cache_action(directory, engine.recipe_to_dict(recipe))
     if action == "reuse":
         typer.echo(f"{name}: reusing {directory}")
         reused.append(name)
+    return action
+
+
+def _run(
+    engine: _Engine, name: str, recipe: Any, times: dict[str, float], reused: list, fresh: bool
+) -> bool:
+    """Run (or reuse, or resume) one recipe in this process. Returns whether it ran."""
+    action = _action(engine, name, recipe, reused, fresh)
+    if action == "reuse":
         return False
     started = time.perf_counter()
     with step_progress(f"{name}") as progress:
@@ -84,8 +92,9 @@ def _run(
     return True
 
 
-def run_demo(out: Path, settings: DemoSettings) -> dict[str, Any]:
-    """The whole demo into ``out``; returns ``{"report": ReportFiles, "times": {...},
+def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]:
+    """The whole demo into ``out``, the compression runs in ``jobs`` worker processes at once
+    (see :mod:`distiq.cli.demo_jobs`); returns ``{"report": ReportFiles, "times": {...},
     "records": [...], "best": name | None}``."""
     from distiq.report import check_goals, collect_inputs, goals_summary, write_report
     from distiq.report.render import check_writable
@@ -109,8 +118,16 @@ def run_demo(out: Path, settings: DemoSettings) -> dict[str, Any]:
 
     reused: list[str] = []
     teacher_ran = _run(engine, TEACHER, recipes[TEACHER], times, reused, fresh=False)
-    for name in RUNS:  # a new teacher makes every run built on the old one stale
-        _run(engine, name, recipes[name], times, reused, fresh=teacher_ran)
+    # a new teacher makes every run built on the old one stale
+    actions = {name: _action(engine, name, recipes[name], reused, teacher_ran) for name in RUNS}
+    todo = [
+        Job(name, engine.compress, recipes[name], a) for name, a in actions.items() if a != "reuse"
+    ]
+    workers = min(jobs, len(todo))
+    if workers > 1:
+        times.update(run_jobs(todo, workers))
+    for job in todo if workers <= 1 else ():
+        _run(engine, job.name, job.recipe, times, reused, fresh=job.action == "run")
 
     started = time.perf_counter()
     records = []
@@ -154,7 +171,12 @@ def run_demo(out: Path, settings: DemoSettings) -> dict[str, Any]:
 
     from distiq.config import atomic_write
 
-    summary = {"seconds": times, "reused": reused, "settings": dataclasses.asdict(settings)}
+    summary = {
+        "seconds": times,
+        "reused": reused,
+        "jobs": jobs,
+        "settings": dataclasses.asdict(settings),
+    }
     atomic_write(out / "demo_times.json", json.dumps(summary, indent=2) + "\n")
     term.print(records_table(inputs.records, title="distiq demo"))
     term.print(goals_summary(check_goals(inputs.records)))
@@ -182,11 +204,22 @@ def command(
             show_default=False,
         ),
     ] = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            "-j",
+            min=1,
+            help="Compression runs at once, each in a worker process with one torch thread "
+            "(default: one per CPU core).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the embedded default end to end, offline: data, teacher, compression, report."""
     settings = QUICK if quick else FULL
     target = out if out is not None else Path("distiq-demo-quick" if quick else "distiq-demo")
-    result = run_demo(target, settings)
+    result = run_demo(target, settings, jobs=jobs if jobs is not None else default_jobs())
     times = result["times"]
     typer.echo(
         "times (s): " + ", ".join(f"{stage} {seconds:g}" for stage, seconds in times.items())

@@ -166,12 +166,15 @@ def time_kernel(fns, x, repeats: int, inner: int = 32) -> tuple[float, str]:
                 fns[i % len(fns)](x)
         run, mode = graph.replay, "cuda_graph"
     except RuntimeError:
+        torch.cuda.synchronize()
 
         def run():
             for i in range(inner):
                 fns[i % len(fns)](x)
 
         mode = "eager"
+    run()  # one untimed replay
+    torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -26,7 +26,7 @@ watchdog ends the process if one variant hangs for ``--hang-s`` seconds, and the
 after every record, so what ran before is kept. Timing as ``benchmarks/cuda_kernels.py``: 32 calls
 captured in one CUDA graph, weights rotating over copies that exceed the L2 cache, median over
 ``--repeats`` replays. ``--budget-s`` stops the sweep (recording what was skipped) when exceeded.
-Imports only torch, triton and distiq.kernels / distiq.quant.
+Imports torch, triton, distiq.kernels / distiq.quant and the timing of cuda_kernels.py.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ import faulthandler
 import json
 import math
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from cuda_kernels import time_kernel  # benchmarks/ is on sys.path when run as a script
 from distiq.kernels import W4A16Weight, pack_w4a16, w4a16_linear
 from distiq.kernels.w4a16 import _triton_kernel, _triton_w4a16
 from distiq.quant.functional import choose_qparams, dequantize, quantize
@@ -115,43 +115,6 @@ def _tinygemm(x, packed, group):
     if isinstance(packed, Exception):
         raise packed
     return torch._weight_int4pack_mm(x, packed[0], group, packed[1])
-
-
-def time_graph(fns, x, repeats: int, inner: int = 32) -> tuple[float, str]:
-    """Median ms of one call, ``inner`` calls rotating over ``fns`` in one CUDA graph (eager
-    launches if capture fails)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in fns[:3]:
-            fn(x)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(inner):
-                fns[i % len(fns)](x)
-        run, mode = graph.replay, "cuda_graph"
-    except RuntimeError:
-        torch.cuda.synchronize()
-
-        def run():
-            for i in range(inner):
-                fns[i % len(fns)](x)
-
-        mode = "eager"
-    run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times), mode
 
 
 def _fmt(ratio: float | None) -> str:
@@ -261,7 +224,7 @@ def main() -> None:
                     chosen = getattr(_triton_kernel()[1], "best_config", None)
                     if family == "distiq" and chosen is not None:  # the autotuner's choice
                         rec["config"] = chosen.all_kwargs()
-                    ms, mode = time_graph(fns, x, args.repeats)
+                    ms, mode = time_kernel(fns, x, args.repeats)
                     rec.update(us=ms * 1e3, timing=mode)
                     rec["weight_tb_per_s"] = (
                         (n * k * (2 if family == "bf16" else 0.5)) / (ms * 1e-3) / 1e12

@@ -174,10 +174,9 @@ class RunProgress:
         self.progress.console.print(f"step {step}: validation {shown}")
 
 
-@contextmanager
-def step_progress(description: str) -> Iterator[RunProgress]:
-    """A rich progress bar for a training run (a pulsing bar for work without steps); yields
-    the :class:`RunProgress` whose callbacks drive it."""
+def run_progress_bar() -> Any:
+    """A rich ``Progress`` for training runs (name, bar, step m/n, loss, elapsed, remaining),
+    drawn on stderr; tasks carry a ``loss`` field."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -187,7 +186,7 @@ def step_progress(description: str) -> Iterator[RunProgress]:
         TimeRemainingColumn,
     )
 
-    progress = Progress(
+    return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -196,6 +195,13 @@ def step_progress(description: str) -> Iterator[RunProgress]:
         TimeRemainingColumn(),
         console=console(stderr=True),
     )
+
+
+@contextmanager
+def step_progress(description: str) -> Iterator[RunProgress]:
+    """A rich progress bar for a training run (a pulsing bar for work without steps); yields
+    the :class:`RunProgress` whose callbacks drive it."""
+    progress = run_progress_bar()
     task = progress.add_task(description, total=None, loss="—")
     with progress:
         yield RunProgress(progress, task)

@@ -23,7 +23,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from distiq.cli._common import console
+from distiq.cli._common import run_progress_bar
 
 # Set in the parent just before the workers fork, read by them (fork copies the parent's memory).
 _JOBS: dict[str, Job] = {}
@@ -97,26 +97,11 @@ def run_jobs(jobs: list[Job], workers: int) -> dict[str, float]:
     """Run ``jobs`` in ``workers`` forked processes, drawing a progress bar per run; returns
     ``{name: wall seconds}``. The first failure cancels the runs not yet started, waits for the
     running ones and is raised again here."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
     context = multiprocessing.get_context("fork")
     events = context.Queue()
     _JOBS.clear()
     _JOBS.update({job.name: job for job in jobs})
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        console=console(stderr=True),
-    )
+    progress = run_progress_bar()
     tasks = {job.name: progress.add_task(job.name, total=None, loss="—") for job in jobs}
     seconds: dict[str, float] = {}
 

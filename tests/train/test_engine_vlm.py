@@ -197,3 +197,28 @@ def test_boxes_and_masks_follow_the_model_resolution(scenes):
     assert torch.equal(item["mask"], reference["mask"][1::2, 1::2])  # nearest: pixel centres
     batch = small.collate([item])
     assert batch["pixel_values"].shape[-2:] == (16, 16)
+
+
+def test_cached_items_give_the_same_batches(scenes):
+    """cache_images keeps resized images and masks in memory: the first (filling) and the second
+    (cached) read collate to the uncached batch (pixels within the processor's float rounding),
+    on a model at another resolution than the files (16 px on 32 px scenes)."""
+    import json
+
+    words = json.loads(scenes.meta.read_text())["vocabulary"]
+    _, adapter = build_edge_vlm(words, "tiny", **{**TINY, "image_size": 16})
+    plain = load_scene_split(scenes.root, "train", adapter)
+    cached = load_scene_split(scenes.root, "train", adapter).cache_images()
+    reference = plain.collate([plain[i] for i in range(3)])
+    for _ in range(2):  # filling the cache, then reading from it
+        batch = cached.collate([cached[i] for i in range(3)])
+        torch.testing.assert_close(
+            batch["pixel_values"], reference["pixel_values"], atol=1e-5, rtol=0
+        )
+        assert torch.equal(batch["mask"], reference["mask"])
+        for got, want in zip(batch["boxes"], reference["boxes"]):
+            torch.testing.assert_close(got, want)
+        assert torch.equal(batch["suffix_ids"], reference["suffix_ids"])
+    assert len(cached._cache) == 3
+    assert cached[0]["image"].size == (16, 16)  # stored at the model's resolution
+    assert cached.subset([0])._cache is cached._cache  # views share it

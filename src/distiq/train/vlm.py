@@ -42,7 +42,8 @@ class VQAOutputs:
 
     Attributes:
         logits: (Q, S, V) language-model logits at the suffix positions (``logits[:, t]``
-            predicts suffix token ``t + 1``, Hugging Face convention).
+            predicts suffix token ``t + 1``, Hugging Face convention); None when the forward
+            ran the vision side only.
         labels: (Q, S) answer/eos ids at their positions, -100 elsewhere (None without).
         detection: the detection head's dict (``cls_logits`` (B, P, C), ``box_ltrb`` (B, P, 4),
             ``points``, ``stride``) or None.
@@ -51,7 +52,7 @@ class VQAOutputs:
         suffix_mask: (Q, S) 1 on real suffix tokens.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     labels: torch.Tensor | None
     detection: dict[str, Any] | None
     segmentation: torch.Tensor | None
@@ -167,9 +168,12 @@ class EngineModel(nn.Module):
         return logits, (cache, attention, positions[:, -1]) if keep_cache else None
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batch: Mapping[str, Any], heads: bool = True) -> VQAOutputs:
+    def forward(
+        self, batch: Mapping[str, Any], heads: bool = True, language: bool = True
+    ) -> VQAOutputs:
         """Run the model on an engine batch (see ``ImageQuestions.collate``); with ``heads``
-        also the detection / segmentation heads (when the model has them)."""
+        also the detection / segmentation heads (when the model has them). ``language=False``
+        runs the vision tower (and heads) only: ``logits`` is then None."""
         pixel_values = batch["pixel_values"]
         patches, grid = self.vision_features(pixel_values)
         detection = segmentation = None
@@ -181,10 +185,12 @@ class EngineModel(nn.Module):
                 segmentation = inner.segmentation_head(
                     patches, grid, (pixel_values.shape[-2], pixel_values.shape[-1])
                 )
-        prefix = self.prefix_embeddings(patches, batch["prefix_ids"], batch["image_positions"])
-        logits, _ = self.language(
-            prefix, batch["suffix_ids"], batch["suffix_mask"], batch["question_image"]
-        )
+        logits = None
+        if language:
+            prefix = self.prefix_embeddings(patches, batch["prefix_ids"], batch["image_positions"])
+            logits, _ = self.language(
+                prefix, batch["suffix_ids"], batch["suffix_mask"], batch["question_image"]
+            )
         return VQAOutputs(
             logits=logits,
             labels=batch.get("labels"),

@@ -13,10 +13,7 @@ that into dense targets during teacher training (they are not part of the saved 
   classes) and, when exactly one matches, its colour, its category, its x and y (8 bins each)
   and its centre (regression); at every reference after the first, also how it relates to the
   previous one (left or right of it, when both are single objects; fewer, as many or more
-  objects) and, when a direction word (``left`` / ``right``) came before it, whether the
-  previous object lies on that side of this one (the relation the question asks: the answer's
-  exclusive-or of word and side, which a plain answer loss learns in some runs and not in
-  others). This teaches the language model the lookups and comparisons the answers need (find
+  objects). This teaches the language model the lookups and comparisons the answers need (find
   the red circle; count the digits; is it left of the blue square) directly at the words, a
   layer before the answer.
 - **object centres** (:class:`GroundingHeads.centres`): a linear head on each vision patch
@@ -131,9 +128,8 @@ class GroundingHeads(nn.Module):
         self.grid = grid
         colours, categories = len(vocabulary.colours), len(vocabulary.categories)
         # count, colour, category, x bin, y bin, left/right of the previous reference,
-        # fewer/as many/more objects than the previous reference, the previous reference on the
-        # side the question's direction word names (no/yes)
-        self.sizes = (MAX_COUNT + 1, colours, categories, BINS, BINS, 2, 3, 2)
+        # fewer/as many/more objects than the previous reference
+        self.sizes = (MAX_COUNT + 1, colours, categories, BINS, BINS, 2, 3)
         self.question = nn.Linear(text_dim, sum(self.sizes) + 2)
         self.centres = nn.Linear(vision_dim, 1 + colours * categories)
         noun_groups = sorted({v for v in vocabulary.nouns.values() if v is not None})
@@ -145,35 +141,26 @@ class GroundingHeads(nn.Module):
         colour_of = {w: i for i, w in enumerate(vocabulary.colours)}
         self._colour = torch.tensor([colour_of.get(w, -1) for w in words])
         self._what = torch.tensor([w == "what" for w in words])  # "what digit is ..." asks
-        # direction words: 1 right, 0 left, -1 other
-        self._direction = torch.tensor([{"right": 1, "left": 0}.get(w, -1) for w in words])
         self._noun = [vocabulary.nouns.get(w, ()) for w in words]  # () = not a noun
         self._is_noun = torch.tensor([w in vocabulary.nouns for w in words])
 
     # ------------------------------------------------------------------ targets
     def references(self, suffix_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[tuple]:
-        """``[(q, t, colour | None, categories | None, direction | None)]``: the question
-        tokens that name objects (see the module docstring): nouns (with the colour word before
-        them) and lone colour words; a noun right after "what" asks for the kind of answer and
-        is skipped. ``direction``: the last direction word before the token (1 right, 0 left)."""
+        """``[(q, t, colour | None, categories | None)]``: the question tokens that name
+        objects (see the module docstring): nouns (with the colour word before them) and lone
+        colour words; a noun right after "what" asks for the kind of answer and is skipped."""
         ids = suffix_ids.cpu()
         colour = self._colour[ids]  # (Q, S)
         noun = self._is_noun[ids]
-        direction = self._direction[ids]
         refs = []
         for q, t in (prompt_mask.cpu().bool() & ((colour >= 0) | noun)).nonzero().tolist():
             if noun[q, t] and t > 0 and self._what[ids[q, t - 1]]:
                 continue  # "what digit is the red object?": the kind of answer, not an object
-            words = direction[q, :t]
-            said = words[words >= 0]
-            side = int(said[-1]) if len(said) else None
             if noun[q, t]:
                 before = int(colour[q, t - 1]) if t > 0 else -1
-                refs.append(
-                    (q, t, before if before >= 0 else None, self._noun[int(ids[q, t])], side)
-                )
+                refs.append((q, t, before if before >= 0 else None, self._noun[int(ids[q, t])]))
             elif not (t + 1 < ids.shape[1] and noun[q, t + 1]):
-                refs.append((q, t, int(colour[q, t]), None, side))
+                refs.append((q, t, int(colour[q, t]), None))
         return refs
 
     def question_targets(self, batch: dict, refs: list[tuple]) -> tuple[torch.Tensor, ...]:
@@ -181,15 +168,13 @@ class GroundingHeads(nn.Module):
         the words do not pick exactly one object, side (R,): 0 left / 1 right of the previous
         reference's object (-100 unless both are single objects), amount (R,): 0 fewer / 1 as
         many / 2 more objects than the previous reference (-100 for a question's first
-        reference), holds (R,): 1 if the previous reference's object lies on the side the
-        direction word before this reference names, else 0 (-100 without a direction word or
-        unless both are single objects), and xy (R, 2) with a weight (R,)."""
+        reference), and xy (R, 2) with a weight (R,)."""
         image_ids = batch["image_id"].tolist()
         question_image = batch["question_image"].tolist()
         count, colour, category, xbin, ybin, xy, weight = [], [], [], [], [], [], []
-        side, amount, holds = [], [], []
+        side, amount = [], []
         previous: tuple[int, list] | None = None
-        for q, _, want_colour, want_categories, direction in refs:
+        for q, _, want_colour, want_categories in refs:
             objects = self.objects.get(image_ids[question_image[q]], [])
             match = [
                 o
@@ -205,15 +190,9 @@ class GroundingHeads(nn.Module):
                 )
                 single = len(match) == 1 and len(before) == 1
                 side.append(int(match[0][2] > before[0][2]) if single else -100)
-                if single and direction is not None:
-                    right = before[0][2] > match[0][2]  # the previous object is right of this
-                    holds.append(int(right == bool(direction)))
-                else:
-                    holds.append(-100)
             else:
                 amount.append(-100)
                 side.append(-100)
-                holds.append(-100)
             previous = (q, match)
             if len(match) == 1:
                 c, k, x, y = match[0]
@@ -232,7 +211,7 @@ class GroundingHeads(nn.Module):
                 weight.append(0.0)
         longs = [
             torch.tensor(v, dtype=torch.long)
-            for v in (count, colour, category, xbin, ybin, side, amount, holds)
+            for v in (count, colour, category, xbin, ybin, side, amount)
         ]
         return (*longs, torch.tensor(xy, dtype=torch.float32), torch.tensor(weight))
 
@@ -309,11 +288,11 @@ class GroundingHeads(nn.Module):
         logits = self.question(hidden[rows, cols]).float()  # (R, sum(sizes) + 2)
         parts = torch.split(logits, [*self.sizes, 2], dim=-1)
         total = F.cross_entropy(parts[0], count)
-        for part, target in zip(parts[1 : len(self.sizes)], classes):
+        for part, target in zip(parts[1:7], classes):
             if bool((target != -100).any()):
                 total = total + F.cross_entropy(part, target, ignore_index=-100)
         if float(weight.sum()) > 0:
-            error = ((parts[-1] - xy * XY_SCALE) ** 2).sum(dim=-1)
+            error = ((parts[7] - xy * XY_SCALE) ** 2).sum(dim=-1)
             total = total + (error * weight).sum() / weight.sum()
         terms["grounding"] = total
         return terms

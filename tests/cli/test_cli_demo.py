@@ -36,6 +36,7 @@ def test_every_planned_recipe_is_valid(tmp_path, settings):
                 assert recipe.train.steps == QUICK.student_steps
             if recipe.method == "teacher":
                 assert recipe.train.steps == QUICK.teacher_steps
+                assert recipe.teacher.vision_steps == QUICK.teacher_vision_steps == 0
 
 
 def test_trained_methods_share_steps_and_batch(tmp_path):

@@ -34,13 +34,13 @@ def scenes(tmp_path_factory):
     return generate_scenes(root / "data", count=24, image_size=32, workers=1).root
 
 
-def _teacher(scenes, out, weights, steps=2):
+def _teacher(scenes, out, weights, steps=2, **teacher):
     recipe = recipe_from_dict(
         {
             "method": "teacher",
             "output": str(out),
             "data": {"scenes": str(scenes), "val_questions": 6, "test_questions": 6},
-            "teacher": {"preset": "tiny", "model": TINY, "weights": weights},
+            "teacher": {"preset": "tiny", "model": TINY, "weights": weights, **teacher},
             "train": {"steps": steps, "batch_size": 4, "warmup_steps": 1, "log_every": 1},
         }
     )
@@ -68,3 +68,13 @@ def test_vision_warmup_steps_run_without_the_language_model(scenes, tmp_path):
         ["centres", "segmentation"],
         ["centres", "grounding", "segmentation", "vqa"],
     ]
+
+
+def test_vision_steps_set_by_the_recipe(scenes, tmp_path):
+    run = _teacher(scenes, tmp_path / "t", {"detection": 0.0}, steps=3, vision_steps=0)
+    lines = [line for line in read_metrics(run / "metrics.jsonl") if line.get("kind") == "train"]
+    assert "vqa" in lines[0]["terms"]  # no warm-up
+    with pytest.raises(ValueError, match="vision_steps must be >= 0"):
+        _teacher(scenes, tmp_path / "u", {}, vision_steps=-1)
+    with pytest.raises(ValueError, match="below train.steps 3"):
+        _teacher(scenes, tmp_path / "v", {"detection": 0.0}, steps=3, vision_steps=3)

@@ -46,6 +46,8 @@ class DemoSettings:
     Attributes:
         scenes: synthetic scenes generated (train + val + test, 80/10/10).
         teacher_steps / student_steps: optimizer steps of the teacher / of each trained method.
+        teacher_vision_steps: the teacher's vision-only warm-up steps (short runs skip it: the
+            language model needs every step it gets).
         eval_every: validation every N steps while training (teacher and students).
         val_questions / test_questions: questions in validation / the final test evaluation.
         calibration_samples: calibration images for rtn / gptq / activation ranges.
@@ -55,6 +57,7 @@ class DemoSettings:
 
     scenes: int
     teacher_steps: int | None = None
+    teacher_vision_steps: int | None = None
     student_steps: int | None = None
     eval_every: int | None = None
     val_questions: int | None = None
@@ -67,7 +70,8 @@ class DemoSettings:
 FULL = DemoSettings(scenes=25_000)
 QUICK = DemoSettings(
     scenes=2_000,
-    teacher_steps=120,
+    teacher_steps=250,
+    teacher_vision_steps=0,
     student_steps=12,
     eval_every=60,
     val_questions=120,
@@ -125,6 +129,8 @@ def planned_recipe(
     }
     if not is_teacher:
         changes["teacher"] = str(run_dir(out, TEACHER))
+    if is_teacher:
+        changes["teacher.vision_steps"] = settings.teacher_vision_steps
     if data.get("method") in TRAINED_METHODS:  # rtn / gptq have no training loop
         changes["train.steps"] = settings.teacher_steps if is_teacher else settings.student_steps
         changes["train.eval_every"] = settings.eval_every

@@ -110,6 +110,8 @@ class TeacherConfig:
     weights: TeacherWeights = field(default_factory=TeacherWeights)
     grounding_layer: int | None = None
     pca_stem: bool = True
+    # steps that train the vision side alone first (None: 20 % of train.steps; 0: none)
+    vision_steps: int | None = None
 
     @classmethod
     def _from_config(cls, value: object) -> TeacherConfig:
@@ -131,6 +133,8 @@ class TeacherConfig:
                 f"preset {self.preset!r} is unknown{suggest(self.preset, EDGE_PRESET_NAMES)}; "
                 f"choose {', '.join(EDGE_PRESET_NAMES)}"
             )
+        if self.vision_steps is not None and self.vision_steps < 0:
+            errors.append(f"vision_steps must be >= 0 (or left out), got {self.vision_steps}")
         return errors
 
 

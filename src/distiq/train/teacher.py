@@ -56,8 +56,7 @@ VISION_WARMUP = 0.2
 """Fraction of ``train.steps`` that train the vision side alone (heads and object centres, no
 language model: about half a full step's time) before the full multi-task loss. Measured on the
 25k-scene demo set (1 thread): 500 such steps then 500 full steps reach 81 % validation VQA
-accuracy, 1,000 full steps 77 %. A recipe's ``teacher.vision_steps``, where the recipe schema
-has it, overrides the fraction."""
+accuracy, 1,000 full steps 77 %. A recipe's ``teacher.vision_steps`` overrides the fraction."""
 
 
 class TeacherModel(nn.Module):
@@ -329,7 +328,7 @@ def _vision_steps(recipe: Recipe, model: nn.Module, trainer: TeacherModel) -> in
     )
     if not supervised:
         return 0
-    steps = getattr(recipe.teacher, "vision_steps", None)
+    steps = recipe.teacher.vision_steps
     if steps is None:
         steps = int(VISION_WARMUP * recipe.train.steps)
     if not 0 <= steps < recipe.train.steps:

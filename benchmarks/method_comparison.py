@@ -6,8 +6,9 @@ steps, batch size, data order and learning-rate schedule), evaluated on the synt
         [--out DIR] [--steps N] [--test-questions N] [--runs rtn-w4a8 qad-w4a8 ...]
 
 ``--scenes`` is a generated scene set (``distiq.data.generate_scenes``); without ``--teacher``
-the teacher is trained first with ``recipes/teacher.yaml``. Every run directory lands under
-``--out`` (default ``bench-runs/method-comparison``). Prints a table and writes
+the teacher is trained first with ``recipes/teacher.yaml``. The recipes get the same changes as in
+``distiq demo`` (``distiq.cli.demo_plan``); run directories land in ``--out/runs/NAME`` (default
+``--out``: ``bench-runs/method-comparison``). Prints a table and writes
 ``benchmarks/results/method_comparison.json`` with the machine, the command, every run's
 accuracy (overall and per question type), retention vs the teacher, wall seconds, and the goals:
 
@@ -27,41 +28,29 @@ import time
 from pathlib import Path
 
 from _machine import machine_info  # benchmarks/ is on sys.path when run as a script
+from distiq.cli.demo_plan import RUNS, DemoSettings, planned_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = (
-    "rtn-w4a8",
-    "gptq-w4a8",
-    "qat-w4a8",
-    "qad-w4a8",
-    "rtn-w2a16-g64",
-    "gptq-w2a16-g64",
-    "qat-w2a16-g64",
-    "qad-w2a16-g64",
-    "kd-small",
-)
-WIDE_MARGIN = 10.0  # points of accuracy
 
 
 def _recipe(name: str, args: argparse.Namespace, teacher: Path):
-    from distiq.config import load_yaml
+    """The shipped recipe ``name`` with the demo's changes (``distiq.cli.demo_plan``): paths,
+    ``--steps`` for every trained student, ``--teacher-steps``, ``--test-questions``."""
     from distiq.train.recipe import recipe_from_dict
 
-    data = load_yaml(ROOT / "recipes" / f"{name}.yaml")
-    data["output"] = str(args.out / name)
-    data.setdefault("data", {})["scenes"] = str(args.scenes)
-    if args.test_questions is not None:
-        data["data"]["test_questions"] = args.test_questions
+    settings = DemoSettings(
+        scenes=0,  # unused: the scenes exist already
+        teacher_steps=args.teacher_steps,
+        student_steps=args.steps,
+        test_questions=args.test_questions,
+    )
+    data = planned_recipe(name, settings, args.out, args.scenes, recipes=ROOT / "recipes")
     if name != "teacher":
         data["teacher"] = str(teacher)
-    if args.steps is not None and "train" in data and name != "teacher":
-        data["train"]["steps"] = args.steps
-    if args.teacher_steps is not None and name == "teacher":
-        data["train"]["steps"] = args.teacher_steps
     return recipe_from_dict(data, source=name)
 
 
-def _run(name: str, args: argparse.Namespace, teacher: Path) -> dict:
+def _run(name: str, args: argparse.Namespace, teacher: Path) -> tuple:
     from distiq.results import read_records
     from distiq.train.methods import compress
 
@@ -70,7 +59,7 @@ def _run(name: str, args: argparse.Namespace, teacher: Path) -> dict:
     run_dir = compress(recipe, overwrite=True)
     seconds = time.perf_counter() - started
     (record,) = [r for r in read_records(run_dir / "results.json") if r.name == recipe.run_name]
-    return {
+    return record, {
         "name": name,
         "method": record.method,
         "w_bits": record.w_bits,
@@ -87,38 +76,20 @@ def _run(name: str, args: argparse.Namespace, teacher: Path) -> dict:
     }
 
 
-def _goals(results: dict[str, dict], teacher_value: float) -> list[dict]:
-    def value(name: str) -> float | None:
-        return results[name]["accuracy"] if name in results else None
+def _goals(records: list) -> list[dict]:
+    """Issue 6 §5 checked by ``distiq.report.check_goals`` (the same rules as the report)."""
+    from distiq.report import check_goals
 
-    goals = []
-    qad4 = value("qad-w4a8")
-    if qad4 is not None:
-        others = {
-            n: value(n) for n in ("rtn-w4a8", "gptq-w4a8", "qat-w4a8") if value(n) is not None
+    return [
+        {
+            "goal": c.goal,
+            "measured": c.measured,
+            "status": c.status,
+            "value": c.value,
+            "target": c.target,
         }
-        goals.append(
-            {
-                "goal": "W4A8: qad >= 99 % of the teacher and beats rtn, gptq, qat",
-                "qad": qad4,
-                "retention": qad4 / teacher_value,
-                "others": others,
-                "met": qad4 >= 0.99 * teacher_value and all(qad4 > v for v in others.values()),
-            }
-        )
-    qad2, gptq2 = value("qad-w2a16-g64"), value("gptq-w2a16-g64")
-    if qad2 is not None:
-        goals.append(
-            {
-                "goal": f"W2A16 g64: qad >= 90 % of the teacher and beats gptq by >= {WIDE_MARGIN} points",
-                "qad": qad2,
-                "retention": qad2 / teacher_value,
-                "gptq": gptq2,
-                "met": qad2 >= 0.9 * teacher_value
-                and (gptq2 is None or qad2 - gptq2 >= WIDE_MARGIN),
-            }
-        )
-    return goals
+        for c in check_goals(records)
+    ]
 
 
 def main() -> None:
@@ -152,16 +123,17 @@ def main() -> None:
         teacher = compress(_recipe("teacher", args, Path()), overwrite=True)
         teacher_seconds = round(time.perf_counter() - t0, 1)
     (teacher_record,) = [r for r in read_records(teacher / "results.json") if r.method == "teacher"]
-    results = {}
+    results, records = {}, [teacher_record]
     for name in args.runs:
-        results[name] = _run(name, args, teacher)
+        record, results[name] = _run(name, args, teacher)
+        records.append(record)
         row = results[name]
         print(
             f"{name:<16} {row['accuracy']:6.2f} %  retention {row['retention'] or 0:.3f}  "
             f"{row['wall_seconds']:7.1f} s",
             flush=True,
         )
-    goals = _goals(results, teacher_record.value)
+    goals = _goals(records)
     report = {
         "benchmark": "method_comparison",
         "machine": machine_info(),
@@ -188,7 +160,7 @@ def main() -> None:
             f"{row['wall_seconds']:8.1f}"
         )
     for goal in goals:
-        print(f"{'MET ' if goal['met'] else 'NOT MET'}  {goal['goal']}")
+        print(f"{goal['status']:<13} {goal['goal']}: {goal['measured']}")
     print(f"wrote {args.json}", file=sys.stderr)
 
 

@@ -12,21 +12,6 @@ from distiq.train import read_metrics
 from distiq.train.methods import compress
 from distiq.train.recipe import recipe_from_dict
 
-TINY = dict(
-    image_size=32,
-    patch_size=8,
-    vision_hidden_size=32,
-    vision_layers=1,
-    vision_heads=2,
-    vision_intermediate_size=64,
-    text_hidden_size=32,
-    text_layers=2,
-    text_heads=2,
-    text_kv_heads=2,
-    text_intermediate_size=64,
-    max_length=64,
-)
-
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
@@ -34,35 +19,41 @@ def scenes(tmp_path_factory):
     return generate_scenes(root / "data", count=24, image_size=32, workers=1).root
 
 
-def _teacher(scenes, out, weights, steps=2, **teacher):
+@pytest.fixture
+def train_teacher(scenes, toys):
+    """``train_teacher(out, weights, steps=2, **teacher)`` -> the teacher's run directory."""
+    return lambda *args, **kwargs: _teacher(scenes, toys.TINY_EDGE_VLM, *args, **kwargs)
+
+
+def _teacher(scenes, tiny, out, weights, steps=2, **teacher):
     recipe = recipe_from_dict(
         {
             "method": "teacher",
             "output": str(out),
             "data": {"scenes": str(scenes), "val_questions": 6, "test_questions": 6},
-            "teacher": {"preset": "tiny", "model": TINY, "weights": weights, **teacher},
+            "teacher": {"preset": "tiny", "model": tiny, "weights": weights, **teacher},
             "train": {"steps": steps, "batch_size": 4, "warmup_steps": 1, "log_every": 1},
         }
     )
     return compress(recipe)
 
 
-def test_zero_weight_head_is_not_built(scenes, tmp_path):
-    run = _teacher(scenes, tmp_path / "t", {"detection": 0.0, "segmentation": 1.0})
+def test_zero_weight_head_is_not_built(train_teacher, tmp_path):
+    run = train_teacher(tmp_path / "t", {"detection": 0.0, "segmentation": 1.0})
     model = VLMWithHeads.from_pretrained(run)
     assert model.detection_head is None and model.segmentation_head is not None
     terms = {t for line in read_metrics(run / "metrics.jsonl") for t in line.get("terms", {})}
     assert "segmentation" in terms and "detection" not in terms
 
 
-def test_no_trained_head_saves_a_plain_model(scenes, tmp_path):
-    run = _teacher(scenes, tmp_path / "t", {"detection": 0.0, "segmentation": 0.0})
+def test_no_trained_head_saves_a_plain_model(train_teacher, tmp_path):
+    run = train_teacher(tmp_path / "t", {"detection": 0.0, "segmentation": 0.0})
     assert not (run / "distiq_heads.json").exists()
     assert (run / "config.json").is_file()
 
 
-def test_vision_warmup_steps_run_without_the_language_model(scenes, tmp_path):
-    run = _teacher(scenes, tmp_path / "t", {"detection": 0.0}, steps=5)  # 20 %: 1 step
+def test_vision_warmup_steps_run_without_the_language_model(train_teacher, tmp_path):
+    run = train_teacher(tmp_path / "t", {"detection": 0.0}, steps=5)  # 20 %: 1 step
     lines = [line for line in read_metrics(run / "metrics.jsonl") if line.get("kind") == "train"]
     assert [sorted(line["terms"]) for line in lines[:2]] == [
         ["centres", "segmentation"],
@@ -70,11 +61,11 @@ def test_vision_warmup_steps_run_without_the_language_model(scenes, tmp_path):
     ]
 
 
-def test_vision_steps_set_by_the_recipe(scenes, tmp_path):
-    run = _teacher(scenes, tmp_path / "t", {"detection": 0.0}, steps=3, vision_steps=0)
+def test_vision_steps_set_by_the_recipe(train_teacher, tmp_path):
+    run = train_teacher(tmp_path / "t", {"detection": 0.0}, steps=3, vision_steps=0)
     lines = [line for line in read_metrics(run / "metrics.jsonl") if line.get("kind") == "train"]
     assert "vqa" in lines[0]["terms"]  # no warm-up
     with pytest.raises(ValueError, match="vision_steps must be >= 0"):
-        _teacher(scenes, tmp_path / "u", {}, vision_steps=-1)
+        train_teacher(tmp_path / "u", {}, vision_steps=-1)
     with pytest.raises(ValueError, match="below train.steps 3"):
-        _teacher(scenes, tmp_path / "v", {"detection": 0.0}, steps=3, vision_steps=3)
+        train_teacher(tmp_path / "v", {"detection": 0.0}, steps=3, vision_steps=3)

@@ -13,21 +13,6 @@ from distiq.tasks.vqa import vqa_accuracy
 from distiq.train.vlm import EngineModel, evaluate_vqa, greedy_answers
 from distiq.train.vqa_data import load_scene_split, tokenize_questions
 
-TINY = dict(
-    image_size=32,
-    patch_size=8,
-    vision_hidden_size=32,
-    vision_layers=1,
-    vision_heads=2,
-    vision_intermediate_size=64,
-    text_hidden_size=32,
-    text_layers=2,
-    text_heads=2,
-    text_kv_heads=2,
-    text_intermediate_size=64,
-    max_length=64,
-)
-
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
@@ -35,11 +20,11 @@ def scenes(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model_and_data(scenes):
+def model_and_data(scenes, toys):
     import json
 
     words = json.loads(scenes.meta.read_text())["vocabulary"]
-    vlm, adapter = build_edge_vlm(words, "tiny", seed=3, **TINY)
+    vlm, adapter = build_edge_vlm(words, "tiny", seed=3, **toys.TINY_EDGE_VLM)
     train = load_scene_split(scenes.root, "train", adapter)
     model = VLMWithHeads(
         vlm,
@@ -182,15 +167,17 @@ def test_batch_keeps_detection_and_masks(model_and_data):
     assert batch["question_image"].tolist() == [0] * len(train.rows[0]) + [1] * len(train.rows[1])
 
 
-def test_boxes_and_masks_follow_the_model_resolution(scenes):
+def test_boxes_and_masks_follow_the_model_resolution(scenes, toys):
     """Heads see the model's input pixels: a 16 px model on 32 px scenes gets halved boxes and
     nearest-resized masks."""
     import json
 
     words = json.loads(scenes.meta.read_text())["vocabulary"]
-    _, adapter = build_edge_vlm(words, "tiny", **{**TINY, "image_size": 16})
+    _, adapter = build_edge_vlm(words, "tiny", **{**toys.TINY_EDGE_VLM, "image_size": 16})
     small = load_scene_split(scenes.root, "train", adapter)
-    full = load_scene_split(scenes.root, "train", build_edge_vlm(words, "tiny", **TINY)[1])
+    full = load_scene_split(
+        scenes.root, "train", build_edge_vlm(words, "tiny", **toys.TINY_EDGE_VLM)[1]
+    )
     item, reference = small[0], full[0]
     torch.testing.assert_close(item["boxes"], reference["boxes"] / 2)
     assert item["mask"].shape == (16, 16)
@@ -199,14 +186,14 @@ def test_boxes_and_masks_follow_the_model_resolution(scenes):
     assert batch["pixel_values"].shape[-2:] == (16, 16)
 
 
-def test_cached_items_give_the_same_batches(scenes):
+def test_cached_items_give_the_same_batches(scenes, toys):
     """cache_images keeps resized images and masks in memory: the first (filling) and the second
     (cached) read collate to the uncached batch (pixels within the processor's float rounding),
     on a model at another resolution than the files (16 px on 32 px scenes)."""
     import json
 
     words = json.loads(scenes.meta.read_text())["vocabulary"]
-    _, adapter = build_edge_vlm(words, "tiny", **{**TINY, "image_size": 16})
+    _, adapter = build_edge_vlm(words, "tiny", **{**toys.TINY_EDGE_VLM, "image_size": 16})
     plain = load_scene_split(scenes.root, "train", adapter)
     cached = load_scene_split(scenes.root, "train", adapter).cache_images()
     reference = plain.collate([plain[i] for i in range(3)])

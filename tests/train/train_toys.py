@@ -96,3 +96,20 @@ def make_eval(data: ToyData):
 
 def params_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# A built-in edge VLM small enough for a unit test (build_edge_vlm(words, "tiny", **TINY_EDGE_VLM)).
+TINY_EDGE_VLM = dict(
+    image_size=32,
+    patch_size=8,
+    vision_hidden_size=32,
+    vision_layers=1,
+    vision_heads=2,
+    vision_intermediate_size=64,
+    text_hidden_size=32,
+    text_layers=2,
+    text_heads=2,
+    text_kv_heads=2,
+    text_intermediate_size=64,
+    max_length=64,
+)

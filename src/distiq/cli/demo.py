@@ -126,8 +126,9 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
     workers = min(jobs, len(todo))
     if workers > 1:
         times.update(run_jobs(todo, workers))
-    for job in todo if workers <= 1 else ():
-        _run(engine, job.name, job.recipe, times, reused, fresh=job.action == "run")
+    else:
+        for job in todo:
+            _run(engine, job.name, job.recipe, times, reused, fresh=job.action == "run")
 
     started = time.perf_counter()
     records = []

@@ -276,7 +276,8 @@ def auto_precision(model: nn.Module) -> str:
         try:
             plan_model(model, precision)
         except ValueError as exc:
-            problems.append(str(exc).splitlines()[1].strip())
+            lines = str(exc).splitlines()  # a header line, then one line per layer
+            problems.append(lines[min(1, len(lines) - 1)].strip())
             continue
         return precision
     raise ValueError(

@@ -25,6 +25,14 @@ through, and their forward is exactly ``dequantize(quantize(x))``. If
 ``scale`` / ``zero_point`` require grad, they get the LSQ / LSQ+ gradients
 (∂x̂/∂s = round(x/s) − x/s inside the grid, q_max − z or q_min − z outside; ∂x̂/∂z = 0 inside,
 −s outside); the LSQ gradient scale is applied by the caller (``distiq.quant.lsq``).
+
+16-bit scales (``spec.scale_dtype`` ``float16`` / ``bfloat16``, ``int`` specs): ``round_scale``
+rounds every scale the forward uses to the nearest value of that dtype (kept inside its finite
+range, at least its smallest subnormal), held in the scale's own dtype. Observers round *before*
+the asymmetric zero-point ``z = clamp(q_min − round(x_min / s), q_min, q_max)`` is computed, so
+``z`` belongs to the rounded ``s``; learned scales are rounded with a straight-through gradient
+(``∂round_scale(s)/∂s = 1``), so the LSQ gradients above are evaluated at the rounded scale.
+``float32`` (the default) returns the scale unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import torch
 from distiq.quant.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
 FP8_E4M3_MAX = 448.0
+_TORCH_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class QParams(NamedTuple):
@@ -93,6 +102,34 @@ def _rows(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tuple[int, ..
     raise TypeError(f"unsupported granularity {g!r}")
 
 
+def round_scale(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """``scale`` rounded to the nearest ``scale_dtype`` value, in ``scale``'s dtype and shape.
+
+    Args:
+        scale: positive scales, any shape, float32 (or float64).
+        scale_dtype: ``float32`` (returns ``scale`` itself), ``float16`` or ``bfloat16``.
+
+    Returns:
+        ``scale.clamp(max=finfo.max).to(scale_dtype).to(scale.dtype)``, floored at the dtype's
+        smallest positive subnormal, so every value is exactly representable in ``scale_dtype``
+        (``round_scale(s, "float16").half().float() == round_scale(s, "float16")``). When
+        ``scale`` requires grad the result is straight-through: its gradient is passed to
+        ``scale`` unchanged (the forward value is the rounded one exactly, not
+        ``s + (r - s)``, which can round in float32).
+    """
+    if scale_dtype == "float32":
+        return scale
+    target = _TORCH_SCALE_DTYPES[scale_dtype]
+    info = torch.finfo(target)
+    with torch.no_grad():
+        detached = scale.detach()
+        rounded = detached.clamp(max=info.max).to(target).to(detached.dtype)
+        rounded = rounded.clamp(min=info.smallest_normal * info.eps)  # smallest subnormal
+    if scale.requires_grad and torch.is_grad_enabled():
+        return _StraightThrough.apply(scale, rounded)  # defined below
+    return rounded
+
+
 def _qparams_from_range(
     xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,11 +140,11 @@ def _qparams_from_range(
     eps = torch.finfo(torch.float32).eps
     if spec.symmetric:
         absmax = torch.maximum(-xmin, xmax)
-        scale = torch.clamp(absmax / ((qmax - qmin) / 2), min=eps)
+        scale = round_scale(torch.clamp(absmax / ((qmax - qmin) / 2), min=eps), spec.scale_dtype)
         zero = torch.full_like(scale, 0.0 if spec.is_signed else float((qmax + qmin + 1) // 2))
     else:
-        scale = torch.clamp((xmax - xmin) / (qmax - qmin), min=eps)
-        zero = torch.clamp(qmin - torch.round(xmin / scale), qmin, qmax)
+        scale = round_scale(torch.clamp((xmax - xmin) / (qmax - qmin), min=eps), spec.scale_dtype)
+        zero = torch.clamp(qmin - torch.round(xmin / scale), qmin, qmax)  # from the rounded scale
     return scale, zero
 
 

@@ -37,7 +37,7 @@ from distiq.quant.functional import (
     choose_qparams,
     group_view,
 )
-from distiq.quant.lsq import SCALE_MIN
+from distiq.quant.lsq import SCALE_MIN, effective_scale
 from distiq.quant.spec import PerChannel, PerGroup, QuantSpec
 
 CHUNK_ELEMENTS = 1 << 22  # 16 MiB: a few large ops (each one parallel region; see above)
@@ -244,7 +244,8 @@ class _FakeQuantLinearFunction(torch.autograd.Function):
 
 class _FakeQuantLinearLsqFunction(torch.autograd.Function):
     """``F.linear(x, Ŵ, b)`` with LSQ / LSQ+ weight qparams (the maths of ``distiq.quant.lsq``):
-    ``Ŵ`` as ``fake_quantize(W, clamp(s), round(z))``; ``∂s = g·Σ ∂Ŵ·(round(W/s) − W/s)``
+    ``Ŵ`` as ``fake_quantize(W, s', round(z))`` with ``s' = effective_scale(s)`` (floored and
+    rounded to ``spec.scale_dtype``, straight-through); ``∂s = g·Σ ∂Ŵ·(round(W/s) − W/s)``
     inside the grid and ``g·Σ ∂Ŵ·(clamp(q) − z)`` where clipped, ``∂z = −g·Σ ∂Ŵ·s`` where clipped,
     ``∂W = ∂Ŵ`` inside the grid; ``∂Ŵ = ∂yᵀ x``."""
 
@@ -252,7 +253,7 @@ class _FakeQuantLinearLsqFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, scale, zero_point, spec, factor, buffer):
         plain = spec.replace(learnable=False)
         with torch.no_grad():
-            s = scale.clamp(min=SCALE_MIN)
+            s = effective_scale(scale, spec)  # floored, rounded to spec.scale_dtype
             z = torch.round(zero_point)
             out = buffer.acquire(weight, ctx) if buffer is not None else None
             weight_q, _, clipped = fake_quantize_weight(weight, plain, QParams(s, z), out=out)

@@ -16,6 +16,11 @@ tensor; activations: features per example per scale, i.e. the batch dimension ex
 paper) and ``Q_p`` the largest code (``spec.quant_max``). The scaling is applied by an identity
 autograd function, so the forward value is bit-identical to ``fake_quantize`` with the same
 (scale, round(zero_point)).
+
+With a 16-bit ``spec.scale_dtype`` the forward uses ``effective_scale(s)``: ``s`` floored at
+``SCALE_MIN`` and rounded to that dtype (``functional.round_scale``) with a straight-through
+gradient, so the trained scales are exactly what a 16-bit-scale runtime stores, and the
+gradients above are evaluated at the rounded scale.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-from distiq.quant.functional import QParams, choose_qparams, fake_quantize
+from distiq.quant.functional import QParams, choose_qparams, fake_quantize, round_scale
 from distiq.quant.spec import QuantSpec
 
 SCALE_MIN = torch.finfo(torch.float32).eps
@@ -47,6 +52,13 @@ class _GradScale(torch.autograd.Function):
 def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
     """``x`` unchanged (bit for bit) whose gradient is multiplied by ``factor``."""
     return _GradScale.apply(x, factor)
+
+
+def effective_scale(scale: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The scale the forward uses for a learned ``scale`` (any shape, same shape out):
+    ``round_scale(scale.clamp(min=SCALE_MIN), spec.scale_dtype)``. Differentiable: clamp's
+    gradient (zero below ``SCALE_MIN``), then straight through the rounding."""
+    return round_scale(scale.clamp(min=SCALE_MIN), spec.scale_dtype)
 
 
 def lsq_grad_scale(num_elements: int, quant_max: int) -> float:
@@ -71,7 +83,8 @@ def lsq_fake_quantize(
 
     Args:
         x: any shape; ``scale`` / ``zero_point`` broadcast against it as ``QParams`` do.
-        scale: positive scales (a leaf parameter to learn); values below float32 eps are clamped.
+        scale: positive scales (a leaf parameter to learn); values below float32 eps are clamped,
+            and rounded to ``spec.scale_dtype`` (``effective_scale``).
         zero_point: float zero-points; learned (LSQ+) when it requires grad, rounded in forward.
         spec: an ``int`` spec.
         num_elements: elements per scale ``N`` for the gradient scale; default
@@ -85,7 +98,7 @@ def lsq_fake_quantize(
         raise ValueError(f"LSQ needs format 'int', not {spec.format!r}")
     n = num_elements if num_elements is not None else max(1, x.numel() // scale.numel())
     factor = lsq_grad_scale(n, spec.quant_max)
-    s = grad_scale(scale.clamp(min=SCALE_MIN), factor)
+    s = grad_scale(effective_scale(scale, spec), factor)
     z = grad_scale(zero_point, factor) if zero_point.requires_grad else zero_point
     return fake_quantize(x, s, z, spec)
 
@@ -114,7 +127,7 @@ class LsqQuantizer(nn.Module):
     def qparams(self) -> QParams:
         """The (detached) scale and rounded zero-point the forward uses."""
         return QParams(
-            self.scale.detach().clamp(min=SCALE_MIN), torch.round(self.zero_point.detach())
+            effective_scale(self.scale.detach(), self.spec), torch.round(self.zero_point.detach())
         )
 
     def forward(self, x: torch.Tensor, num_elements: int | None = None) -> torch.Tensor:

@@ -29,7 +29,7 @@ from distiq.quant.functional import (
     choose_qparams,
     fake_quantize,
 )
-from distiq.quant.lsq import SCALE_MIN, LsqQuantizer, lsq_fake_quantize
+from distiq.quant.lsq import LsqQuantizer, effective_scale, lsq_fake_quantize
 from distiq.quant.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ class ActivationQuantizer(nn.Module):
             if x is None:
                 raise ValueError("dynamic activation qparams need the input x")
             return choose_qparams(self._dynamic_view(x), self.spec)
-        scale = self.scale.detach().clamp(min=SCALE_MIN)
+        scale = effective_scale(self.scale.detach(), self.spec)  # floored, scale_dtype values
         zero = torch.round(self.zero_point.detach())
         if x is None:
             return QParams(scale, zero)

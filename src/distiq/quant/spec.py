@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from distiq.config import from_dict, to_dict
+from distiq.util import suggest
 
 
 class Granularity:
@@ -104,6 +105,8 @@ def parse_granularity(value: object) -> Granularity:
 
 Format = Literal["int", "nf4", "fp8_e4m3"]
 Observer = Literal["minmax", "percentile", "mse"]
+ScaleDtype = Literal["float32", "float16", "bfloat16"]
+SCALE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,13 @@ class QuantSpec:
         percentile: the percentile (0-100] of |x| used by the ``percentile`` observer.
         mse_grid, mse_max_shrink, mse_norm: the ``mse`` observer's search: ``mse_grid`` clipping
             ratios from 1 down to ``1 - mse_max_shrink``, error measured as ``|x - q(x)|^mse_norm``.
+        scale_dtype: ``int`` only: every scale the fake quantization uses is a value of this
+            dtype (observers round their scale to it before computing the zero-point; learned
+            scales are rounded in the forward with a straight-through gradient; see
+            ``distiq.quant.functional.round_scale``). ``float16`` is what deployment runtimes
+            store (GPTQ / AWQ checkpoints, onnxruntime ``MatMulNBits``, llama.cpp), so a packed
+            checkpoint with 16-bit scales is exact. ``float32`` (default) changes nothing.
+            ``nf4`` (own double quantization of its absmax) and ``fp8_e4m3`` keep float32.
     """
 
     bits: int = 4
@@ -142,6 +152,7 @@ class QuantSpec:
     mse_grid: int = 100
     mse_max_shrink: float = 0.8
     mse_norm: float = 2.4
+    scale_dtype: ScaleDtype = "float32"
 
     def __post_init__(self) -> None:
         if isinstance(self.granularity, str | dict):  # QuantSpec(granularity="per_group(64)")
@@ -169,6 +180,23 @@ class QuantSpec:
         if self.format != "int" and self.learnable:
             errors.append(
                 f"learnable scales are supported for format 'int' only, not {self.format!r}"
+            )
+        if self.scale_dtype not in SCALE_DTYPES:
+            hint = suggest(str(self.scale_dtype), SCALE_DTYPES)
+            errors.append(
+                f"scale_dtype {self.scale_dtype!r} is not supported{hint}; choose one of "
+                f"{', '.join(SCALE_DTYPES)}"
+            )
+        elif self.format != "int" and self.scale_dtype != "float32":
+            errors.append(
+                f"scale_dtype {self.scale_dtype!r} applies to format 'int' only; format "
+                f"{self.format!r} keeps float32 scales ("
+                + (
+                    "nf4 compresses its absmax with its own double quantization"
+                    if self.format == "nf4"
+                    else "fp8 has one float32 scale per channel"
+                )
+                + "): remove scale_dtype or set it to float32"
             )
         if not 0 < self.percentile <= 100:
             errors.append(f"percentile must be in (0, 100], got {self.percentile}")

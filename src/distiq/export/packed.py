@@ -12,18 +12,26 @@ A packed checkpoint is a directory::
 Loading never unpickles: JSON and safetensors only. ``load_packed`` rebuilds each quantized layer
 as ``QuantizedLinear`` (``distiq.quant``) or ``QuantizedConv2d`` (``distiq.export.layers``) whose
 forward is *identical* (``atol=0``) to the fake-quant layer it was saved from: the codes,
-zero-points and float32 scales are stored losslessly and the dequantize-then-matmul arithmetic is
-the fake-quant module's. Two documented exceptions:
+zero-points and scales are stored losslessly and the dequantize-then-matmul arithmetic is the
+fake-quant module's. Scales are stored in each layer's ``QuantSpec.scale_dtype`` (the default,
+``scale_dtype=None``): a spec with ``scale_dtype="float16"`` trains with float16-representable
+scales, so its checkpoint holds 16-bit scales *and* stays exact (subnormal float16 scales
+included). Each layer entry of the manifest records the dtype its scales were stored in
+(``"scale_dtype"``); the manifest's top-level ``scale_dtype`` is the dtype they share
+(``float32`` when layers differ). A scale that is not a value of its spec's dtype (a
+``QuantizedLinear`` built by hand from other scales) is stored as float32, with a warning. Two
+documented exceptions to exactness:
 
-- ``scale_dtype="float16"`` / ``"bfloat16"`` stores scales in 16 bits (smaller file); each
-  dequantized weight then moves by a relative ``≤ 2⁻¹¹`` (float16; ``2⁻⁸`` bfloat16), so a layer
-  output moves by ``≤ 2⁻¹¹ · (|x̂| @ |Ŵ|ᵀ)`` plus float32 rounding. Save checks that every scale is
-  a normal float16 number (else it raises and nothing is written).
+- an explicit ``scale_dtype="float16"`` / ``"bfloat16"`` rounds float32-trained scales to 16 bits
+  (smaller file); each dequantized weight then moves by a relative ``≤ 2⁻¹¹`` (float16; ``2⁻⁸``
+  bfloat16), so a layer output moves by ``≤ 2⁻¹¹ · (|x̂| @ |Ŵ|ᵀ)`` plus float32 rounding. Save
+  checks that every scale is a normal float16 number or exactly representable (else it raises and
+  nothing is written).
 - ``load_packed(..., int_matmul=True)`` runs eligible W8A8 layers with ``torch._int_mm``; equal to
   the fake-quant output up to float rounding (bound in ``distiq.quant.quantized``).
 
 Size: a 4-bit weight with groups of 64 costs 4 bits + one scale per 64 weights (32 bits: 4.5
-bits per weight; 16-bit scales: 4.25); symmetric zero-points are implicit (not stored) and
+bits per weight; 16-bit scales: 4.25); activation qparams stay float32 (a few values per layer); symmetric zero-points are implicit (not stored) and
 asymmetric ones are packed at the code width. ``SizeBreakdown`` reports codes, scales,
 zero-points, group indices, activation qparams, fp leftovers and header bytes against the fp32
 size of the same model.
@@ -80,9 +88,33 @@ def _implied_zero(spec: QuantSpec) -> float | None:
     return None
 
 
-def _cast_scale(scale: torch.Tensor, dtype_name: str, where: str) -> torch.Tensor:
+def _representable(scale: torch.Tensor, dtype_name: str) -> torch.Tensor | None:
+    """``scale`` cast to ``dtype_name`` when that is exact (every value kept), else None."""
     if dtype_name == "float32":
         return scale.to(torch.float32)
+    cast = scale.to(_SCALE_DTYPES[dtype_name])
+    return cast if torch.equal(cast.to(scale.dtype), scale) else None
+
+
+def _spec_scale(scale: torch.Tensor, spec: QuantSpec, where: str) -> tuple[torch.Tensor, str]:
+    """(stored scales, dtype name) in the spec's ``scale_dtype``: exact, else float32."""
+    stored = _representable(scale, spec.scale_dtype)
+    if stored is not None:
+        return stored, spec.scale_dtype
+    log.warning(
+        "%s: its scales are not all %s values although its spec says scale_dtype=%s (were they "
+        "set by hand?); storing them as float32 to stay exact",
+        where,
+        spec.scale_dtype,
+        spec.scale_dtype,
+    )
+    return scale.to(torch.float32), "float32"
+
+
+def _cast_scale(scale: torch.Tensor, dtype_name: str, where: str) -> torch.Tensor:
+    exact = _representable(scale, dtype_name)
+    if exact is not None:  # float32, or scales that are already values of dtype_name
+        return exact
     cast = scale.to(_SCALE_DTYPES[dtype_name])
     back = cast.to(torch.float32)
     rel = ((back - scale).abs() / scale.abs().clamp(min=torch.finfo(torch.float32).tiny)).max()
@@ -114,8 +146,9 @@ def _zero_points(qw, spec: QuantSpec, where: str) -> tuple[str, dict[str, torch.
     return "float32", {"zeros": zero.contiguous()}
 
 
-def _module_entry(name: str, module: nn.Module, scale_dtype: str, spec_index):
-    """(manifest entry, {suffix: tensor}, {suffix: byte category}) for one quantized layer."""
+def _module_entry(name: str, module: nn.Module, scale_dtype: str | None, spec_index):
+    """(manifest entry, {suffix: tensor}, {suffix: byte category}) for one quantized layer
+    (``scale_dtype`` None: the weight spec's ``scale_dtype``)."""
     is_conv = isinstance(module, FakeQuantConv2d | QuantizedConv2d)
     act = activation_quantizer(module)
     qw = quantized_weight(module)
@@ -147,8 +180,11 @@ def _module_entry(name: str, module: nn.Module, scale_dtype: str, spec_index):
             codes = codes.view(torch.uint8) if codes.dtype != torch.uint8 else codes
         signed = spec.format == "int" and spec.is_signed
         tensors["qweight"], kinds["qweight"] = pack(codes, qw.code_bits, signed=signed), "codes"
-        tensors["scales"] = _cast_scale(qw.scale.detach(), scale_dtype, name).contiguous()
-        kinds["scales"] = "scale"
+        if scale_dtype is None:
+            scales, stored_dtype = _spec_scale(qw.scale.detach(), spec, name)
+        else:
+            scales, stored_dtype = _cast_scale(qw.scale.detach(), scale_dtype, name), scale_dtype
+        tensors["scales"], kinds["scales"] = scales.contiguous(), "scale"
         for key, value in zero_tensors.items():
             tensors[key], kinds[key] = value, "zero_point"
         if qw.g_idx is not None:
@@ -165,6 +201,7 @@ def _module_entry(name: str, module: nn.Module, scale_dtype: str, spec_index):
             weight_spec=spec_index(spec),
             zero_point=zero_mode,
             num_groups=int(qw.scale.shape[1]) if qw.g_idx is not None else None,
+            scale_dtype=stored_dtype,
         )
     entry["activation_spec"] = spec_index(act.spec.replace(learnable=False)) if act else None
     if act is not None and act.static:
@@ -175,6 +212,13 @@ def _module_entry(name: str, module: nn.Module, scale_dtype: str, spec_index):
     if module.bias is not None:
         tensors["bias"], kinds["bias"] = module.bias.detach().contiguous(), "fp"
     return entry, tensors, kinds
+
+
+def _common_scale_dtype(modules: dict[str, dict]) -> str:
+    """The dtype every layer's scales were stored in; ``float32`` when they differ or none has
+    scales (each layer entry's ``scale_dtype`` is then the one to read)."""
+    dtypes = {entry["scale_dtype"] for entry in modules.values() if "scale_dtype" in entry}
+    return dtypes.pop() if len(dtypes) == 1 else "float32"
 
 
 def _model_info(model: nn.Module, adapter) -> tuple[dict, Any, Any]:
@@ -240,7 +284,7 @@ def save_packed(
     path: str | os.PathLike,
     *,
     adapter: Any = None,
-    scale_dtype: str = "float32",
+    scale_dtype: str | None = None,
     leftover_dtype: str = "float32",
     overwrite: bool = False,
 ) -> SizeBreakdown:
@@ -255,7 +299,9 @@ def save_packed(
         path: the directory to write (created; written to a temporary directory first and
             renamed when complete).
         adapter: the model's ``VLMAdapter`` (its processor is saved with the weights).
-        scale_dtype: ``float32`` (exact), ``float16`` or ``bfloat16`` (smaller; see above).
+        scale_dtype: None (default): each layer's scales in its weight spec's ``scale_dtype``
+            (exact); ``float32`` (exact), ``float16`` or ``bfloat16``: every layer's scales in
+            that dtype (smaller, not exact for float32-trained scales; see above).
         leftover_dtype: dtype of the full-precision tensors (embeddings, norms, biases,
             unquantized layers): ``float32`` (exact) or ``float16`` / ``bfloat16`` (half the
             bytes; those tensors are then rounded to 16 bits, relative error ``2⁻¹¹`` /
@@ -272,9 +318,10 @@ def save_packed(
     from safetensors.torch import save_file
 
     path = Path(path)
-    if scale_dtype not in _SCALE_DTYPES:
+    if scale_dtype is not None and scale_dtype not in _SCALE_DTYPES:
         raise ValueError(
-            f"scale_dtype must be one of {', '.join(_SCALE_DTYPES)}, got {scale_dtype!r}"
+            f"scale_dtype must be None (each layer's spec.scale_dtype) or one of "
+            f"{', '.join(_SCALE_DTYPES)}, got {scale_dtype!r}"
         )
     quantized = {name: m for name, m in model.named_modules() if is_quantized(m)}
     if not quantized:
@@ -370,7 +417,7 @@ def save_packed(
             "distiq_version": distiq.__version__,
             "weights_file": WEIGHTS_FILE,
             "weights_sha256": sha256_file(tmp / WEIGHTS_FILE),
-            "scale_dtype": scale_dtype,
+            "scale_dtype": _common_scale_dtype(manifest_modules),
             "leftover_dtype": leftover_dtype,
             "specs": specs,
             "model": model_info,

@@ -2,6 +2,8 @@
 
     python benchmarks/deploy.py [--preset tiny] [--threads 2] [--repeats 60] [--quick]
                                 [--run-dir RUN ...] [--out benchmarks/results/deploy.json]
+    python benchmarks/deploy.py --sizes-only [--size-presets tiny small base]
+                                [--out benchmarks/results/deploy_sizes.json]
 
 Models: the demo model's architecture (``build_edge_vlm(preset)``, random weights: latency and
 size do not depend on the values) as a float teacher and compressed to W8A8 (int8 per-channel
@@ -18,7 +20,11 @@ L = image tokens + 16) and the vision encoder on one image. A W8A8 row with ``in
 Ratios are speed-ups against onnxruntime fp32 measured in the same call (same machine state).
 Goal (issue 7): onnxruntime int8 >= 2.0x onnxruntime fp32 on the language model at batch 1.
 Sizes: the packed checkpoint of each compressed model with its breakdown (float32 scales, exact;
-float16 scales, smaller) against the fp32 tensors, and every ONNX export.
+float16 scales, smaller) against the fp32 tensors, and every ONNX export. The 4-bit g64 table by
+preset adds ``exact-fp16-scales``: the model quantized with ``QuantSpec(scale_dtype="float16")``
+(it trains with float16 scales), whose checkpoint holds 16-bit scales and is still exact.
+``--sizes-only`` measures that table alone (no latency; default output
+``benchmarks/results/deploy_sizes.json``).
 
 CUDA (only when a GPU is present): runs ``benchmarks/cuda_kernels.py`` (bf16 / W8A8 / fp8 /
 W4A16 at decode and prefill) and stores its JSON under ``cuda``.
@@ -57,6 +63,7 @@ W8 = QuantSpec(bits=8, granularity=PerChannel(0))
 A8 = QuantSpec(bits=8, symmetric=False, granularity=PerTensor())
 W7 = QuantSpec(bits=7, granularity=PerChannel(0))
 W4G64 = QuantSpec(bits=4, granularity=PerGroup(64))
+W4G64_FP16_SCALES = W4G64.replace(scale_dtype="float16")
 CONFIGS = {
     "w8a8": (W8, A8),
     "w7a8": (W7, A8),
@@ -105,6 +112,9 @@ SIZE_VARIANTS = {
     "fp16-scales": {"scale_dtype": "float16"},
     "fp16-scales+leftovers": {"scale_dtype": "float16", "leftover_dtype": "float16"},
 }
+# quantized with W4G64_FP16_SCALES (float16 scales in training), saved with the defaults: exact
+EXACT_FP16 = "exact-fp16-scales"
+PRESET_VARIANTS = [EXACT_FP16, *SIZE_VARIANTS]
 
 
 def sizes_of(model, adapter) -> dict:
@@ -127,10 +137,75 @@ def preset_sizes(presets: list[str]) -> dict:
     out = {}
     for preset in presets:
         model, adapter = build_edge_vlm(WORDS, preset)
+        fp16_scales = copy.deepcopy(model)
         for part in ("vision", "projector", "language_model"):
             quantize_(model, adapter.quant_config(part, weight=W4G64, model=model))
-        out[preset] = sizes_of(model.eval(), adapter)
+            quantize_(
+                fp16_scales,
+                adapter.quant_config(part, weight=W4G64_FP16_SCALES, model=fp16_scales),
+            )
+        entry = sizes_of(model.eval(), adapter)
+        with tempfile.TemporaryDirectory() as tmp:
+            exact = save_packed(fp16_scales.eval(), Path(tmp) / EXACT_FP16, adapter=adapter)
+            entry[EXACT_FP16] = exact.to_dict()
+            entry[f"{EXACT_FP16}_table"] = exact.table()
+            entry[f"{EXACT_FP16}_identical"] = _identical_after_load(
+                fp16_scales, Path(tmp) / EXACT_FP16, adapter
+            )
+        out[preset] = entry
+        del model, fp16_scales
     return out
+
+
+def _identical_after_load(model, path: Path, adapter) -> bool:
+    """Whether the packed checkpoint at ``path`` reloads to logits equal (``torch.equal``) to
+    ``model``'s on one synthetic question."""
+    from distiq.export import load_packed
+
+    size = model.config.vision_config.image_size
+    batch = adapter.build_inputs(_samples(1, size))
+    loaded = load_packed(path)
+    with torch.no_grad():
+        return bool(torch.equal(loaded(**batch).logits, model(**batch).logits))
+
+
+def print_preset_sizes(by_preset: dict) -> None:
+    print("\n4-bit g64 packed / fp32, by preset (target <= 0.16):")
+    for preset, entry in by_preset.items():
+        ratios = ", ".join(f"{v} {entry[v]['ratio']:.4f}x" for v in PRESET_VARIANTS)
+        same = "identical" if entry[f"{EXACT_FP16}_identical"] else "NOT identical"
+        print(f"  {preset:<6} {ratios}  ({EXACT_FP16} reloaded: {same})")
+
+
+def _without_tables(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if not k.endswith("table")}
+
+
+def sizes_only(args, started: float) -> None:
+    """Measure only the 4-bit g64 size table by preset and write it to ``args.out``."""
+    by_preset = preset_sizes(args.size_presets)
+    for preset, entry in by_preset.items():
+        print(f"\npacked {preset} ({EXACT_FP16}):\n{entry[f'{EXACT_FP16}_table']}")
+    print_preset_sizes(by_preset)
+    report = {
+        "benchmark": "deploy_sizes",
+        "machine": machine_info(),
+        "weights": "random (sizes do not depend on values)",
+        "weight_spec": W4G64.to_dict(),
+        "variants": {
+            EXACT_FP16: "QuantSpec scale_dtype=float16 (trained with float16 scales), saved "
+            "with the defaults: float16 scales, float32 leftovers, exact",
+            "exact": "float32 scales and leftovers, exact",
+            "fp16-scales": "float32-trained scales stored in float16 (not exact)",
+            "fp16-scales+leftovers": "and full-precision tensors in float16 (not exact)",
+        },
+        "sizes_4bit_g64_by_preset": {p: _without_tables(v) for p, v in by_preset.items()},
+        "seconds": round(time.time() - started, 1),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\nwrote {out}")
 
 
 def _row(name: str, results) -> dict:
@@ -204,13 +279,23 @@ def main() -> None:
         "--workloads", nargs="*", default=["language_model", "vision"],
         choices=["language_model", "vision"],
     )  # fmt: skip
-    parser.add_argument("--out", default="benchmarks/results/deploy.json")
+    parser.add_argument(
+        "--sizes-only", action="store_true",
+        help="only the 4-bit g64 packed sizes of --size-presets (no latency); default --out "
+        "benchmarks/results/deploy_sizes.json",
+    )  # fmt: skip
+    parser.add_argument("--out", default=None, help="JSON output (default: see --sizes-only)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    started = time.time()
+    if args.sizes_only:
+        args.out = args.out or "benchmarks/results/deploy_sizes.json"
+        sizes_only(args, started)
+        return
+    args.out = args.out or "benchmarks/results/deploy.json"
     if args.quick:
         args.warmup, args.repeats = 2, 5
     out = Path(args.out)
-    started = time.time()
     load_at_start = list(os.getloadavg())
     if args.run_dir:
         models = {}
@@ -249,10 +334,7 @@ def main() -> None:
             for variant in list(SIZE_VARIANTS)[1:]:
                 print(f"packed {name} ({variant}): ratio {entry[variant]['ratio']:.4f}x")
     by_preset = preset_sizes(args.size_presets)
-    print("\n4-bit g64 packed / fp32, by preset (target <= 0.16):")
-    for preset, entry in by_preset.items():
-        ratios = ", ".join(f"{v} {entry[v]['ratio']:.4f}x" for v in SIZE_VARIANTS)
-        print(f"  {preset:<6} {ratios}")
+    print_preset_sizes(by_preset)
     goal = None
     for row in rows:
         if row["model"] == "w8a8":
@@ -280,9 +362,7 @@ def main() -> None:
         "rows": rows,
         "sizes": {k: {kk: vv for kk, vv in v.items() if kk != "table"}
                   if isinstance(v, dict) else v for k, v in sizes.items()},
-        "sizes_4bit_g64_by_preset": {
-            p: {kk: vv for kk, vv in v.items() if kk != "table"} for p, v in by_preset.items()
-        },
+        "sizes_4bit_g64_by_preset": {p: _without_tables(v) for p, v in by_preset.items()},
         "goal_ort_int8_vs_fp32_language_model": goal,
         "cuda": cuda,
         "seconds": round(time.time() - started, 1),

@@ -342,7 +342,7 @@ def export_run(
     *,
     out: str | os.PathLike | None = None,
     precision: str = "auto",
-    scale_dtype: str = "float32",
+    scale_dtype: str | None = None,
     leftover_dtype: str = "float32",
     int8_weights: str = "auto",
     verify: bool = True,
@@ -356,7 +356,8 @@ def export_run(
             ``run_dir/export/onnx-<precision>``); replaced if it exists.
         precision: ONNX only: ``int8``, ``int4``, ``fp32`` or ``auto`` (int8 if every
             quantized layer fits it, else int4, else fp32).
-        scale_dtype, leftover_dtype: packed only (see ``save_packed``).
+        scale_dtype, leftover_dtype: packed only (see ``save_packed``; the default ``None``
+            stores each layer's scales in its spec's ``scale_dtype``: exact).
         int8_weights: ONNX int8 only (see ``distiq.export.onnx_quant``).
         verify: check the export on synthetic questions and record it (module docstring).
 
@@ -387,7 +388,7 @@ def export_run(
         )  # fmt: skip
         log.info("packed checkpoint %s\n%s", target, sizes.table())
         if verify:
-            exact = scale_dtype == "float32" and leftover_dtype == "float32"
+            exact = scale_dtype in (None, "float32") and leftover_dtype == "float32"
             result = _verify_packed(run, target, synthetic_samples(run.adapter), exact)
             _record(target, result)
             log.info("verified %s: %s", target, result)

@@ -77,14 +77,14 @@ def weight_qparams(module: nn.Module) -> tuple[Tensor, Tensor, Tensor, int, int]
     every call.
     """
     from distiq.quant.functional import choose_qparams
-    from distiq.quant.lsq import SCALE_MIN
+    from distiq.quant.lsq import effective_scale
 
     quantizer = module.weight_quant
     spec = quantizer.spec
     weight = module.weight.reshape(module.weight.shape[0], -1)
     lsq = getattr(quantizer, "lsq", None)
     if lsq is not None:
-        scale, zero = lsq.scale.clamp(min=SCALE_MIN), lsq.zero_point
+        scale, zero = effective_scale(lsq.scale, spec), lsq.zero_point
     else:
         scale, zero = choose_qparams(weight.detach(), spec)
     return weight, scale, zero, spec.quant_min, spec.quant_max

@@ -24,7 +24,7 @@ from typing import Annotated, Any
 import typer
 
 from distiq.cli._common import console, engine_function, records_table, step_progress, user_errors
-from distiq.cli.demo_jobs import Job, default_jobs, run_jobs
+from distiq.cli.demo_jobs import Job, data_parallel_size, default_jobs, run_distributed, run_jobs
 from distiq.cli.demo_plan import (
     FULL,
     QUICK,
@@ -73,12 +73,25 @@ def _action(engine: _Engine, name: str, recipe: Any, reused: list, fresh: bool) 
 
 
 def _run(
-    engine: _Engine, name: str, recipe: Any, times: dict[str, float], reused: list, fresh: bool
+    engine: _Engine,
+    name: str,
+    recipe: Any,
+    times: dict[str, float],
+    reused: list,
+    fresh: bool,
+    jobs: int = 1,
 ) -> bool:
-    """Run (or reuse, or resume) one recipe in this process. Returns whether it ran."""
+    """Run (or reuse, or resume) one recipe: data-parallel over up to ``jobs`` forked processes
+    when its global batch splits (:func:`~distiq.cli.demo_jobs.run_distributed`), else in this
+    process. Returns whether it ran."""
     action = _action(engine, name, recipe, reused, fresh)
     if action == "reuse":
         return False
+    world = data_parallel_size(recipe.train.batch_size, jobs)
+    if world > 1:
+        typer.echo(f"{name}: data-parallel over {world} processes")
+        times[name] = run_distributed(Job(name, engine.compress, recipe, action), world)
+        return True
     started = time.perf_counter()
     with step_progress(f"{name}") as progress:
         engine.compress(
@@ -117,7 +130,7 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
     recipes = _validated(engine, names, settings, out, Path(scenes.root))
 
     reused: list[str] = []
-    teacher_ran = _run(engine, TEACHER, recipes[TEACHER], times, reused, fresh=False)
+    teacher_ran = _run(engine, TEACHER, recipes[TEACHER], times, reused, fresh=False, jobs=jobs)
     # a new teacher makes every run built on the old one stale
     actions = {name: _action(engine, name, recipes[name], reused, teacher_ran) for name in RUNS}
     todo = [

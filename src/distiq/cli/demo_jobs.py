@@ -93,6 +93,28 @@ def _run_job(name: str) -> float:
     return round(time.perf_counter() - started, 1)
 
 
+def _draw_events(events: Any, progress: Any, tasks: dict[str, Any]) -> list[tuple]:
+    """Draw the queued ``step`` / ``eval`` events on ``progress``; returns the other events
+    (``done`` / ``error`` of :func:`run_distributed`)."""
+    other = []
+    while True:
+        try:
+            event = events.get_nowait()
+        except queue.Empty:
+            return other
+        kind, name = event[0], event[1]
+        if kind == "step":
+            _, _, step, steps, loss = event
+            shown = "—" if loss is None else f"{loss:.4g}"
+            progress.update(tasks[name], completed=step, total=steps, loss=shown)
+        elif kind == "eval":
+            _, _, step, metrics = event
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+            progress.console.print(f"{name} step {step}: validation {shown}")
+        else:
+            other.append(event)
+
+
 def run_jobs(jobs: list[Job], workers: int) -> dict[str, float]:
     """Run ``jobs`` in ``workers`` forked processes, drawing a progress bar per run; returns
     ``{name: wall seconds}``. The first failure cancels the runs not yet started, waits for the
@@ -106,20 +128,7 @@ def run_jobs(jobs: list[Job], workers: int) -> dict[str, float]:
     seconds: dict[str, float] = {}
 
     def draw_events() -> None:
-        while True:
-            try:
-                event = events.get_nowait()
-            except queue.Empty:
-                return
-            kind, name = event[0], event[1]
-            if kind == "step":
-                _, _, step, steps, loss = event
-                shown = "—" if loss is None else f"{loss:.4g}"
-                progress.update(tasks[name], completed=step, total=steps, loss=shown)
-            else:
-                _, _, step, metrics = event
-                shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-                progress.console.print(f"{name} step {step}: validation {shown}")
+        _draw_events(events, progress, tasks)
 
     try:
         with (
@@ -147,3 +156,118 @@ def run_jobs(jobs: list[Job], workers: int) -> dict[str, float]:
     finally:
         _JOBS.clear()
     return seconds
+
+
+def data_parallel_size(batch_size: int, jobs: int, min_per_process: int = 8) -> int:
+    """Processes for one data-parallel run: the most, up to ``jobs``, that split the global
+    ``batch_size`` evenly with at least ``min_per_process`` items each (1: no split)."""
+    sizes = [
+        w for w in range(1, max(1, jobs) + 1)
+        if batch_size % w == 0 and batch_size // w >= min_per_process
+    ]  # fmt: skip
+    return max(sizes, default=1)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _run_rank(name: str, rank: int, world_size: int, port: int, events: Any) -> None:
+    """In a forked process: rank ``rank`` of the data-parallel run of job ``name``. Sets the
+    variables a launcher (torchrun, ``accelerate launch``) sets, so the training loop's
+    ``setup_distributed`` finds the process group; reports ``done`` / ``error`` on ``events``."""
+    import pickle
+    import traceback
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    _init_worker(events)
+    job = _JOBS[name]
+    started = time.perf_counter()
+    progress = _QueuedProgress(name) if rank == 0 else None
+    try:
+        job.compress(
+            job.recipe,
+            overwrite=job.action == "run",
+            resume=job.action == "resume",
+            on_step=progress.on_step if progress else None,
+            on_eval=progress.on_eval if progress else None,
+        )
+    except BaseException as exc:  # sent to the parent, which raises it
+        try:
+            payload = pickle.dumps(exc)
+        except Exception:  # an exception that does not pickle
+            payload = pickle.dumps(RuntimeError("".join(traceback.format_exception(exc))))
+        events.put(("error", name, rank, payload))
+        events.close()
+        events.join_thread()  # the report reaches the pipe before the process ends
+        os._exit(1)
+    events.put(("done", name, rank, round(time.perf_counter() - started, 1)))
+
+
+def run_distributed(job: Job, world_size: int) -> float:
+    """Run one job data-parallel in ``world_size`` forked processes (gloo, one torch thread
+    each: DDP through the training loop's accelerate path, the same global batch), drawing one
+    progress bar from rank 0; returns the wall seconds. If a process fails, the others are
+    stopped (they would wait forever in the next all-reduce) and its exception is raised here."""
+    import pickle
+
+    context = multiprocessing.get_context("fork")
+    events = context.Queue()
+    _JOBS.clear()
+    _JOBS[job.name] = job
+    progress = run_progress_bar()
+    tasks = {job.name: progress.add_task(job.name, total=None, loss="—")}
+    port = _free_port()
+    started = time.perf_counter()
+    processes = [
+        context.Process(target=_run_rank, args=(job.name, rank, world_size, port, events))
+        for rank in range(world_size)
+    ]
+    finished: set[int] = set()
+    try:
+        with progress:
+            for process in processes:
+                process.start()
+            while len(finished) < world_size:
+                for event in _draw_events(events, progress, tasks):
+                    if event[0] == "error":
+                        raise pickle.loads(event[3])
+                    finished.add(event[2])
+                dead = [
+                    rank for rank, p in enumerate(processes)
+                    if rank not in finished and p.exitcode not in (None, 0)
+                ]  # fmt: skip
+                if dead and not _draw_pending(events):
+                    raise RuntimeError(
+                        f"{job.name}: process {dead[0]} of {world_size} died "
+                        f"(exit code {processes[dead[0]].exitcode}) without a report"
+                    )
+                time.sleep(0.2)
+            total = progress.tasks[0].total or 1
+            progress.update(tasks[job.name], completed=total, total=total)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+            process.join()
+        _JOBS.clear()
+    return round(time.perf_counter() - started, 1)
+
+
+def _draw_pending(events: Any) -> bool:
+    """Whether ``events`` may still hold reports (read them before calling a process dead)."""
+    try:
+        return not events.empty()
+    except (OSError, ValueError):
+        return False

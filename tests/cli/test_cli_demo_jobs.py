@@ -1,0 +1,62 @@
+"""``distiq.cli.demo_jobs.run_distributed``: one job as forked data-parallel processes that find
+each other the way the training loop's accelerate path does (launcher variables, gloo), and a
+failing process stops the run with its own error instead of leaving the others waiting."""
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+import torch
+
+from distiq.cli.demo_jobs import Job, data_parallel_size, run_distributed
+
+needs_fork = pytest.mark.skipif(
+    "fork" not in multiprocessing.get_all_start_methods(), reason="needs fork"
+)
+
+
+def test_data_parallel_size():
+    assert data_parallel_size(32, 1) == 1
+    assert data_parallel_size(32, 2) == 2
+    assert data_parallel_size(32, 3) == 2  # 32 does not split in 3
+    assert data_parallel_size(32, 16) == 4  # at least 8 items per process
+    assert data_parallel_size(12, 2) == 1  # 6 per process is too few
+    assert data_parallel_size(12, 2, min_per_process=4) == 2
+
+
+def _all_reduce_job(recipe, *, overwrite, resume, on_step, on_eval):
+    """What the loop does: join the process group from the launcher's variables, all-reduce."""
+    import torch.distributed as dist
+
+    from distiq.train.config import TrainConfig
+    from distiq.train.distributed import setup_distributed
+
+    ctx = setup_distributed(TrainConfig(steps=1, batch_size=2))
+    value = torch.tensor([float(ctx.rank + 1)])
+    dist.all_reduce(value)
+    if recipe["fail_rank"] == ctx.rank:
+        raise ValueError(f"rank {ctx.rank} failed on purpose")
+    if recipe["fail_rank"] is not None:
+        dist.all_reduce(value)  # the healthy process waits here for the failed one
+    if ctx.rank == 0:
+        on_step(type("Info", (), {"step": 1, "steps": 1, "total": value.item()})())
+        record = {"world": ctx.world_size, "sum": value.item(), "threads": torch.get_num_threads()}
+        Path(recipe["out"]).write_text(json.dumps(record))
+
+
+@needs_fork
+def test_run_distributed_joins_one_process_group(tmp_path):
+    out = tmp_path / "result.json"
+    recipe = {"out": str(out), "fail_rank": None}
+    seconds = run_distributed(Job("toy", _all_reduce_job, recipe, "run"), world_size=2)
+    assert json.loads(out.read_text()) == {"world": 2, "sum": 3.0, "threads": 1}
+    assert seconds > 0
+
+
+@needs_fork
+def test_run_distributed_raises_the_failing_process_error(tmp_path):
+    recipe = {"out": str(tmp_path / "never.json"), "fail_rank": 1}
+    with pytest.raises(ValueError, match="rank 1 failed on purpose"):
+        run_distributed(Job("toy", _all_reduce_job, recipe, "run"), world_size=2)
+    assert not (tmp_path / "never.json").exists()

@@ -107,3 +107,27 @@ def test_loss_terms_are_finite_and_train(heads):
     assert torch.isfinite(total)
     total.backward()
     assert hidden.grad.abs().sum() > 0 and patches.grad.abs().sum() > 0
+
+
+def test_relation_targets_read_their_own_layer(heads):
+    # "is the red circle to the left of the blue square?": the comparison (side, amount) is
+    # read from the relation layer's states at "square"; every lookup from the grounding layer.
+    grounding, tokenizer = heads
+    question = "is the red circle to the left of the blue square?"
+    batch = _batch(tokenizer, [question], [7])
+    length = batch["suffix_ids"].shape[1]
+    hidden = torch.randn(1, length, 16, requires_grad=True)
+    relation = torch.randn(1, length, 16, requires_grad=True)
+    terms = grounding.loss(batch, hidden, torch.randn(1, 16, 8), relation_hidden=relation)
+    terms["grounding"].backward()
+    words = tokenizer.convert_ids_to_tokens(batch["suffix_ids"][0].tolist())
+    square = words.index("square")
+    touched = relation.grad[0].abs().sum(dim=-1).nonzero().flatten().tolist()
+    assert touched == [square]  # only the second reference carries a comparison
+    assert hidden.grad[0, words.index("circle")].abs().sum() > 0
+    # without a relation layer's states, the grounding layer's states serve both (as before)
+    plain = grounding.loss(batch, hidden.detach(), torch.randn(1, 16, 8))["grounding"]
+    split = grounding.loss(
+        batch, hidden.detach(), torch.randn(1, 16, 8), relation_hidden=hidden.detach()
+    )["grounding"]
+    assert torch.equal(plain, split)

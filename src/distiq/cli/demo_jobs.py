@@ -182,6 +182,7 @@ def _run_rank(name: str, rank: int, world_size: int, port: int, events: Any) -> 
     ``setup_distributed`` finds the process group; reports ``done`` / ``error`` on ``events``."""
     import pickle
     import traceback
+    import warnings
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -190,7 +191,10 @@ def _run_rank(name: str, rank: int, world_size: int, port: int, events: Any) -> 
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",  # what the process uses (accelerate warns when it is unset)
     )
+    # 1x1 convolutions' gradients come with strides DDP's buckets do not expect; harmless here
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     _init_worker(events)
     job = _JOBS[name]
     started = time.perf_counter()

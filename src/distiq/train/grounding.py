@@ -45,6 +45,7 @@ from torch import nn
 MAX_COUNT = 6
 BINS = 8
 XY_SCALE = 2.0
+GATHERED = 2  # references whose position the question's last token predicts
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,8 @@ class GroundingHeads(nn.Module):
         # left/right of the previous reference; fewer/as many/more objects than it
         self.relation_sizes = (2, 3)
         self.relation = nn.Linear(text_dim, sum(self.relation_sizes))
+        # at the question's last token: x and y bins of its first and second reference
+        self.gather = nn.Linear(text_dim, GATHERED * 2 * BINS)
         self.centres = nn.Linear(vision_dim, 1 + colours * categories)
         noun_groups = sorted({v for v in vocabulary.nouns.values() if v is not None})
         self._count_groups = (
@@ -253,6 +256,36 @@ class GroundingHeads(nn.Module):
             )
         return torch.tensor(rows, dtype=torch.long)
 
+    def _gather_loss(
+        self,
+        states: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        refs: list[tuple],
+        xbin: torch.Tensor,
+        ybin: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """Cross-entropy of the x and y bins of each question's first :data:`GATHERED`
+        references, predicted at its last prompt token (where the answer is generated) from
+        ``states`` (Q, S, D): the answer needs them there, and this asks for them directly.
+        ``xbin`` / ``ybin`` (R,): the references' bins (-100 unless one object matches)."""
+        first: dict[int, list[int]] = {}
+        for r, (q, *_) in enumerate(refs):
+            first.setdefault(q, [])
+            if len(first[q]) < GATHERED:
+                first[q].append(r)
+        questions = sorted(first)
+        last = prompt_mask.long().cumsum(dim=1).argmax(dim=1)  # (Q,) last prompt position
+        target = torch.full((len(questions), GATHERED, 2), -100, dtype=torch.long)
+        for i, q in enumerate(questions):
+            for slot, r in enumerate(first[q]):
+                target[i, slot, 0], target[i, slot, 1] = xbin[r], ybin[r]
+        target = target.to(states.device)
+        if not bool((target != -100).any()):
+            return None
+        rows = torch.tensor(questions, device=states.device)
+        logits = self.gather(states[rows, last[rows]]).float()  # (Q', GATHERED * 2 * BINS)
+        return F.cross_entropy(logits.reshape(-1, BINS), target.reshape(-1), ignore_index=-100)
+
     # ------------------------------------------------------------------ loss
     def loss(
         self,
@@ -306,5 +339,8 @@ class GroundingHeads(nn.Module):
         if float(weight.sum()) > 0:
             error = ((xy_part - xy * XY_SCALE) ** 2).sum(dim=-1)
             total = total + (error * weight).sum() / weight.sum()
+        gathered = self._gather_loss(states, prompt_mask, refs, classes[2], classes[3])
+        if gathered is not None:
+            total = total + gathered
         terms["grounding"] = total
         return terms

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -114,6 +116,7 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
     from distiq.results import read_records, upsert_records, with_retention
 
     total_started = time.perf_counter()
+    load_at_start = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     check_writable(out)
     recipes_dir()  # the recipes are there
     engine = _Engine()
@@ -183,6 +186,7 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
     times["report"] = round(time.perf_counter() - started, 1)
     times["total"] = round(time.perf_counter() - total_started, 1)
 
+    from distiq.bench.run import machine
     from distiq.config import atomic_write
 
     summary = {
@@ -190,6 +194,8 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
         "reused": reused,
         "jobs": jobs,
         "settings": dataclasses.asdict(settings),
+        "command": " ".join(["distiq", *sys.argv[1:]]),
+        "machine": {**machine(), "load_average_at_start": load_at_start},
     }
     atomic_write(out / "demo_times.json", json.dumps(summary, indent=2) + "\n")
     term.print(records_table(inputs.records, title="distiq demo"))

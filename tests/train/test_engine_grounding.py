@@ -3,8 +3,6 @@ scene says about them, checked on hand-made scenes."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -109,51 +107,3 @@ def test_loss_terms_are_finite_and_train(heads):
     assert torch.isfinite(total)
     total.backward()
     assert hidden.grad.abs().sum() > 0 and patches.grad.abs().sum() > 0
-
-
-def test_relation_targets_read_their_own_layer(heads):
-    # "is the red circle to the left of the blue square?": the comparison (side, amount) is
-    # read from the relation layer's states at "square"; every lookup from the grounding layer.
-    grounding, tokenizer = heads
-    question = "is the red circle to the left of the blue square?"
-    batch = _batch(tokenizer, [question], [7])
-    length = batch["suffix_ids"].shape[1]
-    hidden = torch.randn(1, length, 16, requires_grad=True)
-    relation = torch.randn(1, length, 16, requires_grad=True)
-    terms = grounding.loss(batch, hidden, torch.randn(1, 16, 8), relation_hidden=relation)
-    terms["grounding"].backward()
-    words = tokenizer.convert_ids_to_tokens(batch["suffix_ids"][0].tolist())
-    square = words.index("square")
-    touched = relation.grad[0].abs().sum(dim=-1).nonzero().flatten().tolist()
-    # the second reference carries the comparison; the last token ("?") gathers both positions
-    assert touched == [square, len(words) - 1]
-    assert hidden.grad[0, words.index("circle")].abs().sum() > 0
-    # without a relation layer's states, the grounding layer's states serve both (as before)
-    plain = grounding.loss(batch, hidden.detach(), torch.randn(1, 16, 8))["grounding"]
-    split = grounding.loss(
-        batch, hidden.detach(), torch.randn(1, 16, 8), relation_hidden=hidden.detach()
-    )["grounding"]
-    assert torch.equal(plain, split)
-
-
-def test_last_token_gathers_the_references_positions(heads):
-    # red circle at x 0.2, y 0.3 (bins 1, 2); blue square at x 0.8, y 0.6 (bins 6, 4)
-    grounding, tokenizer = copy.deepcopy(heads[0]), heads[1]  # its weights are set below
-    questions = ["is the red circle to the left of the blue square?", "how many objects are there?"]
-    batch = _batch(tokenizer, questions, [7, 7])
-    mask = batch["suffix_mask"].bool()
-    refs = grounding.references(batch["suffix_ids"], mask)
-    _, _, _, xbin, ybin, *_ = grounding.question_targets(batch, refs)
-    states = torch.zeros(2, batch["suffix_ids"].shape[1], 16)
-    with torch.no_grad():
-        grounding.gather.weight.zero_()
-        grounding.gather.bias.zero_()
-        for slot, (x, y) in enumerate(((1, 2), (6, 4))):  # logits that put all mass on the truth
-            base = slot * 2 * 8
-            grounding.gather.bias[base + x] = 50.0
-            grounding.gather.bias[base + 8 + y] = 50.0
-    loss = grounding._gather_loss(states, mask, refs, xbin, ybin)
-    assert loss is not None and loss.item() < 1e-6
-    with torch.no_grad():
-        grounding.gather.bias[6] = 100.0  # the first reference's x now predicted in bin 6
-    assert grounding._gather_loss(states, mask, refs, xbin, ybin).item() > 10.0

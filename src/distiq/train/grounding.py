@@ -8,17 +8,14 @@ that into dense targets during teacher training (they are not part of the saved 
 
 - **question references** (:class:`GroundingHeads.question`): at every question token that names
   objects — a noun (``circle``, ``digits``, ``objects``) with the colour word before it, or a
-  lone colour word — a linear head on the language model's hidden state after the grounding
-  layer (default: the second to last) predicts, for the objects that match the words so far:
-  their number (0..6, 7 classes) and, when exactly one matches, its colour, its category, its x
-  and y (8 bins each) and its centre (regression). This teaches the language model the lookups
-  the answers need (find the red circle; count the digits) directly at the words.
-- **relations** (:class:`GroundingHeads.relation`): at every reference after a question's
-  first, a second linear head predicts how it relates to the previous one (left or right of it,
-  when both are single objects; fewer, as many or more objects), from the state after the
-  relation layer (default: the last). A comparison needs one attention hop more than a lookup
-  (the previous reference's position exists only after its own lookup), so asking for it at the
-  lookup layer asked for something that layer cannot compute.
+  lone colour word — a linear head on the language model's hidden state after layer
+  ``layer`` predicts, for the objects that match the words so far: their number (0..6, 7
+  classes) and, when exactly one matches, its colour, its category, its x and y (8 bins each)
+  and its centre (regression); at every reference after the first, also how it relates to the
+  previous one (left or right of it, when both are single objects; fewer, as many or more
+  objects). This teaches the language model the lookups and comparisons the answers need (find
+  the red circle; count the digits; is it left of the blue square) directly at the words, a
+  layer before the answer.
 - **object centres** (:class:`GroundingHeads.centres`): a linear head on each vision patch
   feature predicts which (colour, category) object has its centre in that patch, or none — a
   per-object marker that makes counting a sum over patches.
@@ -45,7 +42,6 @@ from torch import nn
 MAX_COUNT = 6
 BINS = 8
 XY_SCALE = 2.0
-GATHERED = 2  # references whose position the question's last token predicts
 
 
 @dataclass(frozen=True)
@@ -131,14 +127,10 @@ class GroundingHeads(nn.Module):
         self.objects = objects
         self.grid = grid
         colours, categories = len(vocabulary.colours), len(vocabulary.categories)
-        # count, colour, category, x bin, y bin (+ the centre's x, y) of a reference
-        self.sizes = (MAX_COUNT + 1, colours, categories, BINS, BINS)
+        # count, colour, category, x bin, y bin, left/right of the previous reference,
+        # fewer/as many/more objects than the previous reference
+        self.sizes = (MAX_COUNT + 1, colours, categories, BINS, BINS, 2, 3)
         self.question = nn.Linear(text_dim, sum(self.sizes) + 2)
-        # left/right of the previous reference; fewer/as many/more objects than it
-        self.relation_sizes = (2, 3)
-        self.relation = nn.Linear(text_dim, sum(self.relation_sizes))
-        # at the question's last token: x and y bins of its first and second reference
-        self.gather = nn.Linear(text_dim, GATHERED * 2 * BINS)
         self.centres = nn.Linear(vision_dim, 1 + colours * categories)
         noun_groups = sorted({v for v in vocabulary.nouns.values() if v is not None})
         self._count_groups = (
@@ -256,36 +248,6 @@ class GroundingHeads(nn.Module):
             )
         return torch.tensor(rows, dtype=torch.long)
 
-    def _gather_loss(
-        self,
-        states: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        refs: list[tuple],
-        xbin: torch.Tensor,
-        ybin: torch.Tensor,
-    ) -> torch.Tensor | None:
-        """Cross-entropy of the x and y bins of each question's first :data:`GATHERED`
-        references, predicted at its last prompt token (where the answer is generated) from
-        ``states`` (Q, S, D): the answer needs them there, and this asks for them directly.
-        ``xbin`` / ``ybin`` (R,): the references' bins (-100 unless one object matches)."""
-        first: dict[int, list[int]] = {}
-        for r, (q, *_) in enumerate(refs):
-            first.setdefault(q, [])
-            if len(first[q]) < GATHERED:
-                first[q].append(r)
-        questions = sorted(first)
-        last = prompt_mask.long().cumsum(dim=1).argmax(dim=1)  # (Q,) last prompt position
-        target = torch.full((len(questions), GATHERED, 2), -100, dtype=torch.long)
-        for i, q in enumerate(questions):
-            for slot, r in enumerate(first[q]):
-                target[i, slot, 0], target[i, slot, 1] = xbin[r], ybin[r]
-        target = target.to(states.device)
-        if not bool((target != -100).any()):
-            return None
-        rows = torch.tensor(questions, device=states.device)
-        logits = self.gather(states[rows, last[rows]]).float()  # (Q', GATHERED * 2 * BINS)
-        return F.cross_entropy(logits.reshape(-1, BINS), target.reshape(-1), ignore_index=-100)
-
     # ------------------------------------------------------------------ loss
     def loss(
         self,
@@ -293,12 +255,9 @@ class GroundingHeads(nn.Module):
         hidden: torch.Tensor | None,
         patches: torch.Tensor,
         image_embeds: torch.Tensor | None = None,
-        relation_hidden: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """``{"grounding", "centres"[, "counts"]}`` for a batch. ``hidden``: (Q, S, D_text) the
-        language model's suffix states after the grounding layer (the lookups of each
-        reference); ``relation_hidden``: the same after the relation layer (the comparisons
-        with the previous reference; ``hidden`` when None); ``patches``: (B, P, D_vision);
+        language model's suffix states after layer ``layer``; ``patches``: (B, P, D_vision);
         ``image_embeds``: (B, P, D_text) the projected image tokens (for ``counts``)."""
         terms = {}
         if image_embeds is not None:
@@ -327,20 +286,13 @@ class GroundingHeads(nn.Module):
         rows = torch.tensor([r[0] for r in refs], device=hidden.device)
         cols = torch.tensor([r[1] for r in refs], device=hidden.device)
         logits = self.question(hidden[rows, cols]).float()  # (R, sum(sizes) + 2)
-        parts = list(torch.split(logits, [*self.sizes, 2], dim=-1))
-        xy_part = parts.pop()
-        states = hidden if relation_hidden is None else relation_hidden
-        relation = self.relation(states[rows, cols]).float()  # (R, 2 + 3)
-        parts += torch.split(relation, list(self.relation_sizes), dim=-1)
+        parts = torch.split(logits, [*self.sizes, 2], dim=-1)
         total = F.cross_entropy(parts[0], count)
-        for part, target in zip(parts[1:], classes):
+        for part, target in zip(parts[1:7], classes):
             if bool((target != -100).any()):
                 total = total + F.cross_entropy(part, target, ignore_index=-100)
         if float(weight.sum()) > 0:
-            error = ((xy_part - xy * XY_SCALE) ** 2).sum(dim=-1)
+            error = ((parts[7] - xy * XY_SCALE) ** 2).sum(dim=-1)
             total = total + (error * weight).sum() / weight.sum()
-        gathered = self._gather_loss(states, prompt_mask, refs, classes[2], classes[3])
-        if gathered is not None:
-            total = total + gathered
         terms["grounding"] = total
         return terms

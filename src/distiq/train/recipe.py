@@ -23,8 +23,6 @@ Schema (every key but ``method`` optional; defaults shown)::
     #   weights: {vqa: 1.0, detection: 1.0, segmentation: 1.0, grounding: 1.0, centres: 1.0}
     #   grounding_layer: null    #   language-model layer whose output the grounding head reads
     #                            #   (null: the second to last)
-    #   relation_layer: -1       #   the layer the relation targets (left/right of, more/fewer
-    #                            #   than the previous reference) read (-1: the last)
     #   pca_stem: true           #   start the ViT patch embedding as the PCA whitening of
     #                            #   training patches (a better-conditioned vision stem)
     student:
@@ -111,8 +109,6 @@ class TeacherConfig:
     segmentation_target: Literal["category", "colour"] = "category"
     weights: TeacherWeights = field(default_factory=TeacherWeights)
     grounding_layer: int | None = None
-    # language-model layer the relation targets read (comparisons with the previous reference)
-    relation_layer: int = -1
     pca_stem: bool = True
     # steps that train the vision side alone first (None: 20 % of train.steps; 0: none)
     vision_steps: int | None = None

@@ -34,7 +34,6 @@ safetensors, tokenizer / processor, ``distiq_heads.*``) that ``distiq.models.loa
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -65,41 +64,34 @@ class TeacherModel(nn.Module):
     optionally, the grounded auxiliary heads (:mod:`distiq.train.grounding`, not saved).
 
     ``forward(batch, heads)`` returns ``(VQAOutputs, {aux term: loss})``; the language model's
-    hidden states after layers ``layer`` (grounding) and ``relation_layer`` (default: the last)
-    are captured by forward hooks for the grounding heads (removed by :meth:`remove_hooks`).
+    hidden state after layer ``grounding_layer`` is captured by a forward hook for the grounding
+    head (removed by :meth:`remove_hooks`).
     """
 
     def __init__(
-        self,
-        engine: EngineModel,
-        grounding: nn.Module | None,
-        layer: int,
-        counts: bool = False,
-        relation_layer: int = -1,
+        self, engine: EngineModel, grounding: nn.Module | None, layer: int, counts: bool = False
     ) -> None:
         super().__init__()
         self.engine = engine
         self.grounding = grounding
         self.counts = counts
         self._hidden: dict[str, torch.Tensor] = {}
-        self._handles: list[Any] = []
+        self._handle = None
         if grounding is not None:
             layers = engine.vlm.model.language_model.layers
-            for key, index in (("grounding_layer", layer), ("relation_layer", relation_layer)):
-                if not -len(layers) <= index < len(layers):
-                    raise ValueError(
-                        f"teacher.{key} {index} is out of range for {len(layers)} layers"
-                    )
-                hook = functools.partial(self._capture, key)
-                self._handles.append(layers[index].register_forward_hook(hook))
+            if not -len(layers) <= layer < len(layers):
+                raise ValueError(
+                    f"teacher.grounding_layer {layer} is out of range for {len(layers)} layers"
+                )
+            self._handle = layers[layer].register_forward_hook(self._capture)
 
-    def _capture(self, key: str, module: nn.Module, args: Any, output: Any) -> None:
-        self._hidden[key] = output[0] if isinstance(output, tuple) else output
+    def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._hidden["h"] = output[0] if isinstance(output, tuple) else output
 
     def remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
     def forward(
         self, batch: dict, heads: bool = True, language: bool = True
@@ -112,11 +104,7 @@ class TeacherModel(nn.Module):
             if self.counts and language:
                 embeds = self.engine.vlm.model.multi_modal_projector(out.patch_features)
             aux = self.grounding.loss(
-                batch,
-                self._hidden.pop("grounding_layer", None),
-                out.patch_features,
-                embeds,
-                relation_hidden=self._hidden.pop("relation_layer", None),
+                batch, self._hidden.pop("h", None), out.patch_features, embeds
             )
         return out, aux
 
@@ -257,10 +245,7 @@ def train_teacher(
     model = build_teacher_model(recipe, vocabulary, data.train)
     engine = EngineModel(model)
     trainer = TeacherModel(
-        engine,
-        _grounding_heads(recipe, engine, adapter),
-        _layer(recipe, engine),
-        relation_layer=recipe.teacher.relation_layer,
+        engine, _grounding_heads(recipe, engine, adapter), _layer(recipe, engine)
     )
     dump_yaml(recipe, run_dir / RECIPE_FILE)
     step_fn = teacher_step_fn(

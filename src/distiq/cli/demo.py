@@ -1,7 +1,8 @@
 """``distiq demo``: the embedded default end to end, offline.
 
 1. generate the synthetic edge scenes (cached under ``OUT/data``);
-2. train the edge VLM teacher (cached in ``OUT/teacher``);
+2. train the edge VLM teacher (cached in ``OUT/teacher``), data-parallel over the worker
+   processes (``--jobs``; :func:`distiq.cli.demo_jobs.run_distributed`);
 3. compress it with rtn, gptq, qat and qad at W4A8 and W2A16 (group 64), plus kd (a smaller
    full-precision student) — the shipped recipes, same data and steps for every trained method
    (each run evaluates on the test split; cached in ``OUT/runs/NAME``);
@@ -10,7 +11,8 @@
 5. gather the records in ``OUT/results.json`` and write ``OUT/report.md`` / ``report.html``.
 
 Every recipe is validated and the output checked before any long work. The wall time of each
-stage goes to ``OUT/demo_times.json`` and is printed at the end.
+stage goes to ``OUT/demo_times.json`` (with the command and the machine) and is printed at the
+end.
 """
 
 from __future__ import annotations

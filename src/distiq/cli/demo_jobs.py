@@ -1,4 +1,4 @@
-"""The demo's compression runs side by side: one worker process per core, one torch thread each.
+"""The demo's runs in worker processes: one per core, one torch thread each.
 
 The demo's nine runs are independent (each reads the teacher and the scenes and writes its own
 run directory), and a tiny model uses two threads badly: two one-thread processes do about twice
@@ -6,6 +6,10 @@ the work of one two-thread process on the 2-core machine. Workers are *forked* a
 parent has set up everything: they inherit the engine's functions and the validated recipes
 (nothing is pickled but run names, step numbers and losses), and they report their progress on a
 queue that the parent draws as one rich progress bar per run.
+
+The teacher, a single run, is trained data-parallel instead (:func:`run_distributed`): as many
+forked processes as split its global batch evenly (one thread each), which find each other through
+the variables a launcher sets and the training loop's accelerate (DDP, gloo) path.
 
 Each worker runs ``torch.set_num_threads(1)`` before any work, which also keeps it clear of the
 parent's OpenMP thread pool (GNU OpenMP's pool does not survive a fork). Where ``fork`` does not

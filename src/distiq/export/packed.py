@@ -31,10 +31,10 @@ documented exceptions to exactness:
   the fake-quant output up to float rounding (bound in ``distiq.quant.quantized``).
 
 Size: a 4-bit weight with groups of 64 costs 4 bits + one scale per 64 weights (32 bits: 4.5
-bits per weight; 16-bit scales: 4.25); activation qparams stay float32 (a few values per layer); symmetric zero-points are implicit (not stored) and
-asymmetric ones are packed at the code width. ``SizeBreakdown`` reports codes, scales,
-zero-points, group indices, activation qparams, fp leftovers and header bytes against the fp32
-size of the same model.
+bits per weight; 16-bit scales: 4.25); activation qparams stay float32 (a few values per
+layer); symmetric zero-points are implicit (not stored) and asymmetric ones are packed at the
+code width. ``SizeBreakdown`` reports codes, scales, zero-points, group indices, activation
+qparams, fp leftovers and header bytes against the fp32 size of the same model.
 """
 
 from __future__ import annotations

@@ -232,8 +232,8 @@ def command(
             "--jobs",
             "-j",
             min=1,
-            help="Compression runs at once, each in a worker process with one torch thread "
-            "(default: one per CPU core).",
+            help="Worker processes, one torch thread each: the teacher trains data-parallel "
+            "over them and the compression runs go side by side (default: one per CPU core).",
             show_default=False,
         ),
     ] = None,

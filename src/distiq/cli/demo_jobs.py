@@ -268,6 +268,10 @@ def run_distributed(job: Job, world_size: int) -> float:
         for process in processes:
             if process.is_alive():
                 process.terminate()
+                # a process blocked inside an all-reduce runs no Python signal handler: kill it
+                process.join(timeout=5)
+                if process.is_alive():
+                    process.kill()
             process.join()
         _JOBS.clear()
     return round(time.perf_counter() - started, 1)

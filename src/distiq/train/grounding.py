@@ -288,11 +288,11 @@ class GroundingHeads(nn.Module):
         logits = self.question(hidden[rows, cols]).float()  # (R, sum(sizes) + 2)
         parts = torch.split(logits, [*self.sizes, 2], dim=-1)
         total = F.cross_entropy(parts[0], count)
-        for part, target in zip(parts[1:7], classes):
+        for part, target in zip(parts[1 : len(self.sizes)], classes):
             if bool((target != -100).any()):
                 total = total + F.cross_entropy(part, target, ignore_index=-100)
         if float(weight.sum()) > 0:
-            error = ((parts[7] - xy * XY_SCALE) ** 2).sum(dim=-1)
+            error = ((parts[-1] - xy * XY_SCALE) ** 2).sum(dim=-1)  # the centre (x, y)
             total = total + (error * weight).sum() / weight.sum()
         terms["grounding"] = total
         return terms

@@ -20,11 +20,11 @@ the PCA-whitened patch stem (:func:`init_patch_embedding_pca`) lets the ViT tell
 digits apart much sooner. The first :data:`VISION_WARMUP` of the steps train the vision side
 alone (heads and object centres, no language model, about half a step's time): the language
 model then starts from features that already tell objects apart (2,000 full steps: 85.4 %
-test accuracy without, 93.1 % after 500 warm-up steps; one run each, and the relation questions,
-which some runs never learn, account for part of the gap). Heads whose loss weight is 0 are not built, so no untrained head is
-saved. Validation accuracy (generation on the val split) picks the best
-checkpoint; the test split is scored once at the end, next to the question-only (blind)
-baseline.
+test accuracy without, 93.1 % after 500 warm-up steps; one run each, and the relation
+questions, which some runs never learn, account for part of the gap). Heads whose loss weight
+is 0 are not built, so no untrained head is saved. Validation accuracy (generation on the val
+split) picks the best checkpoint; the test split is scored once at the end, next to the
+question-only (blind) baseline.
 
 The run directory is the teacher directory: a Hugging Face model directory (config,
 safetensors, tokenizer / processor, ``distiq_heads.*``) that ``distiq.models.load`` and

@@ -136,7 +136,7 @@ def test_scales_off_the_spec_grid_fall_back_to_float32(tmp_path, caplog):
     scale = torch.rand(16, 1) + 0.01  # not float16 values
     layer = QuantizedLinear.from_quantized(codes, scale, torch.zeros(16, 1), spec)
     model = nn.Sequential(layer)
-    with caplog.at_level(logging.WARNING, logger="distiq.export.packed"):
+    with caplog.at_level(logging.WARNING, logger="distiq.export.scales"):
         save_packed(model, tmp_path / "p")
     assert "storing them as float32" in caplog.text
     assert read_manifest(tmp_path / "p")["modules"]["0"]["scale_dtype"] == "float32"

@@ -68,14 +68,12 @@ from distiq.export.manifest import (
     PackedCheckpointError,
     read_manifest,
 )
+from distiq.export.scales import STORAGE_DTYPES, common_scale_dtype, stored_scales
 from distiq.export.sizes import SizeBreakdown
 from distiq.quant import FakeQuantConv2d, QuantSpec
 from distiq.quant.packing import pack
 
 log = logging.getLogger(__name__)
-
-_SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_SCALE_REL_ERROR = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
 # -- saving ---------------------------------------------------------------------------------------
@@ -86,50 +84,6 @@ def _implied_zero(spec: QuantSpec) -> float | None:
     if spec.symmetric:
         return 0.0 if spec.is_signed else float((spec.quant_max + spec.quant_min + 1) // 2)
     return None
-
-
-def _representable(scale: torch.Tensor, dtype_name: str) -> torch.Tensor | None:
-    """``scale`` cast to ``dtype_name`` when that is exact (every value kept), else None."""
-    if dtype_name == "float32":
-        return scale.to(torch.float32)
-    cast = scale.to(_SCALE_DTYPES[dtype_name])
-    return cast if torch.equal(cast.to(scale.dtype), scale) else None
-
-
-def _spec_scale(scale: torch.Tensor, spec: QuantSpec, where: str) -> tuple[torch.Tensor, str]:
-    """(stored scales, dtype name) in the spec's ``scale_dtype``: exact, else float32."""
-    stored = _representable(scale, spec.scale_dtype)
-    if stored is not None:
-        return stored, spec.scale_dtype
-    log.warning(
-        "%s: its scales are not all %s values although its spec says scale_dtype=%s (were they "
-        "set by hand?); storing them as float32 to stay exact",
-        where,
-        spec.scale_dtype,
-        spec.scale_dtype,
-    )
-    return scale.to(torch.float32), "float32"
-
-
-def _cast_scale(scale: torch.Tensor, dtype_name: str, where: str) -> torch.Tensor:
-    exact = _representable(scale, dtype_name)
-    if exact is not None:  # float32, or scales that are already values of dtype_name
-        return exact
-    cast = scale.to(_SCALE_DTYPES[dtype_name])
-    back = cast.to(torch.float32)
-    rel = ((back - scale).abs() / scale.abs().clamp(min=torch.finfo(torch.float32).tiny)).max()
-    tiny = torch.finfo(_SCALE_DTYPES[dtype_name]).tiny
-    if (
-        not torch.isfinite(back).all()
-        or bool((scale.abs() < tiny).any())
-        or rel > _SCALE_REL_ERROR[dtype_name]
-    ):
-        raise ValueError(
-            f"{where}: scales in [{float(scale.min()):.3g}, {float(scale.max()):.3g}] are not "
-            f"normal {dtype_name} numbers (relative error {float(rel):.2g}); save with "
-            "scale_dtype='float32' (exact) or 'bfloat16' (float32's range)"
-        )
-    return cast
 
 
 def _zero_points(qw, spec: QuantSpec, where: str) -> tuple[str, dict[str, torch.Tensor]]:
@@ -180,10 +134,7 @@ def _module_entry(name: str, module: nn.Module, scale_dtype: str | None, spec_in
             codes = codes.view(torch.uint8) if codes.dtype != torch.uint8 else codes
         signed = spec.format == "int" and spec.is_signed
         tensors["qweight"], kinds["qweight"] = pack(codes, qw.code_bits, signed=signed), "codes"
-        if scale_dtype is None:
-            scales, stored_dtype = _spec_scale(qw.scale.detach(), spec, name)
-        else:
-            scales, stored_dtype = _cast_scale(qw.scale.detach(), scale_dtype, name), scale_dtype
+        scales, stored_dtype = stored_scales(qw.scale.detach(), spec, scale_dtype, name)
         tensors["scales"], kinds["scales"] = scales.contiguous(), "scale"
         for key, value in zero_tensors.items():
             tensors[key], kinds[key] = value, "zero_point"
@@ -212,13 +163,6 @@ def _module_entry(name: str, module: nn.Module, scale_dtype: str | None, spec_in
     if module.bias is not None:
         tensors["bias"], kinds["bias"] = module.bias.detach().contiguous(), "fp"
     return entry, tensors, kinds
-
-
-def _common_scale_dtype(modules: dict[str, dict]) -> str:
-    """The dtype every layer's scales were stored in; ``float32`` when they differ or none has
-    scales (each layer entry's ``scale_dtype`` is then the one to read)."""
-    dtypes = {entry["scale_dtype"] for entry in modules.values() if "scale_dtype" in entry}
-    return dtypes.pop() if len(dtypes) == 1 else "float32"
 
 
 def _model_info(model: nn.Module, adapter) -> tuple[dict, Any, Any]:
@@ -318,10 +262,10 @@ def save_packed(
     from safetensors.torch import save_file
 
     path = Path(path)
-    if scale_dtype is not None and scale_dtype not in _SCALE_DTYPES:
+    if scale_dtype is not None and scale_dtype not in STORAGE_DTYPES:
         raise ValueError(
             f"scale_dtype must be None (each layer's spec.scale_dtype) or one of "
-            f"{', '.join(_SCALE_DTYPES)}, got {scale_dtype!r}"
+            f"{', '.join(STORAGE_DTYPES)}, got {scale_dtype!r}"
         )
     quantized = {name: m for name, m in model.named_modules() if is_quantized(m)}
     if not quantized:
@@ -371,7 +315,7 @@ def save_packed(
         sizes.fp32_bytes += 4 * value.numel() if value.is_floating_point() else value.nbytes
     tensors = _unique(tensors)
     if leftover_dtype != "float32":
-        target = _SCALE_DTYPES[leftover_dtype]
+        target = STORAGE_DTYPES[leftover_dtype]
         for key, value in tensors.items():
             if category[key] == "fp" and value.is_floating_point():
                 tensors[key] = value.to(target)
@@ -417,7 +361,7 @@ def save_packed(
             "distiq_version": distiq.__version__,
             "weights_file": WEIGHTS_FILE,
             "weights_sha256": sha256_file(tmp / WEIGHTS_FILE),
-            "scale_dtype": _common_scale_dtype(manifest_modules),
+            "scale_dtype": common_scale_dtype(manifest_modules),
             "leftover_dtype": leftover_dtype,
             "specs": specs,
             "model": model_info,

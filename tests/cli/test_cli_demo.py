@@ -12,7 +12,16 @@ import pytest
 
 from distiq.cli import app, demo
 from distiq.cli.demo_jobs import default_jobs
-from distiq.cli.demo_plan import FULL, QUICK, RUNS, TEACHER, cache_action, planned_recipe
+from distiq.cli.demo_plan import (
+    FULL,
+    QUICK,
+    RUNS,
+    TEACHER,
+    cache_action,
+    expected_work,
+    longest_first,
+    planned_recipe,
+)
 from distiq.config import dump_yaml
 from distiq.results import ResultRecord, read_records, upsert_records
 from distiq.train.recipe import recipe_from_dict, recipe_to_dict
@@ -67,6 +76,32 @@ def test_cache_action(tmp_path):
     assert cache_action(run, planned) == "run"
 
 
+# the runs of the quick demo (12 steps each) by expected work: quantized with a teacher, then
+# quantized or with a teacher, then gptq, then rtn
+LONGEST_FIRST = [
+    "qad-w4a8",
+    "qad-w2a16-g64",
+    "qat-w4a8",
+    "qat-w2a16-g64",
+    "kd-small",
+    "gptq-w4a8",
+    "gptq-w2a16-g64",
+    "rtn-w4a8",
+    "rtn-w2a16-g64",
+]
+
+
+def test_runs_go_longest_first(tmp_path):
+    recipes = {
+        name: recipe_from_dict(planned_recipe(name, FULL, tmp_path, tmp_path)) for name in RUNS
+    }
+    assert longest_first(recipes) == LONGEST_FIRST
+    steps = recipes["qat-w4a8"].train.steps
+    assert expected_work(recipes["qad-w4a8"]) == 4 * steps
+    assert expected_work(recipes["kd-small"]) == 2 * steps
+    assert expected_work(recipes["rtn-w4a8"]) < expected_work(recipes["gptq-w4a8"]) < 1
+
+
 class FakeEngine:
     """distiq's real recipe functions; fake scenes, compress, bench and export."""
 
@@ -75,6 +110,9 @@ class FakeEngine:
     def __init__(self):
         self.recipe_from_dict = recipe_from_dict
         self.recipe_to_dict = recipe_to_dict
+
+    def import_model_code(self):
+        self.calls.append(("import_model_code",))
 
     def generate_scenes(self, out, count, seed):
         root = Path(out) / f"edge-scenes-n{count}"
@@ -145,7 +183,8 @@ def test_demo_end_to_end_with_cache(runner, tmp_path, fake_engine):
     )
     assert result.exit_code == 0, result.output
     compressed = [c[1] for c in fake_engine.calls if c[0] == "compress"]
-    assert compressed == ["teacher", *RUNS]
+    assert compressed == ["teacher", *LONGEST_FIRST]
+    assert ("import_model_code",) not in fake_engine.calls  # one process: nothing forks
     assert [c for c in fake_engine.calls if c[0] == "export"] == [
         ("export", "qad-w4a8", "packed"),
         ("export", "qad-w4a8", "onnx"),
@@ -185,7 +224,7 @@ def test_demo_end_to_end_with_cache(runner, tmp_path, fake_engine):
     result = runner.invoke(app, ["demo", "--quick", "-j", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert [c[1:] for c in fake_engine.calls if c[0] == "compress"] == [
-        (name, True, False) for name in ("teacher", *RUNS)
+        (name, True, False) for name in ("teacher", *LONGEST_FIRST)
     ]
 
 
@@ -227,6 +266,7 @@ def test_demo_runs_in_worker_processes(runner, tmp_path, fake_engine):
     result = runner.invoke(app, ["demo", "--quick", "--jobs", "3", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert [c for c in fake_engine.calls if c[0] == "compress"] == []  # all in workers
+    assert fake_engine.calls[0] == ("import_model_code",)  # once, before the first fork
     assert "teacher: data-parallel over 2 processes" in result.stdout  # batch 32 over 2 of 3
     assert (out / "teacher" / "results.json").is_file()
     records = {r.name: r for r in read_records(out / "results.json")}

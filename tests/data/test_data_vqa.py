@@ -152,6 +152,25 @@ def test_vqa_v2_bad_records_in_both_modes(tmp_path, files, caplog, mutate, reaso
     assert "1 skipped" in caplog.text and reason in caplog.text
 
 
+def test_vqa_v2_missing_image_found_without_decoding(tmp_path, files):
+    """check_images=False looks images up in one listing of the folder: a missing file is
+    still a bad record, under the default names and a custom pattern with a subfolder."""
+    q_path, a_path, images, q_doc, a_doc = _vqa_fixture(tmp_path, files)
+    _write(q_path, q_doc)
+    _write(a_path, a_doc)
+    _remove_image(q_doc, a_doc, images, files)
+    with pytest.raises(BadRecordError) as info:
+        load_vqa_v2(q_path, a_path, images, check_images=False)
+    assert info.value.reason == "missing image" and "000000000073" in str(info.value)
+    kept = load_vqa_v2(q_path, a_path, images, check_images=False, on_bad_record="skip")
+    assert [r["question_id"] for r in kept.records] == [42000, 42001]
+    pattern = images.name + "/COCO_val2014_{image_id:012d}.jpg"
+    nested = load_vqa_v2(q_path, a_path, tmp_path, image_name=pattern, check_images=False,
+                         on_bad_record="skip")  # fmt: skip
+    assert [r["image_id"] for r in nested.records] == [42, 42]
+    assert nested.summary.by_reason == {"missing image": 1}
+
+
 def test_vqa_v2_rejects_files_that_are_not_vqa(tmp_path, files):
     q_path, a_path, images, q_doc, _ = _vqa_fixture(tmp_path, files)
     _write(q_path, {"annotations": []})

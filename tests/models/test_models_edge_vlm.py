@@ -203,3 +203,22 @@ def test_processor_resizes_without_cropping(words, make_scene):
     wide = make_scene(0, size=40).resize((80, 20))
     pixels = processor.image_processor(images=[wide], return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, 64, 64)
+
+
+def test_import_edge_vlm_code_imports_without_computing():
+    # The demo calls it before forking its workers, so that they inherit the model code.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from distiq.models import import_edge_vlm_code\n"
+        "before = torch.initial_seed(), torch.random.get_rng_state().clone()\n"
+        "import_edge_vlm_code()\n"
+        "assert 'transformers.models.llava.modeling_llava' in sys.modules\n"
+        "assert 'transformers.models.clip.modeling_clip' in sys.modules\n"
+        "assert 'transformers.models.llama.modeling_llama' in sys.modules\n"
+        "assert torch.equal(before[1], torch.random.get_rng_state())  # nothing was drawn\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -47,6 +47,24 @@ def test_int8_fake_quantize_equals_torch_exactly(symmetric, granularity):
     torch.testing.assert_close(xa.grad, xb.grad, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("granularity", [PerTensor(), PerChannel(0), PerGroup(16), PerToken()])
+def test_inference_path_equals_the_autograd_forward(dtype, bits, granularity):
+    # Without gradients fake_quantize runs in one buffer; it must give the same bits as the
+    # autograd function, including a learnable (unrounded) zero-point under no_grad.
+    x = (torch.randn(6, 64) * 2 + 0.3).to(dtype)
+    spec = QuantSpec(bits=bits, symmetric=False, granularity=granularity)
+    scale, zero = choose_qparams(x.float(), spec)
+    learned_zero = (zero + 0.3).requires_grad_(True)
+    for z in (zero, learned_zero):
+        reference = fake_quantize(x.clone().requires_grad_(True), scale, z, spec).detach()
+        with torch.no_grad():
+            fast = fake_quantize(x, scale, z, spec)
+        assert fast.dtype == dtype
+        torch.testing.assert_close(fast, reference, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("signed", [True, False])
 def test_int8_explicit_signedness_matches_torch(signed):
     x = torch.randn(8, 40)

@@ -36,6 +36,7 @@ from distiq.cli.demo_plan import (
     TEACHER,
     DemoSettings,
     cache_action,
+    longest_first,
     planned_recipe,
     recipes_dir,
     run_dir,
@@ -54,6 +55,7 @@ class _Engine:
         self.compress = engine_function("demo", "distiq.train", "compress")
         self.export_run = engine_function("demo", "distiq.export", "export_run")
         self.bench_run = engine_function("demo", "distiq.bench", "bench_run")
+        self.import_model_code = engine_function("demo", "distiq.models", "import_edge_vlm_code")
 
 
 def _validated(engine: _Engine, names: list[str], settings: DemoSettings, out: Path, scenes: Path):
@@ -134,12 +136,17 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
     times["scenes"] = round(time.perf_counter() - started, 1)
     recipes = _validated(engine, names, settings, out, Path(scenes.root))
 
+    if jobs > 1:  # the forked processes inherit the model code instead of importing it each
+        engine.import_model_code()
     reused: list[str] = []
     teacher_ran = _run(engine, TEACHER, recipes[TEACHER], times, reused, fresh=False, jobs=jobs)
     # a new teacher makes every run built on the old one stale
     actions = {name: _action(engine, name, recipes[name], reused, teacher_ran) for name in RUNS}
+    order = longest_first({name: recipes[name] for name in RUNS})
     todo = [
-        Job(name, engine.compress, recipes[name], a) for name, a in actions.items() if a != "reuse"
+        Job(name, engine.compress, recipes[name], actions[name])
+        for name in order
+        if actions[name] != "reuse"
     ]
     workers = min(jobs, len(todo))
     if workers > 1:

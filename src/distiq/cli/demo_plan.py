@@ -23,7 +23,8 @@ import distiq
 from distiq.config import ConfigError, load_yaml
 
 TEACHER = "teacher"
-# The runs of issue 6 §4, in the order they run (and appear in the report).
+# The runs of issue 6 §4, in the order they appear in the report (they run longest first:
+# :func:`longest_first`).
 RUNS: tuple[str, ...] = (
     "rtn-w4a8",
     "gptq-w4a8",
@@ -140,6 +141,27 @@ def planned_recipe(
         if value is not None:
             _set(data, key, value)
     return data
+
+
+def expected_work(recipe: Any) -> float:
+    """A rough measure of how long ``recipe`` runs, for ordering only: a trained run's steps,
+    twice for a quantized student and twice when a teacher runs beside it (the objective has
+    more than the task term); post-training runs count less than one step (gptq above rtn)."""
+    if recipe.method not in TRAINED_METHODS:
+        return 0.5 if recipe.method == "gptq" else 0.0
+    terms = getattr(getattr(recipe, "objective", None), "terms", None)
+    with_teacher = any(
+        getattr(terms, name, None) is not None for name in ("kd", "feat", "attn", "pd")
+    )
+    quantized = getattr(recipe, "quantization", None) is not None
+    return float(recipe.train.steps) * (1 + quantized) * (1 + with_teacher)
+
+
+def longest_first(recipes: dict[str, Any]) -> list[str]:
+    """The run names by :func:`expected_work`, largest first (ties keep their order): with the
+    runs shared out over worker processes as each frees up, the long ones start early and the
+    last to finish is a short one (longest-processing-time-first scheduling)."""
+    return sorted(recipes, key=lambda name: -expected_work(recipes[name]))
 
 
 def run_dir(out: Path, name: str) -> Path:

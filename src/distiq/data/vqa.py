@@ -73,6 +73,8 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
 
 def canonical_answer(answers: list[str], preferred: str | None = None) -> str:
     """The most frequent answer; ties go to ``preferred`` if tied, else to the first given."""
+    if answers.count(answers[0]) == len(answers):  # unanimous (the common case)
+        return answers[0]
     counts = Counter(answers)
     top = max(counts.values())
     tied = [a for a in counts if counts[a] == top]  # Counter keeps first-seen order
@@ -84,40 +86,70 @@ def _is_int(value: Any) -> bool:
 
 
 class _ImageChecker:
-    """Resolves and checks each image once, however many records point to it."""
+    """Resolves and checks each image once, however many records point to it.
+
+    Without ``check_images`` a file's existence is looked up in one listing of its folder
+    (``listing``) instead of a ``stat`` per image: a split of 20,000 images loads several
+    times faster."""
 
     def __init__(self, check_images: bool) -> None:
         self.check_images = check_images
-        self._cache: dict[Path, tuple[str, str] | None] = {}
+        self._cache: dict[str, tuple[str, str] | None] = {}
+        self._listings: dict[str, frozenset[str] | None] = {}
 
-    def problem(self, path: Path) -> tuple[str, str] | None:
-        if path not in self._cache:
-            self._cache[path] = image_problem(path, decode=self.check_images)
-        return self._cache[path]
+    def listing(self, folder: str) -> frozenset[str] | None:
+        """The names of the files in ``folder`` (None if it cannot be listed)."""
+        if folder not in self._listings:
+            try:
+                with os.scandir(folder) as entries:
+                    self._listings[folder] = frozenset(e.name for e in entries if e.is_file())
+            except OSError:
+                self._listings[folder] = None
+        return self._listings[folder]
+
+    def exists(self, path: str) -> bool:
+        folder, name = os.path.split(path)
+        names = self.listing(folder)
+        return name in names if names is not None else os.path.isfile(path)
+
+    def problem(self, path: str | Path) -> tuple[str, str] | None:
+        key = str(path)
+        if key not in self._cache:
+            if self.check_images:
+                self._cache[key] = image_problem(Path(key), decode=True)
+            else:
+                self._cache[key] = (
+                    None if self.exists(key) else (MISSING_IMAGE, f"{key} does not exist")
+                )
+        return self._cache[key]
 
 
 def _vqa_image_resolver(
-    image_dir: Path, data_subtype: str, image_name: str | Callable[[int], str] | None
-) -> Callable[[int], Path]:
+    image_dir: Path,
+    data_subtype: str,
+    image_name: str | Callable[[int], str] | None,
+    checker: _ImageChecker,
+) -> Callable[[int], str]:
+    folder = str(image_dir)
     if callable(image_name):
-        return lambda image_id: image_dir / image_name(image_id)
+        return lambda image_id: os.path.join(folder, image_name(image_id))
     if isinstance(image_name, str):
-        return lambda image_id: (
-            image_dir / image_name.format(image_id=image_id, data_subtype=data_subtype)
+        return lambda image_id: os.path.join(
+            folder, image_name.format(image_id=image_id, data_subtype=data_subtype)
         )
     stems = (f"COCO_{data_subtype}_{{:012d}}", "{:012d}")
-    found: dict[int, Path] = {}  # many questions share an image: probe the disk once per image
 
-    def resolve(image_id: int) -> Path:
-        if image_id not in found:
-            candidates = [
-                image_dir / (s.format(image_id) + e)
-                for s in stems
-                for e in (".jpg", ".png", ".jpeg")
-            ]
-            # the first existing candidate; none: the first one, reported as missing
-            found[image_id] = next((p for p in candidates if p.is_file()), candidates[0])
-        return found[image_id]
+    def resolve(image_id: int) -> str:
+        candidates = (
+            os.path.join(folder, s.format(image_id) + e)
+            for s in stems
+            for e in (".jpg", ".png", ".jpeg")
+        )
+        first = next(candidates)
+        if checker.exists(first):
+            return first
+        # the first existing candidate; none: the first one, reported as missing
+        return next((p for p in candidates if checker.exists(p)), first)
 
     return resolve
 
@@ -141,7 +173,9 @@ def load_vqa_v2(
     if not isinstance(qdoc, dict) or not isinstance(qdoc.get("questions"), list):
         raise ValueError(f"{questions_json}: not a VQA v2 questions file (no 'questions' list)")
     data_subtype = str(qdoc.get("data_subtype", ""))
-    resolve = _vqa_image_resolver(Path(image_dir), data_subtype, image_name)
+    checker = _ImageChecker(check_images)
+    resolve = _vqa_image_resolver(Path(image_dir), data_subtype, image_name, checker)
+    resolved: dict[int, str] = {}  # many questions share an image: resolve it once
 
     annotations: dict[int, dict[str, Any]] | None = None
     if annotations_json is not None:
@@ -160,7 +194,6 @@ def load_vqa_v2(
                 continue
             annotations[entry["question_id"]] = entry
 
-    checker = _ImageChecker(check_images)
     records = []
     for i, entry in enumerate(qdoc["questions"]):
         where = f"question #{i}"
@@ -199,14 +232,16 @@ def load_vqa_v2(
             answers = [a["answer"] for a in annotation["answers"]]
             answer = canonical_answer(answers, annotation.get("multiple_choice_answer"))
             question_type = annotation["question_type"]
-        path = resolve(image_id)
+        path = resolved.get(image_id)
+        if path is None:
+            path = resolved[image_id] = resolve(image_id)
         image_bad = checker.problem(path)
         if image_bad is not None:
             policy.bad(path, f"{where} (image_id {image_id})", *image_bad)
             continue
         records.append(
             {
-                "image_path": str(path),
+                "image_path": path,
                 "question": entry["question"],
                 "answers": answers,
                 "answer": answer,

@@ -19,6 +19,7 @@ from distiq.models.edge_vlm import (
     build_edge_processor,
     build_edge_vlm,
     edge_vlm_config,
+    import_edge_vlm_code,
 )
 from distiq.models.heads import DetectionHead, SegmentationHead
 from distiq.models.idefics3 import Idefics3Adapter
@@ -76,6 +77,7 @@ __all__ = [
     "build_word_tokenizer",
     "describe",
     "edge_vlm_config",
+    "import_edge_vlm_code",
     "load",
     "narrow_layers",
     "register_adapter",

@@ -240,6 +240,20 @@ def build_edge_vlm(
     return LoadedVLM(model, adapter)
 
 
+def import_edge_vlm_code() -> None:
+    """Import the transformers code the built-in edge VLM runs on (model classes, tokenizer,
+    image processor, the Auto loaders) without computing anything (the model is built on the
+    ``meta`` device). Processes forked afterwards (the demo's workers) then start without paying
+    for those imports: about 4 s each on the 2-core machine."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForConditionalGeneration
+
+    del AutoConfig, AutoModelForImageTextToText  # imported for the forked processes
+    config = EDGE_PRESETS["tiny"]
+    processor = build_edge_processor(["word"], config)
+    with torch.device("meta"):
+        LlavaForConditionalGeneration(edge_llava_config(config, processor.tokenizer))
+
+
 def edge_llava_config(config: EdgeVLMConfig, tokenizer: Any) -> Any:
     """The transformers ``LlavaConfig`` for ``config`` and the edge tokenizer."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig

@@ -337,6 +337,17 @@ class _FakeQuantizeAffine(torch.autograd.Function):
         return grad_x, grad_scale, grad_zero, None, None
 
 
+def _fake_quantize_no_grad(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int
+) -> torch.Tensor:
+    """The forward of :class:`_FakeQuantizeAffine` (the same operations in the same order, so
+    the same bits) in one buffer, for inference: no mask, no intermediate tensors."""
+    z = torch.round(zero_point) if zero_point.requires_grad else zero_point
+    out = x * (1.0 / scale)
+    out.round_().add_(z).clamp_(quant_min, quant_max).sub_(z)
+    return out.mul_(scale)
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """``round(x)`` whose gradient is the identity (straight-through)."""
     return _RoundSTE.apply(x)
@@ -349,7 +360,12 @@ def fake_quantize(
     gradients (see the module docstring). Int8 specs equal ``torch.fake_quantize_per_*_affine``
     exactly."""
     xv = group_view(x, spec)
-    if spec.format == "int":
+    if spec.format == "int" and not (
+        torch.is_grad_enabled()
+        and (x.requires_grad or scale.requires_grad or zero_point.requires_grad)
+    ):
+        out = _fake_quantize_no_grad(xv, scale, zero_point, spec.quant_min, spec.quant_max)
+    elif spec.format == "int":
         out = _FakeQuantizeAffine.apply(xv, scale, zero_point, spec.quant_min, spec.quant_max)
     else:  # nf4 / fp8: quantize → dequantize, plain straight-through gradient
         codes = quantize(x.detach(), scale.detach(), zero_point, spec)

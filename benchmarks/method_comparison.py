@@ -4,11 +4,14 @@ steps, batch size, data order and learning-rate schedule), evaluated on the synt
 
     .venv/bin/python benchmarks/method_comparison.py --scenes DATA_DIR [--teacher DIR]
         [--out DIR] [--steps N] [--test-questions N] [--runs rtn-w4a8 qad-w4a8 ...]
+        [--init qat=gptq --init qad=gptq]
 
 ``--scenes`` is a generated scene set (``distiq.data.generate_scenes``); without ``--teacher``
 the teacher is trained first with ``recipes/teacher.yaml``. The recipes get the same changes as in
 ``distiq demo`` (``distiq.cli.demo_plan``); run directories land in ``--out/runs/NAME`` (default
-``--out``: ``bench-runs/method-comparison``). Prints a table and writes
+``--out``: ``bench-runs/method-comparison``). ``--init METHOD=INIT`` starts every run of a trained
+quantized method from a post-training solution (``init: none | rtn | gptq``; its run directory is
+``NAME+init-INIT``), e.g. to see how much of qad's lead over qat is its initialisation. Prints a table and writes
 ``benchmarks/results/method_comparison.json`` with the machine, the command, every run's
 accuracy (overall and per question type), retention vs the teacher, wall seconds, and the goals:
 
@@ -47,7 +50,18 @@ def _recipe(name: str, args: argparse.Namespace, teacher: Path):
     data = planned_recipe(name, settings, args.out, args.scenes, recipes=ROOT / "recipes")
     if name != "teacher":
         data["teacher"] = str(teacher)
+    init = dict(args.init).get(data.get("method"))
+    if init is not None and init != data.get("init", "none"):
+        data["init"] = init
+        data["output"] = f"{data['output']}+init-{init}"
     return recipe_from_dict(data, source=name)
+
+
+def _method_init(text: str) -> tuple[str, str]:
+    method, sep, init = text.partition("=")
+    if not sep or method not in ("qat", "qad") or init not in ("none", "rtn", "gptq"):
+        raise argparse.ArgumentTypeError(f"{text!r}: write qat=gptq, qad=none, ... ")
+    return method, init
 
 
 def _run(name: str, args: argparse.Namespace, teacher: Path) -> tuple:
@@ -61,6 +75,8 @@ def _run(name: str, args: argparse.Namespace, teacher: Path) -> tuple:
     (record,) = [r for r in read_records(run_dir / "results.json") if r.name == recipe.run_name]
     return record, {
         "name": name,
+        "run_dir": str(run_dir),
+        "init": recipe.init,
         "method": record.method,
         "w_bits": record.w_bits,
         "a_bits": record.a_bits,
@@ -101,6 +117,10 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, help="override the teacher's steps")
     parser.add_argument("--test-questions", type=int, help="limit the test questions")
     parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=RUNS)
+    parser.add_argument(
+        "--init", type=_method_init, action="append", default=[], metavar="METHOD=INIT",
+        help="start qat / qad runs from a PTQ solution: qat=gptq, qad=none, ...",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
         "--json", type=Path, default=ROOT / "benchmarks" / "results" / "method_comparison.json"
@@ -146,6 +166,7 @@ def main() -> None:
             "train_seconds": teacher_record.extra.get("train_seconds"),
             "wall_seconds": teacher_seconds,
         },
+        "command": " ".join(["python", *sys.argv]),
         "runs": list(results.values()),
         "goals": goals,
         "total_seconds": round(time.perf_counter() - started, 1),

@@ -114,6 +114,10 @@ class FakeEngine:
     def import_model_code(self):
         self.calls.append(("import_model_code",))
 
+    def load_teacher_data(self, recipe):
+        self.calls.append(("load_teacher_data", recipe.run_name))
+        return f"splits of {recipe.data.scenes} for {recipe.teacher.path}"
+
     def generate_scenes(self, out, count, seed):
         root = Path(out) / f"edge-scenes-n{count}"
         root.mkdir(parents=True, exist_ok=True)
@@ -122,7 +126,7 @@ class FakeEngine:
 
     fail: ClassVar[str | None] = None  # a run name whose compress raises
 
-    def compress(self, recipe, *, overwrite, resume, on_step, on_eval):
+    def compress(self, recipe, *, overwrite, resume, on_step, on_eval, data=None):
         if os.environ.get("RANK", "0") != "0":
             return None  # a data-parallel run: only its first process writes, as the engine's
         self.calls.append(("compress", recipe.run_name, overwrite, resume))
@@ -130,6 +134,8 @@ class FakeEngine:
             raise ValueError(f"{recipe.run_name} failed on purpose")
         out = Path(recipe.output)
         dump_yaml(recipe, out / "recipe.yaml")
+        if data is not None:
+            (out / "shared_data.txt").write_text(data)
         quant = recipe.quantization
         key = recipe.run_name if recipe.method in ("teacher", "kd") else recipe.method
         value = ACCURACY[key] - (5.0 if quant is not None and quant.w_bits == 2 else 0.0)
@@ -185,6 +191,10 @@ def test_demo_end_to_end_with_cache(runner, tmp_path, fake_engine):
     compressed = [c[1] for c in fake_engine.calls if c[0] == "compress"]
     assert compressed == ["teacher", *LONGEST_FIRST]
     assert ("import_model_code",) not in fake_engine.calls  # one process: nothing forks
+    assert [c for c in fake_engine.calls if c[0] == "load_teacher_data"] == [
+        ("load_teacher_data", LONGEST_FIRST[0])  # the splits are read once for all runs
+    ]
+    assert (out / "runs" / "kd-small" / "shared_data.txt").is_file()
     assert [c for c in fake_engine.calls if c[0] == "export"] == [
         ("export", "qad-w4a8", "packed"),
         ("export", "qad-w4a8", "onnx"),
@@ -201,7 +211,7 @@ def test_demo_end_to_end_with_cache(runner, tmp_path, fake_engine):
     assert "![training curves of qad-w4a8](curves_qad-w4a8.png)" in md
     assert f"report: {out / 'report.md'}\n" in result.stdout
     summary = json.loads((out / "demo_times.json").read_text())
-    assert {"scenes", "teacher", *RUNS, "bench", "export", "report", "total"} == set(
+    assert {"scenes", "teacher", "data", *RUNS, "bench", "export", "report", "total"} == set(
         summary["seconds"]
     )
     assert summary["reused"] == [] and summary["settings"]["scenes"] == QUICK.scenes
@@ -267,6 +277,13 @@ def test_demo_runs_in_worker_processes(runner, tmp_path, fake_engine):
     assert result.exit_code == 0, result.output
     assert [c for c in fake_engine.calls if c[0] == "compress"] == []  # all in workers
     assert fake_engine.calls[0] == ("import_model_code",)  # once, before the first fork
+    # the runs' splits were loaded once, in the parent, and handed to every run
+    assert [c for c in fake_engine.calls if c[0] == "load_teacher_data"] == [
+        ("load_teacher_data", LONGEST_FIRST[0])
+    ]
+    shared = {(out / "runs" / name / "shared_data.txt").read_text() for name in RUNS}
+    assert shared == {f"splits of {out / 'data' / 'edge-scenes-n2000'} for {out / 'teacher'}"}
+    assert not (out / "teacher" / "shared_data.txt").exists()
     assert "teacher: data-parallel over 2 processes" in result.stdout  # batch 32 over 2 of 3
     assert (out / "teacher" / "results.json").is_file()
     records = {r.name: r for r in read_records(out / "results.json")}

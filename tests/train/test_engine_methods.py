@@ -130,6 +130,39 @@ def test_qat_trains_with_the_task_loss_only(world):
     assert again.value == pytest.approx(record.value)
 
 
+def test_qat_may_start_from_gptq_and_runs_may_share_loaded_data(world):
+    # qat from a GPTQ solution (the same start qad may take) with splits loaded beforehand,
+    # as distiq demo hands them to its workers: the same result as loading them in the run.
+    from distiq.train import load_teacher_data
+
+    root, base = world
+    quantization = {"weight": {"bits": 4, "learnable": True}}
+    plain_dir, plain = _run(world, "qat-gptq", method="qat", init="gptq", quantization=quantization)
+    recipe = recipe_from_dict(
+        {
+            **base,
+            "method": "qat",
+            "init": "gptq",
+            "teacher": str(root / "teacher"),
+            "output": str(root / "qat-gptq-shared"),
+            "train": TRAIN,
+            "calibration": {"samples": 16, "batch_size": 8},
+            "quantization": quantization,
+        }
+    )
+    data = load_teacher_data(recipe)
+    shared = read_records(compress(recipe, data=data) / "results.json")[0]
+    assert shared.value == plain.value and shared.steps == plain.steps == TRAIN["steps"]
+    assert shared.extra["blind_baseline"] == plain.extra["blind_baseline"]
+    lines = [line for line in read_metrics(plain_dir / "metrics.jsonl") if line["kind"] == "train"]
+    assert set(lines[0]["terms"]) == {"task"}
+    teacher = recipe_from_dict(
+        {**base, "method": "teacher", "output": str(root / "t2"), "teacher": {"preset": "tiny"}}
+    )
+    with pytest.raises(ValueError, match="a teacher loads its own"):
+        compress(teacher, data=data)
+
+
 def test_qad_with_gptq_init_logs_every_term(world):
     run_dir, record = _run(
         world,

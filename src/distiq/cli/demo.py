@@ -56,6 +56,7 @@ class _Engine:
         self.export_run = engine_function("demo", "distiq.export", "export_run")
         self.bench_run = engine_function("demo", "distiq.bench", "bench_run")
         self.import_model_code = engine_function("demo", "distiq.models", "import_edge_vlm_code")
+        self.load_teacher_data = engine_function("demo", "distiq.train", "load_teacher_data")
 
 
 def _validated(engine: _Engine, names: list[str], settings: DemoSettings, out: Path, scenes: Path):
@@ -86,10 +87,11 @@ def _run(
     reused: list,
     fresh: bool,
     jobs: int = 1,
+    data: Any = None,
 ) -> bool:
     """Run (or reuse, or resume) one recipe: data-parallel over up to ``jobs`` forked processes
     when its global batch splits (:func:`~distiq.cli.demo_jobs.run_distributed`), else in this
-    process. Returns whether it ran."""
+    process (with ``data``, its splits loaded already, when given). Returns whether it ran."""
     action = _action(engine, name, recipe, reused, fresh)
     if action == "reuse":
         return False
@@ -106,9 +108,29 @@ def _run(
             resume=action == "resume",
             on_step=progress.on_step,
             on_eval=progress.on_eval,
+            **({} if data is None else {"data": data}),
         )
     times[name] = round(time.perf_counter() - started, 1)
     return True
+
+
+def _with_shared_data(engine: _Engine, todo: list[Job], times: dict[str, float]) -> list[Job]:
+    """``todo`` with the splits of the runs that share the first run's data and teacher loaded
+    once, here (forked workers inherit them; ``times["data"]``: the seconds it took)."""
+    if not todo:
+        return todo
+    first = todo[0].recipe
+    sharing = [
+        job.recipe.data == first.data and job.recipe.teacher.path == first.teacher.path
+        for job in todo
+    ]
+    if sum(sharing) < 2:
+        return todo
+    started = time.perf_counter()
+    with console(stderr=True).status("Loading the runs' data…"):
+        data = engine.load_teacher_data(first)
+    times["data"] = round(time.perf_counter() - started, 1)
+    return [dataclasses.replace(j, data=data) if s else j for j, s in zip(todo, sharing)]
 
 
 def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]:
@@ -148,12 +170,14 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
         for name in order
         if actions[name] != "reuse"
     ]
+    todo = _with_shared_data(engine, todo, times)
     workers = min(jobs, len(todo))
     if workers > 1:
         times.update(run_jobs(todo, workers))
     else:
         for job in todo:
-            _run(engine, job.name, job.recipe, times, reused, fresh=job.action == "run")
+            fresh = job.action == "run"
+            _run(engine, job.name, job.recipe, times, reused, fresh=fresh, data=job.data)
 
     started = time.perf_counter()
     records = []

@@ -42,6 +42,7 @@ class Job:
     compress: Callable[..., Any]
     recipe: Any
     action: str  # "run" (a fresh run directory) or "resume"
+    data: Any = None  # the recipe's splits, loaded in the parent (``compress(data=...)``)
 
 
 def default_jobs() -> int:
@@ -87,12 +88,14 @@ def _run_job(name: str) -> float:
     job = _JOBS[name]
     started = time.perf_counter()
     progress = _QueuedProgress(name)
+    shared = {} if job.data is None else {"data": job.data}
     job.compress(
         job.recipe,
         overwrite=job.action == "run",
         resume=job.action == "resume",
         on_step=progress.on_step,
         on_eval=progress.on_eval,
+        **shared,
     )
     return round(time.perf_counter() - started, 1)
 

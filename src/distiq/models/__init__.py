@@ -32,6 +32,7 @@ from distiq.models.loading import (
     adapter_class,
     adapter_for,
     load,
+    load_adapter,
     register_adapter,
     supported_model_types,
 )
@@ -79,6 +80,7 @@ __all__ = [
     "edge_vlm_config",
     "import_edge_vlm_code",
     "load",
+    "load_adapter",
     "narrow_layers",
     "register_adapter",
     "supported_model_types",

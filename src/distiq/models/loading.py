@@ -123,17 +123,7 @@ def load(
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{path} is not a directory; distiq loads models from a local directory written by "
-            "save_pretrained (nothing is downloaded)"
-        )
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"{path} has no config.json, so it is not a saved Hugging Face model; point to the "
-            "directory that model.save_pretrained(...) wrote"
-        )
+    config_file = _config_file(path)
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type not in ADAPTERS:
         # Fail before loading weights, with the list of what is supported.
@@ -161,6 +151,39 @@ def load(
     )
     logger.info("loaded %s (%s adapter) from %s", type(model).__name__, cls.family, path)
     return LoadedVLM(model, adapter)
+
+
+def load_adapter(
+    path: str | Path, *, trust_remote_code: bool = False, prompt_template: str | None = None
+) -> VLMAdapter:
+    """The adapter (tokenizer, image processor, prompt format) of the model saved in ``path``,
+    without loading its weights: what preparing data for that model needs."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    _config_file(path)
+    config = AutoConfig.from_pretrained(
+        path, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    return adapter_class(config).from_pretrained(
+        path, config, trust_remote_code=trust_remote_code, prompt_template=prompt_template
+    )
+
+
+def _config_file(path: Path) -> Path:
+    """``path/config.json``; a clear error when ``path`` is not a saved model directory."""
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{path} is not a directory; distiq loads models from a local directory written by "
+            "save_pretrained (nothing is downloaded)"
+        )
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{path} has no config.json, so it is not a saved Hugging Face model; point to the "
+            "directory that model.save_pretrained(...) wrote"
+        )
+    return config_file
 
 
 class _RawConfig:

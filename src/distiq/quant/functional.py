@@ -302,12 +302,11 @@ class _FakeQuantizeAffine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, quant_min, quant_max):
-        inv = 1.0 / scale
         z = torch.round(zero_point) if zero_point.requires_grad else zero_point
-        scaled = x * inv
-        q = torch.round(scaled) + z
-        inside = (q >= quant_min) & (q <= quant_max)
-        out = (torch.clamp(q, quant_min, quant_max) - z) * scale
+        q = x * (1.0 / scale)
+        q.round_().add_(z)  # one buffer, the operations of the docstring in their order
+        inside = (q >= quant_min).logical_and_(q <= quant_max)
+        out = q.clamp_(quant_min, quant_max).sub_(z).mul_(scale)
         ctx.quant_range = (quant_min, quant_max)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             ctx.save_for_backward(inside, x, scale, z)
@@ -325,12 +324,11 @@ class _FakeQuantizeAffine(torch.autograd.Function):
             _, x, scale, z = ctx.saved_tensors
             quant_min, quant_max = ctx.quant_range
             scaled = x * (1.0 / scale)
-            q = torch.round(scaled) + z
+            rounded = torch.round(scaled)
             if ctx.needs_input_grad[1]:
-                ds = torch.where(
-                    inside, torch.round(scaled) - scaled, torch.clamp(q, quant_min, quant_max) - z
-                )
-                grad_scale = _sum_to(grad * ds, scale.shape)
+                clipped = (rounded + z).clamp_(quant_min, quant_max).sub_(z)
+                ds = torch.where(inside, rounded.sub_(scaled), clipped)
+                grad_scale = _sum_to(ds.mul_(grad), scale.shape)
             if ctx.needs_input_grad[2]:
                 dz = torch.where(inside, torch.zeros_like(scaled), -scale.expand_as(scaled))
                 grad_zero = _sum_to(grad * dz, z.shape)

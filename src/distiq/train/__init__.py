@@ -54,7 +54,7 @@ back to DDP on CPU, with a warning); it was checked on one GPU, not in CPU CI.
 Compression engine (imported lazily, on first use)::
 
     from distiq.train import compress, evaluate, load_recipe, recipe_from_dict, Recipe
-    from distiq.train import check_recipe, load_compressed, train_teacher
+    from distiq.train import check_recipe, load_compressed, train_teacher, load_teacher_data
 
 ``compress(recipe) -> run_dir`` runs a recipe (teacher | rtn | gptq | qat | kd | qad | qlora-kd,
 see :mod:`distiq.train.methods`); ``evaluate(run_dir)`` re-scores a run on its test split;
@@ -91,6 +91,7 @@ _LAZY = {
     "Recipe": "distiq.train.recipe",
     "load_compressed": "distiq.train.runs",
     "train_teacher": "distiq.train.teacher",
+    "load_teacher_data": "distiq.train.data_setup",
 }
 
 

@@ -72,6 +72,7 @@ def compress(
     resume: bool = False,
     on_step: Callable | None = None,
     on_eval: Callable | None = None,
+    data: EngineData | None = None,
 ) -> Path:
     """Run ``recipe`` (a :class:`Recipe` or a YAML path) and return its run directory.
 
@@ -80,6 +81,8 @@ def compress(
         resume: continue a killed trained run from its last checkpoint.
         on_step / on_eval: progress callbacks of the training loop (``StepInfo``;
             ``(step, metrics)``), e.g. for a progress bar.
+        data: the recipe's splits loaded already (``load_teacher_data(recipe)``, for runs that
+            share data and teacher); by default they are read here. Not for ``teacher``.
     Raises:
         ConfigError, FileNotFoundError, FileExistsError, PermissionError: bad input, found
             before any long work.
@@ -93,13 +96,17 @@ def compress(
     if recipe.method == "teacher":
         from distiq.train.teacher import train_teacher
 
+        if data is not None:
+            raise ValueError("compress(data=...) is for compression runs; a teacher loads its own")
+
         return train_teacher(
             recipe, overwrite=not resume, resume=resume, on_step=on_step, on_eval=on_eval
         )
     started = time.perf_counter()
     teacher, adapter = load_vlm(recipe.teacher.path)
     teacher_value = _teacher_accuracy(recipe.teacher.path)
-    data = load_data(recipe, adapter)
+    if data is None:
+        data = load_data(recipe, adapter)
     if recipe.method == "qlora-kd":
         from distiq.train.qlora import run_qlora_kd
 

@@ -50,7 +50,7 @@ Schema (every key but ``method`` optional; defaults shown)::
                                  # batch_size counts images (each with all its questions)
     calibration: {samples: 256, batch_size: 32}   # images from the train split
     ptq: {block_size: 128, damp: 0.01, act_order: false, static_groups: false}
-    init: none                   # qad: none | rtn | gptq (initialise weights by PTQ first)
+    init: none                   # qad, qat: none | rtn | gptq (initialise weights by PTQ first)
     selective: null              # qad, EfQAT-style: {fraction: 0.25, samples: 64}
     qlora: {rank: 8, alpha: 16, dropout: 0.0}      # qlora-kd
     eval: {max_new_tokens: 4, batch_images: 64}
@@ -398,8 +398,8 @@ class Recipe:
                 f"{method}: pd / rounding / qk_entropy act on fake-quantized layers, which this "
                 "method does not train"
             )
-        if self.init != "none" and method != "qad":
-            errors.append(f"init: {self.init} applies to method qad only")
+        if self.init != "none" and method not in ("qad", "qat"):
+            errors.append(f"init: {self.init} applies to methods qad and qat only")
         if self.selective is not None and method != "qad":
             errors.append("selective applies to method qad only")
         if method == "kd" and self.student.init != "preset":

@@ -150,6 +150,45 @@ def test_evaluate_vqa_scores_the_generated_answers(model_and_data):
     assert {k.split("/")[-1] for k in metrics if "/question_type/" in k} == types
 
 
+def _sharded_eval_job(recipe, *, overwrite, resume, on_step, on_eval):
+    """In each forked process of run_distributed: join the group, evaluate sharded; rank 0
+    also evaluates everything alone and writes both."""
+    import json
+    from pathlib import Path
+
+    from distiq.train.config import TrainConfig
+    from distiq.train.distributed import setup_distributed
+
+    engine, dataset, out = recipe
+    ctx = setup_distributed(TrainConfig(steps=1, batch_size=2))
+    sharded = evaluate_vqa(engine, dataset, batch_images=4, shard=True)
+    if ctx.rank == 0:
+        whole = evaluate_vqa(engine, dataset, batch_images=4)
+        record = {"world": ctx.world_size, "sharded": sharded, "whole": whole}
+        Path(out).write_text(json.dumps(record))
+
+
+def test_sharded_evaluation_equals_the_whole(model_and_data, tmp_path):
+    # Data-parallel (the demo teacher's test evaluation): each of 2 processes answers every
+    # second image; the gathered metrics are those of one process answering all.
+    import json
+    import multiprocessing
+
+    from distiq.cli.demo_jobs import Job, run_distributed
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs fork")
+    model, _, train = model_and_data
+    out = tmp_path / "metrics.json"
+    subset = train.subset(range(9))
+    job = Job("eval", _sharded_eval_job, (EngineModel(model), subset, str(out)), "run")
+    run_distributed(job, world_size=2)
+    record = json.loads(out.read_text())
+    assert record["world"] == 2
+    assert record["sharded"] == pytest.approx(record["whole"], rel=1e-12)
+    assert record["sharded"]["num_questions"] == subset.question_count()
+
+
 def test_limit_questions_is_fixed_and_bounded(model_and_data):
     _, _, train = model_and_data
     limited = train.limit_questions(10)

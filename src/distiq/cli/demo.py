@@ -5,7 +5,9 @@
    processes (``--jobs``; :func:`distiq.cli.demo_jobs.run_distributed`);
 3. compress it with rtn, gptq, qat and qad at W4A8 and W2A16 (group 64), plus kd (a smaller
    full-precision student) — the shipped recipes, same data and steps for every trained method
-   (each run evaluates on the test split; cached in ``OUT/runs/NAME``);
+   (each run evaluates on the test split; cached in ``OUT/runs/NAME``). They run longest first;
+   the parent imports the model code before it forks and reads the runs' splits once
+   (``distiq.train.load_teacher_data``), so that no run repeats either;
 4. measure every model (size, latency: ``distiq.bench``) and export the most accurate quantized
    one (packed and ONNX: ``distiq.export``);
 5. gather the records in ``OUT/results.json`` and write ``OUT/report.md`` / ``report.html``.

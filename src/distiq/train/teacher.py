@@ -45,6 +45,7 @@ from torch import nn
 
 from distiq.config import dump_yaml
 from distiq.results import ResultRecord, upsert_records
+from distiq.train.distributed import barrier, is_main_process
 from distiq.train.loop import train
 from distiq.train.recipe import Recipe
 from distiq.train.runs import RECIPE_FILE, RESULTS_FILE
@@ -275,16 +276,16 @@ def train_teacher(
     trainer.remove_hooks()
     train_seconds = time.perf_counter() - started
     engine.eval()
-    if isinstance(model, VLMWithHeads):
-        model.save_pretrained(run_dir)  # model, processor and heads
-    else:
-        model.save_pretrained(run_dir)
-        adapter.save_pretrained(run_dir)
-    test = evaluate_vqa(
+    if is_main_process():  # data-parallel: one process writes the run directory
+        model.save_pretrained(run_dir)  # with heads: model, processor and heads
+        if not isinstance(model, VLMWithHeads):
+            adapter.save_pretrained(run_dir)
+    test = evaluate_vqa(  # data-parallel: each process answers its share of the images
         engine,
         data.test,
         max_new_tokens=recipe.eval.max_new_tokens,
         batch_images=recipe.eval.batch_images,
+        shard=True,
     )
     record = ResultRecord(
         name=recipe.run_name,
@@ -303,7 +304,9 @@ def train_teacher(
             "train_seconds": round(train_seconds, 1),
         },
     )
-    upsert_records(run_dir / RESULTS_FILE, [record])
+    if is_main_process():
+        upsert_records(run_dir / RESULTS_FILE, [record])
+    barrier()
     logger.info(
         "teacher: test VQA accuracy %.2f %% (blind baseline %s) in %.0f s",
         record.value,

@@ -264,8 +264,15 @@ def evaluate_vqa(
     batch_images: int = 64,
     max_new_tokens: int = 4,
     device: torch.device | str | None = None,
+    shard: bool = False,
 ) -> dict[str, float]:
     """VQA accuracy of ``engine`` on ``dataset`` (an ``ImageQuestions``), by greedy generation.
+
+    With ``shard`` and ``torch.distributed`` initialised, each of the W processes answers every
+    W-th image (:func:`~distiq.train.distributed.shard_range`) and the scores are gathered, so
+    every process returns the metrics of the whole dataset in about 1/W of the time (each image's
+    answers do not depend on which images share its batch: checked on the demo's teacher, all
+    7,500 test answers equal). Every process must call it then.
 
     Returns fractions in [0, 1]: ``vqa_accuracy``, ``vqa_accuracy/question_type/<type>``,
     ``vqa_accuracy/answer_type/<type>``, and ``num_questions`` (the official VQA accuracy of
@@ -273,9 +280,13 @@ def evaluate_vqa(
     """
     from distiq.tasks.vqa import VQAAccuracy
     from distiq.train.batches import move_to_device
+    from distiq.train.distributed import gather_objects, get_world_size, shard_range
 
     if device is None:
         device = next(engine.parameters()).device
+    sharded = shard and get_world_size() > 1
+    if sharded:
+        dataset = dataset.subset(list(shard_range(len(dataset))))
     metric = VQAAccuracy()
     tokenizer = dataset.adapter.tokenizer
     for start in range(0, len(dataset), batch_images):
@@ -283,4 +294,9 @@ def evaluate_vqa(
         batch = move_to_device(dataset.generation_collate(items), torch.device(device))
         predictions = greedy_answers(engine, batch, tokenizer, max_new_tokens=max_new_tokens)
         metric.update(predictions, batch)
+    if sharded:
+        parts = gather_objects(metric)
+        metric = VQAAccuracy()
+        for part in parts:
+            metric.merge(part)
     return metric.compute()

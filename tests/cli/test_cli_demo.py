@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import pytest
 
+import distiq
 from distiq.cli import app, demo
 from distiq.cli.demo_jobs import default_jobs
 from distiq.cli.demo_plan import (
@@ -215,6 +216,7 @@ def test_demo_end_to_end_with_cache(runner, tmp_path, fake_engine):
         summary["seconds"]
     )
     assert summary["reused"] == [] and summary["settings"]["scenes"] == QUICK.scenes
+    assert summary["code"]["distiq"] == distiq.__version__  # and the git commit in a checkout
     bench = [c for c in fake_engine.calls if c[0] == "bench"]
     assert bench[0] == ("bench", "teacher", QUICK.bench_repeats, ("language_model",))
 

@@ -135,6 +135,33 @@ def _with_shared_data(engine: _Engine, todo: list[Job], times: dict[str, float])
     return [dataclasses.replace(j, data=data) if s else j for j, s in zip(todo, sharing)]
 
 
+def _code_version() -> dict[str, Any]:
+    """distiq's version and, in a git checkout, its commit and whether tracked files differ from
+    it (so that a recorded time names the code that took it)."""
+    import subprocess
+
+    import distiq
+
+    info: dict[str, Any] = {"distiq": distiq.__version__}
+    root = str(Path(distiq.__file__).resolve().parent)
+    try:
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if head.returncode == 0:
+            status = subprocess.run(
+                ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            info["git_commit"] = head.stdout.strip()
+            info["git_dirty"] = bool(status.stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):  # no git, or a slow file system
+        pass
+    return info
+
+
 def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]:
     """The whole demo into ``out``, the compression runs in ``jobs`` worker processes at once
     (see :mod:`distiq.cli.demo_jobs`); returns ``{"report": ReportFiles, "times": {...},
@@ -145,6 +172,7 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
 
     total_started = time.perf_counter()
     load_at_start = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    code = _code_version()
     check_writable(out)
     recipes_dir()  # the recipes are there
     engine = _Engine()
@@ -230,6 +258,7 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
         "jobs": jobs,
         "settings": dataclasses.asdict(settings),
         "command": " ".join(["distiq", *sys.argv[1:]]),
+        "code": code,
         "machine": {**machine(), "load_average_at_start": load_at_start},
     }
     atomic_write(out / "demo_times.json", json.dumps(summary, indent=2) + "\n")

@@ -244,7 +244,7 @@ def import_edge_vlm_code() -> None:
     """Import the transformers code the built-in edge VLM runs on (model classes, tokenizer,
     image processor, the Auto loaders) without computing anything (the model is built on the
     ``meta`` device). Processes forked afterwards (the demo's workers) then start without paying
-    for those imports: about 4 s each on the 2-core machine."""
+    for those imports (4.4 s each here: ``benchmarks/demo_setup_costs.py``)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForConditionalGeneration
 
     del AutoConfig, AutoModelForImageTextToText  # imported for the forked processes

@@ -122,7 +122,8 @@ def load_teacher_data(recipe: Any) -> EngineData:
     """The splits ``compress(recipe)`` loads (for its teacher's adapter), read without loading
     any weights, so that several runs on the same data and teacher can share one copy:
     ``compress(recipe, data=load_teacher_data(recipe))``. ``distiq demo`` loads them once before
-    its worker processes fork (each run spent about 5 s re-reading 25,000 scenes' questions)."""
+    its worker processes fork (each run used to re-read and tokenize the 25,000 scenes' questions:
+    ``benchmarks/demo_setup_costs.py``)."""
     from distiq.models import load_adapter
     from distiq.train.modeling import resolve_model_dir
 

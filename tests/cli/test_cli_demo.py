@@ -216,7 +216,8 @@ def test_demo_end_to_end_with_cache(runner, tmp_path, fake_engine):
         summary["seconds"]
     )
     assert summary["reused"] == [] and summary["settings"]["scenes"] == QUICK.scenes
-    assert summary["code"]["distiq"] == distiq.__version__  # and the git commit in a checkout
+    assert summary["code"]["distiq"] == distiq.__version__
+    assert "git_commit" in summary["code"]  # the commit in a checkout, else None and why
     bench = [c for c in fake_engine.calls if c[0] == "bench"]
     assert bench[0] == ("bench", "teacher", QUICK.bench_repeats, ("language_model",))
 

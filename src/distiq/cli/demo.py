@@ -110,7 +110,7 @@ def _run(
             resume=action == "resume",
             on_step=progress.on_step,
             on_eval=progress.on_eval,
-            **({} if data is None else {"data": data}),
+            data=data,
         )
     times[name] = round(time.perf_counter() - started, 1)
     return True
@@ -142,13 +142,15 @@ def _code_version() -> dict[str, Any]:
 
     import distiq
 
-    info: dict[str, Any] = {"distiq": distiq.__version__}
+    info: dict[str, Any] = {"distiq": distiq.__version__, "git_commit": None}
     root = str(Path(distiq.__file__).resolve().parent)
     try:
         head = subprocess.run(
             ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
         )
-        if head.returncode == 0:
+        if head.returncode != 0:
+            info["git"] = f"not a git checkout ({head.stderr.strip()[:200]})"
+        else:
             status = subprocess.run(
                 ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
                 capture_output=True,
@@ -157,8 +159,8 @@ def _code_version() -> dict[str, Any]:
             )
             info["git_commit"] = head.stdout.strip()
             info["git_dirty"] = bool(status.stdout.strip())
-    except (OSError, subprocess.TimeoutExpired):  # no git, or a slow file system
-        pass
+    except (OSError, subprocess.TimeoutExpired) as exc:  # no git, or a slow file system
+        info["git"] = f"git did not answer ({type(exc).__name__}: {exc})"
     return info
 
 

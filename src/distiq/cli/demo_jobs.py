@@ -88,14 +88,13 @@ def _run_job(name: str) -> float:
     job = _JOBS[name]
     started = time.perf_counter()
     progress = _QueuedProgress(name)
-    shared = {} if job.data is None else {"data": job.data}
     job.compress(
         job.recipe,
         overwrite=job.action == "run",
         resume=job.action == "resume",
         on_step=progress.on_step,
         on_eval=progress.on_eval,
-        **shared,
+        data=job.data,
     )
     return round(time.perf_counter() - started, 1)
 

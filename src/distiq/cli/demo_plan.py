@@ -149,11 +149,9 @@ def expected_work(recipe: Any) -> float:
     more than the task term); post-training runs count less than one step (gptq above rtn)."""
     if recipe.method not in TRAINED_METHODS:
         return 0.5 if recipe.method == "gptq" else 0.0
-    terms = getattr(getattr(recipe, "objective", None), "terms", None)
-    with_teacher = any(
-        getattr(terms, name, None) is not None for name in ("kd", "feat", "attn", "pd")
-    )
-    quantized = getattr(recipe, "quantization", None) is not None
+    terms = recipe.objective.terms
+    with_teacher = any(getattr(terms, name) is not None for name in ("kd", "feat", "attn", "pd"))
+    quantized = recipe.quantization is not None
     return float(recipe.train.steps) * (1 + quantized) * (1 + with_teacher)
 
 

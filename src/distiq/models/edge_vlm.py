@@ -245,9 +245,9 @@ def import_edge_vlm_code() -> None:
     image processor, the Auto loaders) without computing anything (the model is built on the
     ``meta`` device). Processes forked afterwards (the demo's workers) then start without paying
     for those imports (4.4 s each here: ``benchmarks/demo_setup_costs.py``)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, LlavaForConditionalGeneration
+    import transformers.models.auto.modeling_auto  # noqa: F401  (the Auto loaders, for the forks)
+    from transformers import LlavaForConditionalGeneration
 
-    del AutoConfig, AutoModelForImageTextToText  # imported for the forked processes
     config = EDGE_PRESETS["tiny"]
     processor = build_edge_processor(["word"], config)
     with torch.device("meta"):

@@ -302,8 +302,7 @@ class _FakeQuantizeAffine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, quant_min, quant_max):
-        z = torch.round(zero_point) if zero_point.requires_grad else zero_point
-        out, inside = _fake_quantize_in_place(x, scale, z, quant_min, quant_max, mask=True)
+        out, inside, z = _fake_quantize_in_place(x, scale, zero_point, quant_min, quant_max, True)
         ctx.quant_range = (quant_min, quant_max)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             ctx.save_for_backward(inside, x, scale, z)
@@ -335,19 +334,19 @@ class _FakeQuantizeAffine(torch.autograd.Function):
 def _fake_quantize_in_place(
     x: torch.Tensor,
     scale: torch.Tensor,
-    z: torch.Tensor,
+    zero_point: torch.Tensor,
     quant_min: int,
     quant_max: int,
-    *,
     mask: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(x̂, inside)``: the forward of :class:`_FakeQuantizeAffine` (its operations in their
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(x̂, inside, z)``: the forward of :class:`_FakeQuantizeAffine` (its operations in their
     order, so the same bits) computed in one float buffer; ``inside`` (the clipping mask) only
-    with ``mask``, else None. ``z`` is the zero-point as used (already rounded if learned)."""
+    with ``mask``, else None; ``z`` the zero-point as used (rounded when it is learned)."""
+    z = torch.round(zero_point) if zero_point.requires_grad else zero_point
     q = x * (1.0 / scale)
     q.round_().add_(z)
     inside = (q >= quant_min).logical_and_(q <= quant_max) if mask else None
-    return q.clamp_(quant_min, quant_max).sub_(z).mul_(scale), inside
+    return q.clamp_(quant_min, quant_max).sub_(z).mul_(scale), inside, z
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -366,8 +365,9 @@ def fake_quantize(
         torch.is_grad_enabled()
         and (x.requires_grad or scale.requires_grad or zero_point.requires_grad)
     ):
-        z = torch.round(zero_point) if zero_point.requires_grad else zero_point  # as in training
-        out, _ = _fake_quantize_in_place(xv, scale, z, spec.quant_min, spec.quant_max, mask=False)
+        out, _, _ = _fake_quantize_in_place(
+            xv, scale, zero_point, spec.quant_min, spec.quant_max, mask=False
+        )
     elif spec.format == "int":
         out = _FakeQuantizeAffine.apply(xv, scale, zero_point, spec.quant_min, spec.quant_max)
     else:  # nf4 / fp8: quantize → dequantize, plain straight-through gradient

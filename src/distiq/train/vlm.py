@@ -270,9 +270,10 @@ def evaluate_vqa(
 
     With ``shard`` and ``torch.distributed`` initialised, each of the W processes answers every
     W-th image (:func:`~distiq.train.distributed.shard_range`) and the scores are gathered, so
-    every process returns the metrics of the whole dataset in about 1/W of the time (each image's
-    answers do not depend on which images share its batch: checked on the demo's teacher, all
-    7,500 test answers equal). Every process must call it then.
+    every process returns the metrics of the whole dataset in about 1/W of the time (an image's
+    answers do not depend on which images share its batch: the demo teacher's sharded test
+    accuracies equal the unsharded ones to the last digit, and a 2-process test compares the
+    two). Every process must call it then.
 
     Returns fractions in [0, 1]: ``vqa_accuracy``, ``vqa_accuracy/question_type/<type>``,
     ``vqa_accuracy/answer_type/<type>``, and ``num_questions`` (the official VQA accuracy of

@@ -22,7 +22,9 @@ Goal (issue 7): onnxruntime int8 >= 2.0x onnxruntime fp32 on the language model 
 Sizes: the packed checkpoint of each compressed model with its breakdown (float32 scales, exact;
 float16 scales, smaller) against the fp32 tensors, and every ONNX export. The 4-bit g64 table by
 preset adds ``exact-fp16-scales``: the model quantized with ``QuantSpec(scale_dtype="float16")``
-(it trains with float16 scales), whose checkpoint holds 16-bit scales and is still exact.
+(it trains with float16 scales), whose checkpoint holds 16-bit scales and is still exact, and
+``exact-fp16-scales-every-matrix``: the same with the patch projection and ``lm_head`` in 4 bits
+too (the parts ``patch_embedding`` and ``lm_head``).
 ``--sizes-only`` measures that table alone (no latency; default output
 ``benchmarks/results/deploy_sizes.json``).
 
@@ -114,7 +116,10 @@ SIZE_VARIANTS = {
 }
 # quantized with W4G64_FP16_SCALES (float16 scales in training), saved with the defaults: exact
 EXACT_FP16 = "exact-fp16-scales"
-PRESET_VARIANTS = [EXACT_FP16, *SIZE_VARIANTS]
+# the same, with the patch projection and lm_head in 4 bits too (every weight matrix; only
+# the embedding tables, norms and biases stay in float)
+EVERY_MATRIX = "exact-fp16-scales-every-matrix"
+PRESET_VARIANTS = [EXACT_FP16, EVERY_MATRIX, *SIZE_VARIANTS]
 
 
 def sizes_of(model, adapter) -> dict:
@@ -130,30 +135,34 @@ def sizes_of(model, adapter) -> dict:
 
 
 def preset_sizes(presets: list[str]) -> dict:
-    """4-bit g64 (vision, projector, language model; embeddings and lm_head in full precision,
-    the adapter's defaults) packed sizes of each preset's edge VLM."""
-    from distiq.models import build_edge_vlm
+    """4-bit g64 packed sizes of each preset's edge VLM: the adapter's default parts (vision,
+    projector, language model; patch projection, embeddings and lm_head in full precision) in
+    every storage variant, and every weight matrix (``distiq.models.PARTS``: the patch
+    projection and lm_head too) with float16 scales."""
+    from distiq.models import DEFAULT_PARTS, PARTS, build_edge_vlm
 
     out = {}
     for preset in presets:
         model, adapter = build_edge_vlm(WORDS, preset)
-        fp16_scales = copy.deepcopy(model)
-        for part in ("vision", "projector", "language_model"):
-            quantize_(model, adapter.quant_config(part, weight=W4G64, model=model))
-            quantize_(
-                fp16_scales,
-                adapter.quant_config(part, weight=W4G64_FP16_SCALES, model=fp16_scales),
-            )
+        exact_models = {EXACT_FP16: copy.deepcopy(model), EVERY_MATRIX: copy.deepcopy(model)}
+        for part in PARTS:
+            if part in DEFAULT_PARTS:
+                quantize_(model, adapter.quant_config(part, weight=W4G64, model=model))
+            for variant, exact_model in exact_models.items():
+                if part in DEFAULT_PARTS or variant == EVERY_MATRIX:
+                    config = adapter.quant_config(part, weight=W4G64_FP16_SCALES, model=exact_model)
+                    quantize_(exact_model, config)
         entry = sizes_of(model.eval(), adapter)
         with tempfile.TemporaryDirectory() as tmp:
-            exact = save_packed(fp16_scales.eval(), Path(tmp) / EXACT_FP16, adapter=adapter)
-            entry[EXACT_FP16] = exact.to_dict()
-            entry[f"{EXACT_FP16}_table"] = exact.table()
-            entry[f"{EXACT_FP16}_identical"] = _identical_after_load(
-                fp16_scales, Path(tmp) / EXACT_FP16, adapter
-            )
+            for variant, exact_model in exact_models.items():
+                exact = save_packed(exact_model.eval(), Path(tmp) / variant, adapter=adapter)
+                entry[variant] = exact.to_dict()
+                entry[f"{variant}_table"] = exact.table()
+                entry[f"{variant}_identical"] = _identical_after_load(
+                    exact_model, Path(tmp) / variant, adapter
+                )
         out[preset] = entry
-        del model, fp16_scales
+        del model, exact_models
     return out
 
 
@@ -173,8 +182,11 @@ def print_preset_sizes(by_preset: dict) -> None:
     print("\n4-bit g64 packed / fp32, by preset (target <= 0.16):")
     for preset, entry in by_preset.items():
         ratios = ", ".join(f"{v} {entry[v]['ratio']:.4f}x" for v in PRESET_VARIANTS)
-        same = "identical" if entry[f"{EXACT_FP16}_identical"] else "NOT identical"
-        print(f"  {preset:<6} {ratios}  ({EXACT_FP16} reloaded: {same})")
+        same = ", ".join(
+            f"{v} {'identical' if entry[f'{v}_identical'] else 'NOT identical'}"
+            for v in (EXACT_FP16, EVERY_MATRIX)
+        )
+        print(f"  {preset:<6} {ratios}  (reloaded: {same})")
 
 
 def _without_tables(entry: dict) -> dict:
@@ -185,7 +197,8 @@ def sizes_only(args, started: float) -> None:
     """Measure only the 4-bit g64 size table by preset and write it to ``args.out``."""
     by_preset = preset_sizes(args.size_presets)
     for preset, entry in by_preset.items():
-        print(f"\npacked {preset} ({EXACT_FP16}):\n{entry[f'{EXACT_FP16}_table']}")
+        for variant in (EXACT_FP16, EVERY_MATRIX):
+            print(f"\npacked {preset} ({variant}):\n{entry[f'{variant}_table']}")
     print_preset_sizes(by_preset)
     report = {
         "benchmark": "deploy_sizes",
@@ -195,6 +208,8 @@ def sizes_only(args, started: float) -> None:
         "variants": {
             EXACT_FP16: "QuantSpec scale_dtype=float16 (trained with float16 scales), saved "
             "with the defaults: float16 scales, float32 leftovers, exact",
+            EVERY_MATRIX: f"{EXACT_FP16} with the patch projection and lm_head in 4 bits too "
+            "(distiq.models.PARTS): only embedding tables, norms and biases in float",
             "exact": "float32 scales and leftovers, exact",
             "fp16-scales": "float32-trained scales stored in float16 (not exact)",
             "fp16-scales+leftovers": "and full-precision tensors in float16 (not exact)",

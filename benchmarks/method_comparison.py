@@ -4,14 +4,18 @@ steps, batch size, data order and learning-rate schedule), evaluated on the synt
 
     .venv/bin/python benchmarks/method_comparison.py --scenes DATA_DIR [--teacher DIR]
         [--out DIR] [--steps N] [--test-questions N] [--runs rtn-w4a8 qad-w4a8 ...]
-        [--init qat=gptq --init qad=gptq]
+        [--init qat=gptq --init qad=gptq] [--quantization JSON --tag NAME]
 
 ``--scenes`` is a generated scene set (``distiq.data.generate_scenes``); without ``--teacher``
 the teacher is trained first with ``recipes/teacher.yaml``. The recipes get the same changes as in
 ``distiq demo`` (``distiq.cli.demo_plan``); run directories land in ``--out/runs/NAME`` (default
 ``--out``: ``bench-runs/method-comparison``). ``--init METHOD=INIT`` starts every run of a trained
 quantized method from a post-training solution (``init: none | rtn | gptq``; its run directory is
-``NAME+init-INIT``), e.g. to see how much of qad's lead over qat is its initialisation. Prints a table and writes
+``NAME+init-INIT``), e.g. to see how much of qad's lead over qat is its initialisation.
+``--quantization JSON`` deep-merges into every run's ``quantization`` section, e.g.
+``'{"weight": {"bits": 4}, "parts": ["vision", "patch_embedding", "projector",
+"language_model", "lm_head"]}'`` (every weight matrix in 4 bits); ``--tag NAME`` names those run
+directories ``NAME+NAME``. Prints a table and writes
 ``benchmarks/results/method_comparison.json`` with the machine, the command, every run's
 accuracy (overall and per question type), retention vs the teacher, wall seconds, and the goals:
 
@@ -50,11 +54,22 @@ def _recipe(name: str, args: argparse.Namespace, teacher: Path):
     data = planned_recipe(name, settings, args.out, args.scenes, recipes=ROOT / "recipes")
     if name != "teacher":
         data["teacher"] = str(teacher)
+    if args.quantization and data.get("quantization") is not None:
+        data["quantization"] = _deep_merged(data["quantization"], json.loads(args.quantization))
+        data["output"] = f"{data['output']}+{args.tag}"
     init = dict(args.init).get(data.get("method"))
     if init is not None and init != data.get("init", "none"):
         data["init"] = init
         data["output"] = f"{data['output']}+init-{init}"
     return recipe_from_dict(data, source=name)
+
+
+def _deep_merged(base: dict, change: dict) -> dict:
+    out = dict(base)
+    for key, value in change.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _deep_merged(out[key], value) if both else value
+    return out
 
 
 def _method_init(text: str) -> tuple[str, str]:
@@ -121,6 +136,8 @@ def main() -> None:
         "--init", type=_method_init, action="append", default=[], metavar="METHOD=INIT",
         help="start qat / qad runs from a PTQ solution: qat=gptq, qad=none, ...",
     )  # fmt: skip
+    parser.add_argument("--quantization", help="JSON merged into every run's quantization")
+    parser.add_argument("--tag", default="quant", help="run-directory suffix for --quantization")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
         "--json", type=Path, default=ROOT / "benchmarks" / "results" / "method_comparison.json"

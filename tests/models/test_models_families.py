@@ -161,6 +161,57 @@ def test_module_names_and_quant_targets(family, loaded, make_samples):
             assert torch.isfinite(student(**batch).logits).all()
 
 
+def test_patch_embedding_is_its_own_opt_in_part(family, loaded, make_samples):
+    model, adapter = loaded
+    target = adapter.quant_targets()["patch_embedding"]
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if adapter.patch_embedding_module is None:  # Qwen2-VL: a Conv3d
+        assert not target.include
+        with pytest.raises(ValueError, match="no quantizable patch_embedding.*Conv3d"):
+            adapter.quant_config("patch_embedding", weight=QuantSpec(bits=4))
+        return
+    assert [n for n in convs if target.matches(n)] == [
+        f"{adapter.module_names().vision}.{adapter.patch_embedding_module}"
+    ]
+    assert not adapter.quant_targets()["vision"].matches(convs[0])  # not in the vision part
+    student = copy.deepcopy(model)
+    report = quantize_(student, adapter.quant_config("patch_embedding", weight=QuantSpec(bits=4)))
+    assert [c.name for c in report.changes] == [convs[0]]
+    batch = adapter.build_inputs(make_samples())
+    with torch.no_grad():
+        assert torch.isfinite(student(**batch).logits).all()
+
+
+def test_a_recipe_with_every_part_quantizes_each_layer_by_its_own_part(family, loaded):
+    """Parts exclude by name within themselves: the vision part's embeddings are still the
+    patch_embedding part's and Qwen2-VL's merger (inside the vision tower) the projector's."""
+    from distiq.models import PARTS
+    from distiq.train.methods import merged_quant_config
+    from distiq.train.modeling import part_quant_configs
+    from distiq.train.recipe import QuantizationConfig
+
+    model, adapter = loaded
+    targets = adapter.quant_targets()
+    parts = tuple(p for p in PARTS if targets[p].include)
+    bits = {part: 8 - i for i, part in enumerate(parts)}  # a different width per part
+    overrides = {part: {"weight": {"bits": bits[part]}} for part in parts}
+    recipe = QuantizationConfig(parts=parts, part_overrides=overrides)
+    student = copy.deepcopy(model)
+    configs = part_quant_configs(recipe, student, adapter)
+    report = quantize_(
+        student, merged_quant_config(configs, student, weights=True, activations=False)
+    )
+    changed = {c.name: c.weight for c in report.changes}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear | nn.Conv2d):
+            continue
+        owner = next((p for p in parts if targets[p].matches(name)), None)
+        if owner is None:
+            assert name not in changed, name
+        else:
+            assert changed[name].startswith(f"int{bits[owner]}"), (name, owner, changed[name])
+
+
 def test_feature_points_capture_hidden_states_and_attention(family, loaded, make_samples):
     model, adapter = loaded
     points = adapter.feature_points(model)

@@ -112,6 +112,24 @@ def test_ptq_run_saves_the_evaluated_model(world, method):
     assert again.value == pytest.approx(record.value)
 
 
+def test_every_weight_matrix_can_be_quantized_patch_projection_and_lm_head_too(world):
+    from distiq.export import QuantizedConv2d, load_run
+    from distiq.models import PARTS
+    from distiq.quant import QuantizedLinear
+
+    quantization = {"weight": {"bits": 4}, "parts": list(PARTS)}
+    run_dir, record = _run(world, "gptq-every", method="gptq", quantization=quantization)
+    names = json.loads((run_dir / "quantization.json").read_text())["modules"]
+    patch = "vlm.model.vision_tower.embeddings.patch_embedding"
+    assert {patch, "vlm.lm_head"} <= set(names)
+    assert names[patch]["type"] == "Conv2d" and names[patch]["weight"]["bits"] == 4
+    (again,) = evaluate(run_dir)
+    assert again.value == pytest.approx(record.value)
+    run = load_run(run_dir)  # the export's view: real quantized layers, codes checked exact
+    assert isinstance(run.model.get_submodule(patch), QuantizedConv2d)
+    assert isinstance(run.model.get_submodule("vlm.lm_head"), QuantizedLinear)
+
+
 def test_qat_trains_with_the_task_loss_only(world):
     run_dir, record = _run(
         world,

@@ -247,6 +247,12 @@ class QuantizedConv2d(nn.Module):
         flat = dequantize(codes, self.weight_scale, self.weight_zero_point, self.weight_spec)
         return flat.reshape(self.weight_shape)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, computed on access (a tensor, not a parameter): Hugging
+        Face vision embeddings read ``patch_embedding.weight.dtype`` to cast the pixels."""
+        return self.dequantized_weight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant is not None:
             x = self.act_quant(x)

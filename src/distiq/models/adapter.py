@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PARTS = ("vision", "projector", "language_model", "lm_head")
+PARTS = ("vision", "projector", "language_model", "lm_head", "patch_embedding")
 DEFAULT_PARTS = ("vision", "projector", "language_model")
 
 
@@ -67,6 +67,11 @@ class VLMAdapter:
     # patch + position embeddings and the token embeddings.
     vision_embeddings: ClassVar[str] = "embeddings"
     text_embeddings: ClassVar[str] = "embed_tokens"
+    # The vision tower's patch projection (an nn.Conv2d), relative to the vision module: its
+    # own opt-in part ``patch_embedding``. None where the family has none that distiq can
+    # quantize (the reason in ``patch_embedding_missing``).
+    patch_embedding_module: ClassVar[str | None] = "embeddings.patch_embedding"
+    patch_embedding_missing: ClassVar[str] = ""
     # Whether the vision tower's attention modules can return probabilities (eager).
     vision_attention_probs: ClassVar[bool] = True
     image_placeholder: ClassVar[str] = "<image>"
@@ -141,12 +146,20 @@ class VLMAdapter:
                 (names.language_model,), (f"{names.language_model}.{cls.text_embeddings}",)
             ),
             "lm_head": QuantTarget((names.lm_head,)),
+            "patch_embedding": QuantTarget(
+                (f"{names.vision}.{cls.patch_embedding_module}",)
+                if cls.patch_embedding_module
+                else ()
+            ),
         }
 
     def quant_targets(self) -> dict[str, QuantTarget]:
-        """``{part: QuantTarget}`` for ``vision``, ``projector``, ``language_model`` and
-        ``lm_head``. The first three are what distiq quantizes by default; ``lm_head`` (and
-        the embeddings, excluded everywhere) stay at higher precision unless a recipe asks."""
+        """``{part: QuantTarget}`` for ``vision``, ``projector``, ``language_model``,
+        ``lm_head`` and ``patch_embedding``. The first three are what distiq quantizes by
+        default; ``lm_head`` and the vision tower's patch projection (``patch_embedding``, a
+        convolution) stay at higher precision unless a recipe asks, and the token and position
+        embedding tables always do. A family without a quantizable patch projection has an
+        empty ``patch_embedding`` target."""
         return self.targets_for(self.prefix)
 
     def quant_config(
@@ -159,7 +172,7 @@ class VLMAdapter:
         exclude: Sequence[str] = (),
     ) -> QuantConfig:
         """A ``QuantConfig`` that quantizes one part (``vision``, ``projector``,
-        ``language_model``, ``lm_head``) with the given specs.
+        ``language_model``, ``lm_head``, ``patch_embedding``) with the given specs.
 
         For blockwise weight specs (``format="nf4"`` or ``PerGroup(g)``) the linear layers of
         that part whose input width is not a multiple of the block (narrower than 64 for NF4)
@@ -171,6 +184,12 @@ class VLMAdapter:
         if part not in targets:
             raise ValueError(f"unknown part {part!r}; parts are {', '.join(targets)}")
         target = targets[part]
+        if not target.include:
+            raise ValueError(
+                f"{self.family} models have no quantizable {part}"
+                f"{': ' + self.patch_embedding_missing if self.patch_embedding_missing else ''}"
+                f"; drop {part!r} from the quantization parts"
+            )
         excluded = [*target.exclude, *exclude]
         block = weight.group_size if weight is not None else None
         if weight is not None and weight.format == "nf4" and block is None:

@@ -34,6 +34,11 @@ class Qwen2VLAdapter(VLMAdapter):
     language_module = "model.language_model"
     vision_exclude = ("model.visual.merger",)
     vision_embeddings = "patch_embed"
+    patch_embedding_module = None
+    patch_embedding_missing = (
+        "its patch projection (visual.patch_embed.proj) is a Conv3d, and distiq quantizes "
+        "nn.Linear and nn.Conv2d layers"
+    )
     vision_attention_probs = False  # its vision attention returns only the output
     image_placeholder = "<|image_pad|>"
     default_prompt = (

@@ -55,6 +55,8 @@ class LayerReport:
         seconds: time spent quantizing this layer (Hessian accumulation excluded).
         damp: GPTQ's relative damping used.
         note: why a layer was handled specially, else "".
+        scale, zero_point: the weight qparams the codes use (``PTQResult``'s shapes); not
+            part of ``to_dict``.
     """
 
     name: str
@@ -69,9 +71,15 @@ class LayerReport:
     seconds: float
     damp: float | None = None
     note: str = ""
+    scale: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
+    zero_point: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("scale", "zero_point")
+        }
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -292,6 +300,8 @@ def quantize_model(
             seconds=result.seconds,
             damp=result.damp,
             note=note,
+            scale=result.scale,
+            zero_point=result.zero_point,
         )
         reports.append(report)
         logger.info(

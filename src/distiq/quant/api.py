@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import fnmatch
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from distiq.config import ConfigError, from_dict, to_dict
 from distiq.quant.modules import FakeQuantConv2d, FakeQuantLinear, FakeQuantModule
 from distiq.quant.quantized import QuantizedLinear
 from distiq.quant.quantizers import describe_spec
-from distiq.quant.spec import QuantConfig, QuantSpec
+from distiq.quant.spec import QuantConfig, QuantSpec, name_matches
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +88,6 @@ class QuantizeReport:
         return "\n".join(lines)
 
 
-def _matches(name: str, pattern: str) -> bool:
-    """``pattern`` matches ``name`` or one of its ancestors (``a.b`` is an ancestor of ``a.b.c``)."""
-    if fnmatch.fnmatchcase(name, pattern):
-        return True
-    parts = name.split(".")
-    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts)))
-
-
 def _near_misses(pattern: str, names: list[str]) -> str:
     stem = pattern.replace("*", "").replace("?", "").strip(".")
     close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
@@ -110,7 +101,7 @@ def _near_misses(pattern: str, names: list[str]) -> str:
 def _check_patterns(kind: str, patterns, names: list[str]) -> list[str]:
     errors = []
     for pattern in patterns:
-        if not any(_matches(n, pattern) for n in names):
+        if not any(name_matches(n, pattern) for n in names):
             errors.append(
                 f"{kind} pattern {pattern!r} matches no module; near misses: "
                 f"{_near_misses(pattern, names) or '(none)'}; names are fully qualified, "
@@ -179,7 +170,7 @@ def resolve_specs(name: str, config: QuantConfig) -> tuple[QuantSpec | None, Qua
     """The (weight, activation) specs of module ``name`` after ``config.overrides``."""
     specs = {"weight": config.weight, "activation": config.activation}
     for pattern, change in config.overrides.items():
-        if not _matches(name, pattern):
+        if not name_matches(name, pattern):
             continue
         for key, fields in change.items():
             if fields is None:
@@ -236,8 +227,8 @@ def quantize_(
     unsupported_by: dict[str, list[str]] = {}
     plan = []
     for name, module in named:
-        hits = [p for p in config.include if _matches(name, p)]
-        if not hits or any(_matches(name, p) for p in config.exclude):
+        hits = [p for p in config.include if name_matches(name, p)]
+        if not hits or any(name_matches(name, p) for p in config.exclude):
             continue
         handler, info = _dispatch(step, module)
         for p in hits:

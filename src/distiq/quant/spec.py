@@ -15,6 +15,7 @@ Conventions (used by every function in ``distiq.quant``):
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -298,9 +299,24 @@ class QuantConfig:
         if errors:
             raise ValueError("; ".join(errors))
 
+    def selects(self, name: str) -> bool:
+        """Whether module ``name`` is selected: an include pattern matches it and no exclude
+        pattern does (``quantize_``'s rule; a pattern also matches a module's descendants)."""
+        return any(name_matches(name, p) for p in self.include) and not any(
+            name_matches(name, p) for p in self.exclude
+        )
+
     @classmethod
     def from_dict(cls, data: dict) -> QuantConfig:
         return from_dict(cls, data)
 
     def to_dict(self) -> dict:
         return to_dict(self)
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """``pattern`` matches ``name`` or one of its ancestors (``a.b`` is an ancestor of ``a.b.c``)."""
+    if fnmatch.fnmatchcase(name, pattern):
+        return True
+    parts = name.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts)))

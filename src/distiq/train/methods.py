@@ -231,15 +231,21 @@ def hf_calibration_batches(batches: list[dict], data: EngineData, adapter: Any) 
     return out
 
 
-def merged_quant_config(configs: dict[str, Any], *, weights: bool, activations: bool) -> Any:
-    """One ``QuantConfig`` selecting every part, each part's specs as overrides (weights and/or
-    activations kept)."""
+def merged_quant_config(
+    configs: dict[str, Any], model: nn.Module, *, weights: bool, activations: bool
+) -> Any:
+    """One ``QuantConfig`` for every part of ``configs`` (``{part: QuantConfig}``) on
+    ``model``: each linear / conv layer gets the specs of the first part that selects it
+    (weights and/or activations kept). Parts exclude by name within themselves only — the
+    vision part's embeddings are still the ``patch_embedding`` part's, Qwen2-VL's merger
+    (inside the vision tower) still the projector's — so the merged config names the layers
+    one by one."""
     from distiq.config import to_dict
     from distiq.quant import QuantConfig
 
-    include, exclude, overrides = [], [], {}
-    for config in configs.values():
-        change = {
+    changes = {}
+    for part, config in configs.items():
+        changes[part] = {
             "weight": to_dict(config.weight) if weights and config.weight is not None else None,
             "activation": (
                 to_dict(config.activation)
@@ -247,19 +253,17 @@ def merged_quant_config(configs: dict[str, Any], *, weights: bool, activations: 
                 else None
             ),
         }
-        if change["weight"] is None and change["activation"] is None:
+    overrides = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear | nn.Conv2d):
             continue
-        for pattern in config.include:
-            include.append(pattern)
-            overrides[pattern] = change
-        exclude.extend(config.exclude)
-    return QuantConfig(
-        weight=None,
-        activation=None,
-        include=tuple(include),
-        exclude=tuple(dict.fromkeys(exclude)),
-        overrides=overrides,
-    )
+        part = next((p for p, c in configs.items() if c.selects(name)), None)
+        if part is None:
+            continue
+        change = changes[part]
+        if change["weight"] is not None or change["activation"] is not None:
+            overrides[name] = change
+    return QuantConfig(weight=None, activation=None, include=tuple(overrides), overrides=overrides)
 
 
 def apply_ptq(
@@ -269,11 +273,12 @@ def apply_ptq(
     dequantized values). Returns ``{module name: (spec, scale, zero_point)}``."""
     from distiq.ptq import quantize_model
     from distiq.quant import QuantizedLinear
+    from distiq.quant.api import resolve_specs
 
-    config = merged_quant_config(configs, weights=True, activations=False)
+    config = merged_quant_config(configs, model, weights=True, activations=False)
     if not config.include:
         return {}
-    quantize_model(
+    reports = quantize_model(
         model,
         calib,
         config,
@@ -284,7 +289,12 @@ def apply_ptq(
         act_order=recipe.ptq.act_order,
         static_groups=recipe.ptq.static_groups,
     )
-    out = {}
+    # Convolutions keep their dequantized weights in place; their qparams come from the report.
+    out = {
+        r.name: (resolve_specs(r.name, config)[0], r.scale.clone(), r.zero_point.clone())
+        for r in reports
+        if r.kind == "Conv2d"
+    }
     for name, module in list(model.named_modules()):
         if not isinstance(module, QuantizedLinear):
             continue
@@ -308,7 +318,7 @@ def add_activation_quant(model: nn.Module, configs: dict, engine: EngineModel, c
     the static activation quantizers on ``calib`` engine batches."""
     from distiq.quant import quantize_
 
-    config = merged_quant_config(configs, weights=False, activations=True)
+    config = merged_quant_config(configs, model, weights=False, activations=True)
     if not config.include:
         return
     quantize_(model, config)
@@ -343,7 +353,8 @@ def _finish(
     for name, (spec, scale, zero) in (ptq or {}).items():
         from distiq.config import to_dict
 
-        entry = manifest["modules"].setdefault(name, {"type": "Linear", "activation": None})
+        kind = "Conv2d" if isinstance(model.get_submodule(name), nn.Conv2d) else "Linear"
+        entry = manifest["modules"].setdefault(name, {"type": kind, "activation": None})
         entry.update(weight=to_dict(spec), weights_from=recipe.method)
         manifest["state"][f"{name}.weight_scale"] = scale
         manifest["state"][f"{name}.weight_zero_point"] = zero
@@ -406,7 +417,7 @@ def _run_trained(
             apply_ptq(
                 recipe, student, configs, hf_calibration_batches(calib, data, adapter), recipe.init
             )
-        quantize_(student, merged_quant_config(configs, weights=True, activations=True))
+        quantize_(student, merged_quant_config(configs, student, weights=True, activations=True))
         calibrate(engine, calib)
     teacher.eval()
     for param in teacher.parameters():

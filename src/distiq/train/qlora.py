@@ -182,7 +182,7 @@ def run_qlora_kd(
         for name, weight in merged.items():
             student.get_submodule(prefix + name).weight.copy_(weight)
     configs = part_quant_configs(recipe.quantization, student, adapter)
-    quantize_(student, merged_quant_config(configs, weights=True, activations=False))
+    quantize_(student, merged_quant_config(configs, student, weights=True, activations=False))
     student.eval()
     unmerged_value = 100.0 * unmerged["vqa_accuracy"]
     records = _finish(

@@ -34,7 +34,7 @@ Schema (every key but ``method`` optional; defaults shown)::
     quantization:                # null for kd / teacher
       weight: {bits: 4, granularity: per_channel}      # distiq.quant.QuantSpec fields
       activation: {bits: 8, granularity: per_token, dynamic: true}   # or null (A16)
-      parts: [vision, projector, language_model]      # + heads, lm_head
+      parts: [vision, projector, language_model]      # + heads, lm_head, patch_embedding
       part_overrides: {}         # {part: {weight: {fields} | null, activation: ...}}
       exclude: []                # more module globs kept in full precision
     objective: {terms: {task: {}}}   # distiq.objective's schema
@@ -74,8 +74,15 @@ Method = Literal["teacher", "rtn", "gptq", "qat", "kd", "qad", "qlora-kd"]
 METHODS: tuple[str, ...] = ("teacher", "rtn", "gptq", "qat", "kd", "qad", "qlora-kd")
 TRAINED_METHODS: tuple[str, ...] = ("teacher", "qat", "kd", "qad", "qlora-kd")
 DISTILLED_METHODS: tuple[str, ...] = ("kd", "qad", "qlora-kd")
-QuantPart = Literal["vision", "projector", "language_model", "lm_head", "heads"]
-QUANT_PARTS: tuple[str, ...] = ("vision", "projector", "language_model", "lm_head", "heads")
+QuantPart = Literal["vision", "projector", "language_model", "lm_head", "patch_embedding", "heads"]
+QUANT_PARTS: tuple[str, ...] = (
+    "vision",
+    "projector",
+    "language_model",
+    "lm_head",
+    "patch_embedding",
+    "heads",
+)
 EDGE_PRESET_NAMES: tuple[str, ...] = ("tiny", "small", "base")
 
 
@@ -166,7 +173,8 @@ class StudentConfig:
 @dataclass(frozen=True)
 class QuantizationConfig:
     """Per-part quantization (parts are the model adapter's: vision, projector,
-    language_model, lm_head, and the heads), turned into one ``QuantConfig`` per part."""
+    language_model, lm_head, patch_embedding, and the heads), turned into one ``QuantConfig``
+    per part."""
 
     weight: QuantSpec | None = field(default_factory=QuantSpec)
     activation: QuantSpec | None = None

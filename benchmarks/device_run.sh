@@ -17,6 +17,14 @@ taskset -c 4,5 python benchmarks/objective_overhead.py --threads 2 \
   --out "$OUT/objective_overhead_2cores.json" > "$OUT/objective_overhead.log" 2>&1 &
 taskset -c 6,7 python benchmarks/scenes_speed.py --count 20000 --repeats 1 --workers 2 \
   --out "$OUT/scenes_speed_2cores.json" > "$OUT/scenes_speed.log" 2>&1 &
+# Issue 7's onnxruntime int8 vs fp32 ratio on a CPU with VNNI (this project's AMD has none):
+# the demo-size model and the op profile, 2 cores / 1 core, with the CPU's flags recorded.
+grep -o -w 'avx512_vnni\|avx_vnni\|amx_int8\|avx2' /proc/cpuinfo | sort | uniq -c > "$OUT/cpu_flags.txt"
+lscpu | grep -i 'model name' >> "$OUT/cpu_flags.txt"
+(taskset -c 8,9 python benchmarks/deploy.py --threads 2 --preset tiny \
+  --out "$OUT/deploy_xeon_2cores.json" > "$OUT/deploy.log" 2>&1
+ taskset -c 8 python benchmarks/ort_op_profile.py --threads 1 \
+  --out "$OUT/ort_op_profile_xeon.json" > "$OUT/ort_op_profile.log" 2>&1) &
 
 # GPU: the W4A16 variant sweep, then the kernel table with distiq's autotuned kernel.
 taskset -c 0,1 python benchmarks/w4a16_variants.py --budget-s 200 \

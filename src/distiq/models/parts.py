@@ -3,11 +3,12 @@ feature-capture points, and the module scans behind them."""
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
+
+from distiq.quant.spec import name_matches
 
 
 @dataclass(frozen=True)
@@ -36,14 +37,8 @@ class QuantTarget:
 
     def matches(self, name: str) -> bool:
         """Whether ``name`` is selected: an include pattern matches and no exclude does."""
-        hit = any(_matches(name, p) for p in self.include)
-        return hit and not any(_matches(name, p) for p in self.exclude)
-
-
-def _matches(name: str, pattern: str) -> bool:
-    """``pattern`` matches ``name`` or one of its ancestors (``quantize_``'s rule)."""
-    parts = name.split(".")
-    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
+        hit = any(name_matches(name, p) for p in self.include)
+        return hit and not any(name_matches(name, p) for p in self.exclude)
 
 
 @dataclass(frozen=True)

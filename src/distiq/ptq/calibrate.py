@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import fnmatch
 import logging
 import time
 import warnings
@@ -32,7 +31,7 @@ from distiq.ptq.hessian import HessianAccumulator
 from distiq.ptq.result import PTQResult, output_energy
 from distiq.ptq.rtn import rtn_quantize
 from distiq.quant.api import resolve_specs
-from distiq.quant.spec import PerTensor, QuantConfig, QuantSpec
+from distiq.quant.spec import PerTensor, QuantConfig, QuantSpec, name_matches
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +81,6 @@ class LayerReport:
         }
 
 
-def _matches(name: str, pattern: str) -> bool:
-    """``pattern`` matches ``name`` or an ancestor of it (the rule of ``quantize_``)."""
-    parts = name.split(".")
-    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
-
-
 def select_layers(model: nn.Module, config: QuantConfig) -> dict[str, tuple[nn.Module, QuantSpec]]:
     """The ``nn.Linear`` / ``nn.Conv2d`` layers ``config`` selects, with their weight specs.
 
@@ -100,7 +93,7 @@ def select_layers(model: nn.Module, config: QuantConfig) -> dict[str, tuple[nn.M
     patterns = [("include", config.include), ("exclude", config.exclude)]
     for kind, group in [*patterns, ("overrides", tuple(config.overrides))]:
         for pattern in group:
-            if not any(_matches(n, pattern) for n in names):
+            if not any(name_matches(n, pattern) for n in names):
                 close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.4)
                 errors.append(
                     f"{kind} pattern {pattern!r} matches no module"
@@ -115,9 +108,9 @@ def select_layers(model: nn.Module, config: QuantConfig) -> dict[str, tuple[nn.M
     for name, module in model.named_modules():
         if not name or not isinstance(module, LAYER_TYPES):
             continue
-        if not any(_matches(name, p) for p in config.include):
+        if not any(name_matches(name, p) for p in config.include):
             continue
-        if any(_matches(name, p) for p in config.exclude):
+        if any(name_matches(name, p) for p in config.exclude):
             continue
         weight_spec, _ = resolve_specs(name, config)
         if weight_spec is not None:

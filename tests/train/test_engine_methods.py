@@ -88,6 +88,24 @@ def test_teacher_directory(world):
     assert {"vqa", "detection", "segmentation", "grounding", "centres"} <= terms
 
 
+def test_teacher_counts_weight_adds_the_scene_count_term(world):
+    """``teacher.weights.counts > 0`` trains the scene-count head on the image tokens."""
+    root, base = world
+    recipe = recipe_from_dict(
+        {
+            **base,
+            "method": "teacher",
+            "output": str(root / "teacher-counts"),
+            "teacher": {"preset": "tiny", "model": TINY, "weights": {"counts": 0.5}},
+            "train": {**TRAIN, "steps": 2},
+        }
+    )
+    run_dir = compress(recipe)
+    lines = [line for line in read_metrics(run_dir / "metrics.jsonl") if line.get("terms")]
+    assert all(line["terms"]["counts"] > 0 for line in lines if "vqa" in line["terms"])
+    assert any("vqa" in line["terms"] for line in lines)
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_ptq_run_saves_the_evaluated_model(world, method):
     run_dir, record = _run(world, method, method=method, quantization=W4A8)

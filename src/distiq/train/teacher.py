@@ -245,8 +245,12 @@ def train_teacher(
     data.val.cache_images()  # evaluated every eval_every steps
     model = build_teacher_model(recipe, vocabulary, data.train)
     engine = EngineModel(model)
+    grounding = _grounding_heads(recipe, engine, adapter)
     trainer = TeacherModel(
-        engine, _grounding_heads(recipe, engine, adapter), _layer(recipe, engine)
+        engine,
+        grounding,
+        _layer(recipe, engine),
+        counts=grounding is not None and recipe.teacher.weights.counts > 0,
     )
     dump_yaml(recipe, run_dir / RECIPE_FILE)
     step_fn = teacher_step_fn(

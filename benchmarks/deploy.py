@@ -74,7 +74,7 @@ CONFIGS = {
 }
 
 
-def _samples(n: int, size: int) -> list[dict]:
+def synthetic_samples(n: int, size: int) -> list[dict]:
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -95,7 +95,7 @@ def build_models(preset: str) -> tuple[dict, object]:
     teacher, adapter = build_edge_vlm(WORDS, preset)
     teacher.eval()
     size = teacher.config.vision_config.image_size
-    batch = adapter.build_inputs(_samples(8, size))
+    batch = adapter.build_inputs(synthetic_samples(8, size))
     models = {"teacher": teacher}
     for name, (weight, activation) in CONFIGS.items():
         model = copy.deepcopy(teacher)
@@ -172,7 +172,7 @@ def _identical_after_load(model, path: Path, adapter) -> bool:
     from distiq.export import load_packed
 
     size = model.config.vision_config.image_size
-    batch = adapter.build_inputs(_samples(1, size))
+    batch = adapter.build_inputs(synthetic_samples(1, size))
     loaded = load_packed(path)
     with torch.no_grad():
         return bool(torch.equal(loaded(**batch).logits, model(**batch).logits))

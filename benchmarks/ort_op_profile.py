@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_info
-from deploy import CONFIGS, WORDS, _samples
+from deploy import CONFIGS, WORDS, synthetic_samples
 from distiq.export import export_onnx
 from distiq.quant import calibration, quantize_
 
@@ -51,7 +51,7 @@ def _models(preset: str):
             model, adapter.quant_config(part, weight=weight, activation=activation, model=model)
         )
     with calibration(model), torch.no_grad():
-        model(**adapter.build_inputs(_samples(8, size)))
+        model(**adapter.build_inputs(synthetic_samples(8, size)))
     tokens = (size // teacher.config.vision_config.patch_size) ** 2 + 16
     return teacher, model.eval(), adapter, tokens
 

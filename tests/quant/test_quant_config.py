@@ -86,3 +86,26 @@ def test_bad_configs_list_every_problem():
         from_dict(QuantConfig, {"overrides": {"lm_head": {"weight": {"bits": 1}}}})
     with pytest.raises(ValueError, match="keys 'weight' and/or 'activation'"):
         QuantConfig(overrides={"x": {"wieght": {}}})
+
+
+def test_matching_patterns_equals_the_glob_rule_in_order():
+    """The indexed lookup gives what ``name_matches`` gives pattern by pattern, in order."""
+    from distiq.quant.spec import matching_patterns, name_matches
+
+    patterns = (
+        "model.layers.1", "model.layers.*.mlp", "model.layers.1.mlp.up", "*", "model.layers.1",
+        "model.lay?rs.0.attn.q", "model.layers.[01].attn", "other", "model",
+    )  # fmt: skip
+    names = [
+        "model", "model.layers", "model.layers.0.attn.q", "model.layers.1.mlp.up",
+        "model.layers.10.mlp.up", "model.layers.1.mlp.down", "other.x",
+    ]  # fmt: skip
+    for name in names:
+        expected = [p for p in patterns if name_matches(name, p)]
+        assert matching_patterns(name, patterns) == expected, name
+    assert QuantConfig(include=("model.layers.1",), exclude=("model.layers.1.mlp",)).selects(
+        "model.layers.1.attn.q"
+    )
+    assert not QuantConfig(include=("model.layers.1",), exclude=("*.mlp",)).selects(
+        "model.layers.1.mlp.up"
+    )

@@ -31,11 +31,15 @@ from distiq.config import ConfigError, from_dict, to_dict
 from distiq.quant.modules import FakeQuantConv2d, FakeQuantLinear, FakeQuantModule
 from distiq.quant.quantized import QuantizedLinear
 from distiq.quant.quantizers import describe_spec
-from distiq.quant.spec import QuantConfig, QuantSpec, name_matches
+from distiq.quant.spec import (
+    GLOB_CHARS,
+    QuantConfig,
+    QuantSpec,
+    matching_patterns,
+    name_matches,
+)
 
 log = logging.getLogger(__name__)
-
-_GLOB_CHARS = set("*?[")
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,10 @@ def _near_misses(pattern: str, names: list[str]) -> str:
 
 def _check_patterns(kind: str, patterns, names: list[str]) -> list[str]:
     errors = []
+    known = set(names)
     for pattern in patterns:
+        if pattern in known:
+            continue
         if not any(name_matches(n, pattern) for n in names):
             errors.append(
                 f"{kind} pattern {pattern!r} matches no module; near misses: "
@@ -169,9 +176,8 @@ SUPPORTED = {
 def resolve_specs(name: str, config: QuantConfig) -> tuple[QuantSpec | None, QuantSpec | None]:
     """The (weight, activation) specs of module ``name`` after ``config.overrides``."""
     specs = {"weight": config.weight, "activation": config.activation}
-    for pattern, change in config.overrides.items():
-        if not name_matches(name, pattern):
-            continue
+    for pattern in matching_patterns(name, tuple(config.overrides)):
+        change = config.overrides[pattern]
         for key, fields in change.items():
             if fields is None:
                 specs[key] = None
@@ -227,8 +233,8 @@ def quantize_(
     unsupported_by: dict[str, list[str]] = {}
     plan = []
     for name, module in named:
-        hits = [p for p in config.include if name_matches(name, p)]
-        if not hits or any(name_matches(name, p) for p in config.exclude):
+        hits = matching_patterns(name, tuple(config.include))
+        if not hits or matching_patterns(name, tuple(config.exclude)):
             continue
         handler, info = _dispatch(step, module)
         for p in hits:
@@ -237,7 +243,7 @@ def quantize_(
             elif len(unsupported_by.setdefault(p, [])) < 3:
                 unsupported_by[p].append(f"{name!r} is {type(module).__name__}")
         if handler is None:
-            explicit = [p for p in hits if not (_GLOB_CHARS & set(p)) and p == name]
+            explicit = [p for p in hits if not (GLOB_CHARS & set(p)) and p == name]
             if explicit and not any(
                 _dispatch(step, child)[0] is not None for child in module.modules()
             ):

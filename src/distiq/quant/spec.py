@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -302,8 +303,8 @@ class QuantConfig:
     def selects(self, name: str) -> bool:
         """Whether module ``name`` is selected: an include pattern matches it and no exclude
         pattern does (``quantize_``'s rule; a pattern also matches a module's descendants)."""
-        return any(name_matches(name, p) for p in self.include) and not any(
-            name_matches(name, p) for p in self.exclude
+        return bool(matching_patterns(name, tuple(self.include))) and not matching_patterns(
+            name, tuple(self.exclude)
         )
 
     @classmethod
@@ -312,6 +313,35 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return to_dict(self)
+
+
+GLOB_CHARS = frozenset("*?[")
+
+
+def matching_patterns(name: str, patterns: tuple[str, ...]) -> list[str]:
+    """The ``patterns`` that match ``name`` (see :func:`name_matches`), in their order.
+    Patterns without glob characters are looked up by name (a config that names every layer,
+    as a recipe's merged parts do, stays linear in the number of layers)."""
+    exact, globs = _split_patterns(patterns)
+    parts = name.split(".")
+    candidates = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    hits = [i for n in candidates for i in exact.get(n, ())]
+    hits += [i for i, p in globs if name_matches(name, p)]
+    return [patterns[i] for i in sorted(hits)]
+
+
+@functools.lru_cache(maxsize=64)
+def _split_patterns(
+    patterns: tuple[str, ...],
+) -> tuple[dict[str, tuple[int, ...]], tuple[tuple[int, str], ...]]:
+    exact: dict[str, tuple[int, ...]] = {}
+    globs = []
+    for i, p in enumerate(patterns):
+        if GLOB_CHARS & set(p):
+            globs.append((i, p))
+        else:
+            exact[p] = (*exact.get(p, ()), i)
+    return exact, tuple(globs)
 
 
 def name_matches(name: str, pattern: str) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from distiq.quant.spec import name_matches
+from distiq.quant.spec import selects
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,7 @@ class QuantTarget:
 
     def matches(self, name: str) -> bool:
         """Whether ``name`` is selected: an include pattern matches and no exclude does."""
-        hit = any(name_matches(name, p) for p in self.include)
-        return hit and not any(name_matches(name, p) for p in self.exclude)
+        return selects(name, self.include, self.exclude)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ calibration batches) plus one Hessian per selected layer of the current block.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import time
 import warnings
@@ -30,8 +29,8 @@ from distiq.ptq.gptq import gptq_quantize
 from distiq.ptq.hessian import HessianAccumulator
 from distiq.ptq.result import PTQResult, output_energy
 from distiq.ptq.rtn import rtn_quantize
-from distiq.quant.api import resolve_specs
-from distiq.quant.spec import PerTensor, QuantConfig, QuantSpec, name_matches
+from distiq.quant.api import pattern_errors, resolve_specs
+from distiq.quant.spec import PerTensor, QuantConfig, QuantSpec
 
 logger = logging.getLogger(__name__)
 
@@ -89,28 +88,12 @@ def select_layers(model: nn.Module, config: QuantConfig) -> dict[str, tuple[nn.M
     the weight spec (None leaves a layer unquantized). A pattern that matches no module is an
     error listing near misses."""
     names = [n for n, _ in model.named_modules() if n]
-    errors = []
-    patterns = [("include", config.include), ("exclude", config.exclude)]
-    for kind, group in [*patterns, ("overrides", tuple(config.overrides))]:
-        for pattern in group:
-            if not any(name_matches(n, pattern) for n in names):
-                close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.4)
-                errors.append(
-                    f"{kind} pattern {pattern!r} matches no module"
-                    f"{'; near misses: ' + ', '.join(map(repr, close)) if close else ''}"
-                )
+    errors = pattern_errors(config, names)
     if errors:
-        raise ValueError(
-            "quantize_model: " + "; ".join(errors) + " (names are fully qualified, e.g. "
-            "'model.language_model.layers.*.mlp.*')"
-        )
+        raise ValueError("quantize_model: " + "; ".join(errors))
     selected = {}
     for name, module in model.named_modules():
-        if not name or not isinstance(module, LAYER_TYPES):
-            continue
-        if not any(name_matches(name, p) for p in config.include):
-            continue
-        if any(name_matches(name, p) for p in config.exclude):
+        if not name or not isinstance(module, LAYER_TYPES) or not config.selects(name):
             continue
         weight_spec, _ = resolve_specs(name, config)
         if weight_spec is not None:

@@ -102,6 +102,14 @@ def _near_misses(pattern: str, names: list[str]) -> str:
     return ", ".join(repr(c) for c in close[:8])
 
 
+def pattern_errors(config: QuantConfig, names: list[str]) -> list[str]:
+    """One error per include / exclude / override pattern of ``config`` that matches none of
+    the module ``names``, with near misses."""
+    errors = _check_patterns("include", config.include, names)
+    errors += _check_patterns("exclude", config.exclude, names)
+    return errors + _check_patterns("override", config.overrides, names)
+
+
 def _check_patterns(kind: str, patterns, names: list[str]) -> list[str]:
     errors = []
     known = set(names)
@@ -222,9 +230,7 @@ def quantize_(
         raise TypeError(f"quantize_ takes a QuantConfig, got {type(config).__name__}")
     named = [(n, m) for n, m in model.named_modules() if n]
     names = [n for n, _ in named]
-    errors = _check_patterns("include", config.include, names)
-    errors += _check_patterns("exclude", config.exclude, names)
-    errors += _check_patterns("override", config.overrides, names)
+    errors = pattern_errors(config, names)
     if errors:
         raise ValueError("quantize_: " + "\n  ".join(errors))
 

@@ -303,9 +303,7 @@ class QuantConfig:
     def selects(self, name: str) -> bool:
         """Whether module ``name`` is selected: an include pattern matches it and no exclude
         pattern does (``quantize_``'s rule; a pattern also matches a module's descendants)."""
-        return bool(matching_patterns(name, tuple(self.include))) and not matching_patterns(
-            name, tuple(self.exclude)
-        )
+        return selects(name, self.include, self.exclude)
 
     @classmethod
     def from_dict(cls, data: dict) -> QuantConfig:
@@ -316,6 +314,14 @@ class QuantConfig:
 
 
 GLOB_CHARS = frozenset("*?[")
+
+
+def selects(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    """Whether module ``name`` matches an ``include`` pattern and no ``exclude`` pattern (the
+    selection rule of ``quantize_``, ``quantize_model`` and the model adapters' parts)."""
+    return bool(matching_patterns(name, tuple(include))) and not matching_patterns(
+        name, tuple(exclude)
+    )
 
 
 def matching_patterns(name: str, patterns: tuple[str, ...]) -> list[str]:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from _machine import machine_info  # benchmarks/ is on sys.path when run as a script
 from distiq.cli.demo_plan import RUNS, DemoSettings, planned_recipe
+from teacher_sweep import merged
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,21 +56,13 @@ def _recipe(name: str, args: argparse.Namespace, teacher: Path):
     if name != "teacher":
         data["teacher"] = str(teacher)
     if args.quantization and data.get("quantization") is not None:
-        data["quantization"] = _deep_merged(data["quantization"], json.loads(args.quantization))
+        data["quantization"] = merged(data["quantization"], json.loads(args.quantization))
         data["output"] = f"{data['output']}+{args.tag}"
     init = dict(args.init).get(data.get("method"))
     if init is not None and init != data.get("init", "none"):
         data["init"] = init
         data["output"] = f"{data['output']}+init-{init}"
     return recipe_from_dict(data, source=name)
-
-
-def _deep_merged(base: dict, change: dict) -> dict:
-    out = dict(base)
-    for key, value in change.items():
-        both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _deep_merged(out[key], value) if both else value
-    return out
 
 
 def _method_init(text: str) -> tuple[str, str]:

@@ -15,10 +15,11 @@ import logging
 import torch
 
 from distiq.quant import QuantSpec
+from distiq.quant.functional import SCALE_DTYPES
 
 log = logging.getLogger(__name__)
 
-STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+STORAGE_DTYPES = SCALE_DTYPES
 _REL_ERROR = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 

@@ -44,7 +44,9 @@ import torch
 from distiq.quant.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 
 FP8_E4M3_MAX = 448.0
-_TORCH_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""``QuantSpec.scale_dtype`` names and the torch dtypes they stand for (also the dtypes in which
+``distiq.export.save_packed`` may store scales)."""
 
 
 class QParams(NamedTuple):
@@ -119,7 +121,7 @@ def round_scale(scale: torch.Tensor, scale_dtype: str) -> torch.Tensor:
     """
     if scale_dtype == "float32":
         return scale
-    target = _TORCH_SCALE_DTYPES[scale_dtype]
+    target = SCALE_DTYPES[scale_dtype]
     info = torch.finfo(target)
     with torch.no_grad():
         detached = scale.detach()

@@ -4,7 +4,7 @@ steps, batch size, data order and learning-rate schedule), evaluated on the synt
 
     .venv/bin/python benchmarks/method_comparison.py --scenes DATA_DIR [--teacher DIR]
         [--out DIR] [--steps N] [--test-questions N] [--runs rtn-w4a8 qad-w4a8 ...]
-        [--init qat=gptq --init qad=gptq] [--quantization JSON --tag NAME]
+        [--init qat=gptq --init qad=gptq] [--quantization JSON] [--set JSON] [--tag NAME]
 
 ``--scenes`` is a generated scene set (``distiq.data.generate_scenes``); without ``--teacher``
 the teacher is trained first with ``recipes/teacher.yaml``. The recipes get the same changes as in
@@ -14,8 +14,11 @@ quantized method from a post-training solution (``init: none | rtn | gptq``; its
 ``NAME+init-INIT``), e.g. to see how much of qad's lead over qat is its initialisation.
 ``--quantization JSON`` deep-merges into every run's ``quantization`` section, e.g.
 ``'{"weight": {"bits": 4}, "parts": ["vision", "patch_embedding", "projector",
-"language_model", "lm_head"]}'`` (every weight matrix in 4 bits); ``--tag NAME`` names those run
-directories ``NAME+NAME``. Prints a table and writes
+"language_model", "lm_head"]}'`` (every weight matrix in 4 bits); ``--set JSON`` deep-merges
+into every student's whole recipe, e.g. ``'{"train": {"lr": 1.0e-4}, "data": {"val_questions":
+null}}'`` (a learning rate, validated on every validation question: hyperparameters are chosen
+on the validation split, never on test); ``--tag NAME`` names the run directories of either
+``NAME+NAME``. Prints a table and writes
 ``benchmarks/results/method_comparison.json`` with the machine, the command, every run's
 accuracy (overall and per question type), retention vs the teacher, wall seconds, and the goals:
 
@@ -57,6 +60,11 @@ def _recipe(name: str, args: argparse.Namespace, teacher: Path):
         data["teacher"] = str(teacher)
     if args.quantization and data.get("quantization") is not None:
         data["quantization"] = merged(data["quantization"], json.loads(args.quantization))
+    if args.set and name != "teacher":
+        data = merged(data, json.loads(args.set))
+    if (args.quantization and data.get("quantization") is not None) or (
+        args.set and name != "teacher"
+    ):
         data["output"] = f"{data['output']}+{args.tag}"
     init = dict(args.init).get(data.get("method"))
     if init is not None and init != data.get("init", "none"):
@@ -91,6 +99,7 @@ def _run(name: str, args: argparse.Namespace, teacher: Path) -> tuple:
         "group_size": record.group_size,
         "steps": record.steps,
         "accuracy": record.value,
+        "val_accuracy": _final_val_accuracy(run_dir),
         "retention": record.retention,
         "by_question_type": record.extra.get("by_question_type"),
         "wall_seconds": round(seconds, 1),
@@ -98,6 +107,17 @@ def _run(name: str, args: argparse.Namespace, teacher: Path) -> tuple:
             k: v for k, v in record.extra.items() if k not in ("by_question_type", "blind_baseline")
         },
     }
+
+
+def _final_val_accuracy(run_dir: Path) -> float | None:
+    """The validation accuracy of the last evaluation in the run's metrics (None: no training,
+    so no validation: PTQ runs)."""
+    from distiq.report.inputs import read_curves
+
+    if not (run_dir / "metrics.jsonl").is_file():
+        return None
+    values = read_curves(run_dir / "metrics.jsonl").eval_metrics.get("vqa_accuracy", ())
+    return values[-1] if values else None
 
 
 def _goals(records: list) -> list[dict]:
@@ -130,7 +150,10 @@ def main() -> None:
         help="start qat / qad runs from a PTQ solution: qat=gptq, qad=none, ...",
     )  # fmt: skip
     parser.add_argument("--quantization", help="JSON merged into every run's quantization")
-    parser.add_argument("--tag", default="quant", help="run-directory suffix for --quantization")
+    parser.add_argument("--set", help="JSON merged into every student's recipe")
+    parser.add_argument(
+        "--tag", default="quant", help="run-directory suffix for --quantization/--set"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
         "--json", type=Path, default=ROOT / "benchmarks" / "results" / "method_comparison.json"

@@ -60,3 +60,52 @@ def test_run_distributed_raises_the_failing_process_error(tmp_path):
     with pytest.raises(ValueError, match="rank 1 failed on purpose"):
         run_distributed(Job("toy", _all_reduce_job, recipe, "run"), world_size=2)
     assert not (tmp_path / "never.json").exists()
+
+
+def _overwrite_job(recipe, *, overwrite, resume, on_step, on_eval):
+    """Every rank prepares the same run directory with overwrite, as ``compress`` does."""
+    import torch.distributed as dist
+
+    from distiq.train.config import TrainConfig
+    from distiq.train.distributed import setup_distributed
+    from distiq.train.runs import prepare_run_dir
+
+    run_dir = Path(recipe["run_dir"])
+    prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    ctx = setup_distributed(TrainConfig(steps=1, batch_size=2))
+    dist.barrier()
+    if ctx.rank == 0:
+        left = sorted(p.name for p in run_dir.parent.iterdir())
+        Path(recipe["out"]).write_text(
+            json.dumps({"left": left, "inside": list(run_dir.iterdir())})
+        )
+
+
+@needs_fork
+def test_run_distributed_overwrites_a_run_directory_once(tmp_path):
+    """Both ranks used to empty the directory at once, and one failed on a file the other had
+    just deleted ("No such file or directory: …/checkpoints")."""
+    run_dir = tmp_path / "runs" / "teacher"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "recipe.yaml").write_text("method: teacher\n")
+    for i in range(300):
+        (run_dir / "checkpoints" / f"step-{i}.pt").write_bytes(b"x" * 64)
+    out = tmp_path / "result.json"
+    recipe = {"run_dir": str(run_dir), "out": str(out)}
+    run_distributed(Job("teacher", _overwrite_job, recipe, "run"), world_size=2)
+    assert json.loads(out.read_text()) == {"left": ["teacher"], "inside": []}
+
+
+def test_only_the_launchers_rank_0_empties_a_run_directory(tmp_path, monkeypatch):
+    from distiq.train.runs import prepare_run_dir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text("method: rtn\n")
+    monkeypatch.setenv("RANK", "1")
+    prepare_run_dir(run_dir, overwrite=True, resume=False)
+    assert (run_dir / "recipe.yaml").is_file()  # rank 1 checks, rank 0 deletes
+    monkeypatch.setenv("RANK", "0")
+    prepare_run_dir(run_dir, overwrite=True, resume=False)
+    assert list(run_dir.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

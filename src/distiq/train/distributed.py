@@ -95,6 +95,15 @@ def launched_world_size() -> int:
         return 1
 
 
+def launched_rank() -> int:
+    """This process's rank as a launcher announced it (``RANK``), 0 when started plainly; known
+    before the process group exists."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` → ``cuda`` if available else ``cpu``; other names are checked to exist."""
     if name == "auto":

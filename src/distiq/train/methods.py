@@ -41,6 +41,7 @@ from torch import nn
 from distiq.config import dump_yaml
 from distiq.results import ResultRecord, read_records, upsert_records
 from distiq.train.data_setup import EngineData, check_data, load_data
+from distiq.train.distributed import launched_rank
 from distiq.train.modeling import build_student, load_vlm, part_quant_configs, resolve_model_dir
 from distiq.train.recipe import Recipe, load_recipe
 from distiq.train.runs import (
@@ -91,7 +92,8 @@ def compress(
         recipe = load_recipe(recipe)
     check_recipe(recipe, overwrite=overwrite, resume=resume)
     run_dir = Path(recipe.output)
-    dump_yaml(recipe, run_dir / RECIPE_FILE)
+    if launched_rank() == 0:  # data-parallel: one process writes the run directory
+        dump_yaml(recipe, run_dir / RECIPE_FILE)
     torch.manual_seed(recipe.seed)
     if recipe.method == "teacher":
         from distiq.train.teacher import train_teacher

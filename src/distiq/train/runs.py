@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from distiq import config
 from distiq.config import atomic_write, to_dict
 from distiq.quant import QuantConfig, QuantSpec, fake_quant_modules, quantize_
 from distiq.quant.functional import choose_qparams
+from distiq.train.distributed import launched_rank
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +187,11 @@ def grid_qparams(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, t
 
 def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
     """Refuse to clobber a run: a directory that holds files is an error unless ``overwrite``
-    (a distiq run's directory is emptied) or ``resume``; check that it can be written."""
+    (a distiq run's directory is emptied) or ``resume``; check that it can be written.
+
+    Data-parallel (every launched process calls this): only rank 0 (``RANK``) empties the
+    directory, and it does so by renaming it aside first, so another rank sees either the old
+    run whole (and reaches the same verdict) or an empty directory, never a half-deleted one."""
     if overwrite and resume:
         raise ValueError("overwrite and resume exclude each other: pick one")
     if run_dir.exists() and not run_dir.is_dir():
@@ -208,14 +214,19 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
                 f"{run_dir} is not empty and holds no distiq run ({RECIPE_FILE} missing); "
                 "refusing to delete it: choose another output"
             )
-        for child in run_dir.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
+        if launched_rank() == 0:
+            _empty_run_dir(run_dir)
     elif resume:
         raise FileNotFoundError(f"cannot resume {run_dir}: there is no run there")
     check_writable(run_dir)
+
+
+def _empty_run_dir(run_dir: Path) -> None:
+    """Leave ``run_dir`` empty: rename it aside (atomic), recreate it, delete the old one."""
+    aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
+    run_dir.rename(aside)
+    run_dir.mkdir(exist_ok=True)  # another rank's writability check may have made it
+    shutil.rmtree(aside)
 
 
 def check_writable(run_dir: Path) -> None:

@@ -45,7 +45,7 @@ from torch import nn
 
 from distiq.config import dump_yaml
 from distiq.results import ResultRecord, upsert_records
-from distiq.train.distributed import barrier, is_main_process
+from distiq.train.distributed import barrier, is_main_process, launched_rank
 from distiq.train.loop import train
 from distiq.train.recipe import Recipe
 from distiq.train.runs import RECIPE_FILE, RESULTS_FILE
@@ -252,7 +252,8 @@ def train_teacher(
         _layer(recipe, engine),
         counts=grounding is not None and recipe.teacher.weights.counts > 0,
     )
-    dump_yaml(recipe, run_dir / RECIPE_FILE)
+    if launched_rank() == 0:  # data-parallel: one process writes the run directory
+        dump_yaml(recipe, run_dir / RECIPE_FILE)
     step_fn = teacher_step_fn(
         recipe.teacher.weights,
         data.train.num_detection_classes if _has(model, "detection_head") else None,

@@ -10,7 +10,11 @@ generation, as the evaluation does) and reports how often the answer agrees with
 - the truth (the first object's centre left / right of the second's);
 - the first object's side of the image alone (``left of`` → yes when it is in the left half);
 - the second object's side alone (``left of`` → yes when it is in the right half);
-- "yes" (the rate of yes answers), and the same per direction (``left of`` / ``right of``).
+- "yes" (the rate of yes answers), and the same per direction (``left of`` / ``right of``);
+
+and, of the questions themselves, how often each one-object shortcut is right
+(``shortcut_accuracy``): a teacher that agrees with a shortcut more often than that shortcut is
+right has learned the shortcut rather than the comparison.
 
 A teacher that uses the image at all for these questions agrees with one of the one-object
 shortcuts well above 50 %; one at 50 % for all of them answers relation questions from the
@@ -101,6 +105,8 @@ def probe(run: Path, images: int) -> dict:
                 counts["first_object_side"] += said_yes == first_only
                 counts["second_object_side"] += said_yes == second_only
                 counts["yes"] += said_yes
+                counts["first_object_side_is_right"] += first_only == truth
+                counts["second_object_side_is_right"] += second_only == truth
                 counts[f"{side}_of"] += 1
                 counts[f"yes_{side}_of"] += said_yes
     n = counts["questions"]
@@ -109,6 +115,9 @@ def probe(run: Path, images: int) -> dict:
         "questions": n,
         "agreement_with": {
             k: counts[k] / n for k in ("truth", "first_object_side", "second_object_side")
+        },
+        "shortcut_accuracy": {  # of the data: how often a one-object shortcut is right
+            k: counts[f"{k}_is_right"] / n for k in ("first_object_side", "second_object_side")
         },
         "yes_rate": counts["yes"] / n,
         "yes_rate_by_direction": {

@@ -106,6 +106,22 @@ def test_teacher_counts_weight_adds_the_scene_count_term(world):
     assert any("vqa" in line["terms"] for line in lines)
 
 
+@pytest.mark.parametrize("side_target", [False, True])
+def test_teacher_side_target_reaches_the_grounding_heads(world, side_target):
+    """``teacher.side_target`` (off in the shipped recipe) is what the grounding heads use."""
+    from distiq.train.teacher import _grounding_heads
+    from distiq.train.vlm import EngineModel
+
+    root, base = world
+    teacher = {"preset": "tiny", "model": TINY, "side_target": side_target}
+    recipe = recipe_from_dict(
+        {**base, "method": "teacher", "output": str(root / "t"), "teacher": teacher}
+    )
+    model, adapter = load(root / "teacher")
+    heads = _grounding_heads(recipe, EngineModel(model), adapter)
+    assert heads is not None and heads.side_target is side_target
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_ptq_run_saves_the_evaluated_model(world, method):
     run_dir, record = _run(world, method, method=method, quantization=W4A8)

@@ -374,6 +374,7 @@ def _grounding_heads(recipe: Recipe, engine: EngineModel, adapter: Any) -> nn.Mo
         vision.hidden_size,
         grid,
         load_scene_objects(root, recipe.data.train_split),
+        side_target=recipe.teacher.side_target,
     )
 
 

@@ -27,7 +27,7 @@ def heads():
         # image 8: two red circles
         8: [(0, 0, 0.1, 0.1), (0, 0, 0.9, 0.9)],
     }
-    return GroundingHeads(vocab, tokenizer, 16, 8, (4, 4), objects, side_target=True), tokenizer
+    return GroundingHeads(vocab, tokenizer, 16, 8, (4, 4), objects), tokenizer
 
 
 def _batch(tokenizer, questions, images):
@@ -82,7 +82,7 @@ def test_references_and_targets(heads):
     assert amount.tolist() == [-100, 1, -100, -100]
     torch.testing.assert_close(xy[0], torch.tensor([0.2, 0.3]))
     assert weight.tolist() == [1.0, 1.0, 0.0, 1.0]
-    grounding.side_target = False  # the default: no left / right target, the rest unchanged
+    grounding.side_target = False  # teacher.side_target: false: no left/right, the rest unchanged
     _, _, _, _, _, side, amount, *_ = grounding.question_targets(batch, refs)
     assert side.tolist() == [-100] * 4
     assert amount.tolist() == [-100, 1, -100, -100]

@@ -108,7 +108,7 @@ def test_teacher_counts_weight_adds_the_scene_count_term(world):
 
 @pytest.mark.parametrize("side_target", [False, True])
 def test_teacher_side_target_reaches_the_grounding_heads(world, side_target):
-    """``teacher.side_target`` (off in the shipped recipe) is what the grounding heads use."""
+    """``teacher.side_target`` (on in the shipped recipe) is what the grounding heads use."""
     from distiq.train.teacher import _grounding_heads
     from distiq.train.vlm import EngineModel
 

@@ -12,14 +12,13 @@ that into dense targets during teacher training (they are not part of the saved 
   ``layer`` predicts, for the objects that match the words so far: their number (0..6, 7
   classes) and, when exactly one matches, its colour, its category, its x and y (8 bins each)
   and its centre (regression); at every reference after the first, also how many objects it
-  names against the previous one (fewer, as many or more) and, only with ``side_target``, whether
-  its object is left or right of the previous one's (when both are single objects). The side
-  target is off by default: read after layer 1 of 3, it cannot be computed there (the previous
-  reference's position is known only at the output of that same layer, at its own word), so it
-  taught the one-object shortcut instead (paired seeds 2 and 3 without it: 92.83 -> 92.96 and
-  89.52 -> 92.47 % test VQA, relation 76 -> 92 % in the second; docs/design.md). This teaches the language model the lookups and comparisons the answers need (find
-  the red circle; count the digits; is it left of the blue square) directly at the words, a
-  layer before the answer.
+  names against the previous one (fewer, as many or more) and, with ``side_target`` (the
+  default), whether its object is left or right of the previous one's (when both are single
+  objects; read after layer 1 of 3, where the previous reference's position is not known yet:
+  leaving it out helped in two paired one-process runs and hurt in the demo's own run,
+  docs/design.md). This teaches the language model the lookups and comparisons the answers
+  need (find the red circle; count the digits; is it left of the blue square) directly at the
+  words, a layer before the answer.
 - **object centres** (:class:`GroundingHeads.centres`): a linear head on each vision patch
   feature predicts which (colour, category) object has its centre in that patch, or none — a
   per-object marker that makes counting a sum over patches.
@@ -127,7 +126,7 @@ class GroundingHeads(nn.Module):
         vision_dim: int,
         grid: tuple[int, int],
         objects: dict[int, list[tuple[int, int, float, float]]],
-        side_target: bool = False,
+        side_target: bool = True,
     ) -> None:
         super().__init__()
         self.side_target = side_target
@@ -174,9 +173,9 @@ class GroundingHeads(nn.Module):
     def question_targets(self, batch: dict, refs: list[tuple]) -> tuple[torch.Tensor, ...]:
         """Targets of ``refs``: count (R,), colour, category, x bin, y bin (R,) with -100 where
         the words do not pick exactly one object, side (R,): 0 left / 1 right of the previous
-        reference's object (-100 unless both are single objects and ``side_target``), amount (R,): 0 fewer / 1 as
-        many / 2 more objects than the previous reference (-100 for a question's first
-        reference), and xy (R, 2) with a weight (R,)."""
+        reference's object (-100 unless both are single objects and ``side_target``), amount
+        (R,): 0 fewer / 1 as many / 2 more objects than the previous reference (-100 for a
+        question's first reference), and xy (R, 2) with a weight (R,)."""
         image_ids = batch["image_id"].tolist()
         question_image = batch["question_image"].tolist()
         count, colour, category, xbin, ybin, xy, weight = [], [], [], [], [], [], []

@@ -23,8 +23,8 @@ Schema (every key but ``method`` optional; defaults shown)::
     #   weights: {vqa: 1.0, detection: 1.0, segmentation: 1.0, grounding: 1.0, centres: 1.0}
     #   grounding_layer: null    #   language-model layer whose output the grounding head reads
     #                            #   (null: the second to last)
-    #   side_target: false       #   also train "left or right of the previous reference" at the
-    #                            #   question words (distiq.train.grounding; off: it taught a shortcut)
+    #   side_target: true        #   also train "left or right of the previous reference" at the
+    #                            #   question words (distiq.train.grounding)
     #   pca_stem: true           #   start the ViT patch embedding as the PCA whitening of
     #                            #   training patches (a better-conditioned vision stem)
     student:
@@ -118,7 +118,7 @@ class TeacherConfig:
     segmentation_target: Literal["category", "colour"] = "category"
     weights: TeacherWeights = field(default_factory=TeacherWeights)
     grounding_layer: int | None = None
-    side_target: bool = False
+    side_target: bool = True
     pca_stem: bool = True
     # steps that train the vision side alone first (None: 20 % of train.steps; 0: none)
     vision_steps: int | None = None

@@ -90,7 +90,7 @@ def test_bad_configs_list_every_problem():
 
 def test_matching_patterns_equals_the_glob_rule_in_order():
     """The indexed lookup gives what ``name_matches`` gives pattern by pattern, in order."""
-    from distiq.quant.spec import matching_patterns, name_matches
+    from distiq.quant.spec import PatternSet, name_matches
 
     patterns = (
         "model.layers.1", "model.layers.*.mlp", "model.layers.1.mlp.up", "*", "model.layers.1",
@@ -102,7 +102,7 @@ def test_matching_patterns_equals_the_glob_rule_in_order():
     ]  # fmt: skip
     for name in names:
         expected = [p for p in patterns if name_matches(name, p)]
-        assert matching_patterns(name, patterns) == expected, name
+        assert PatternSet(patterns).matching(name) == expected, name
     assert QuantConfig(include=("model.layers.1",), exclude=("model.layers.1.mlp",)).selects(
         "model.layers.1.attn.q"
     )

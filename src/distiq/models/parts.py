@@ -3,12 +3,13 @@ feature-capture points, and the module scans behind them."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-from distiq.quant.spec import selects
+from distiq.quant.spec import PatternSet, selects
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,15 @@ class QuantTarget:
 
     def matches(self, name: str) -> bool:
         """Whether ``name`` is selected: an include pattern matches and no exclude does."""
-        return selects(name, self.include, self.exclude)
+        return selects(name, self._include_set, self._exclude_set)
+
+    @functools.cached_property
+    def _include_set(self) -> PatternSet:
+        return PatternSet(self.include)
+
+    @functools.cached_property
+    def _exclude_set(self) -> PatternSet:
+        return PatternSet(self.exclude)
 
 
 @dataclass(frozen=True)

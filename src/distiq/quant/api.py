@@ -31,13 +31,7 @@ from distiq.config import ConfigError, from_dict, to_dict
 from distiq.quant.modules import FakeQuantConv2d, FakeQuantLinear, FakeQuantModule
 from distiq.quant.quantized import QuantizedLinear
 from distiq.quant.quantizers import describe_spec
-from distiq.quant.spec import (
-    GLOB_CHARS,
-    QuantConfig,
-    QuantSpec,
-    matching_patterns,
-    name_matches,
-)
+from distiq.quant.spec import GLOB_CHARS, QuantConfig, QuantSpec, name_matches
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +178,7 @@ SUPPORTED = {
 def resolve_specs(name: str, config: QuantConfig) -> tuple[QuantSpec | None, QuantSpec | None]:
     """The (weight, activation) specs of module ``name`` after ``config.overrides``."""
     specs = {"weight": config.weight, "activation": config.activation}
-    for pattern in matching_patterns(name, tuple(config.overrides)):
+    for pattern in config.override_set.matching(name):
         change = config.overrides[pattern]
         for key, fields in change.items():
             if fields is None:
@@ -239,8 +233,8 @@ def quantize_(
     unsupported_by: dict[str, list[str]] = {}
     plan = []
     for name, module in named:
-        hits = matching_patterns(name, tuple(config.include))
-        if not hits or matching_patterns(name, tuple(config.exclude)):
+        hits = config.include_set.matching(name)
+        if not hits or config.exclude_set.matching(name):
             continue
         handler, info = _dispatch(step, module)
         for p in hits:

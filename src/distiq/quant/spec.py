@@ -18,6 +18,7 @@ import dataclasses
 import fnmatch
 import functools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -303,7 +304,20 @@ class QuantConfig:
     def selects(self, name: str) -> bool:
         """Whether module ``name`` is selected: an include pattern matches it and no exclude
         pattern does (``quantize_``'s rule; a pattern also matches a module's descendants)."""
-        return selects(name, self.include, self.exclude)
+        return selects(name, self.include_set, self.exclude_set)
+
+    # Indexed once per config (a frozen dataclass: the cache sits in the instance's __dict__).
+    @functools.cached_property
+    def include_set(self) -> PatternSet:
+        return PatternSet(self.include)
+
+    @functools.cached_property
+    def exclude_set(self) -> PatternSet:
+        return PatternSet(self.exclude)
+
+    @functools.cached_property
+    def override_set(self) -> PatternSet:
+        return PatternSet(self.overrides)
 
     @classmethod
     def from_dict(cls, data: dict) -> QuantConfig:
@@ -316,38 +330,41 @@ class QuantConfig:
 GLOB_CHARS = frozenset("*?[")
 
 
-def selects(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+class PatternSet:
+    """Module-name patterns (see :func:`name_matches`) indexed once for matching many names:
+    patterns without glob characters sit in a table looked up by the name and its ancestors,
+    the others are tried in turn. A config that names every layer (a recipe's parts merged
+    layer by layer) is then matched in time linear in the number of layers."""
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self.patterns = tuple(patterns)
+        exact: dict[str, list[int]] = {}
+        globs = []
+        for i, p in enumerate(self.patterns):
+            if GLOB_CHARS & set(p):
+                globs.append((i, p))
+            else:
+                exact.setdefault(p, []).append(i)
+        self._exact = exact
+        self._globs = tuple(globs)
+
+    def matching(self, name: str) -> list[str]:
+        """The patterns that match ``name``, in their order (duplicates kept)."""
+        parts = name.split(".")
+        hits = [
+            i for k in range(1, len(parts) + 1) for i in self._exact.get(".".join(parts[:k]), ())
+        ]
+        hits += [i for i, p in self._globs if name_matches(name, p)]
+        return [self.patterns[i] for i in sorted(hits)]
+
+    def __bool__(self) -> bool:
+        return bool(self.patterns)
+
+
+def selects(name: str, include: PatternSet, exclude: PatternSet) -> bool:
     """Whether module ``name`` matches an ``include`` pattern and no ``exclude`` pattern (the
     selection rule of ``quantize_``, ``quantize_model`` and the model adapters' parts)."""
-    return bool(matching_patterns(name, tuple(include))) and not matching_patterns(
-        name, tuple(exclude)
-    )
-
-
-def matching_patterns(name: str, patterns: tuple[str, ...]) -> list[str]:
-    """The ``patterns`` that match ``name`` (see :func:`name_matches`), in their order.
-    Patterns without glob characters are looked up by name (a config that names every layer,
-    as a recipe's merged parts do, stays linear in the number of layers)."""
-    exact, globs = _split_patterns(patterns)
-    parts = name.split(".")
-    candidates = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
-    hits = [i for n in candidates for i in exact.get(n, ())]
-    hits += [i for i, p in globs if name_matches(name, p)]
-    return [patterns[i] for i in sorted(hits)]
-
-
-@functools.lru_cache(maxsize=64)
-def _split_patterns(
-    patterns: tuple[str, ...],
-) -> tuple[dict[str, tuple[int, ...]], tuple[tuple[int, str], ...]]:
-    exact: dict[str, tuple[int, ...]] = {}
-    globs = []
-    for i, p in enumerate(patterns):
-        if GLOB_CHARS & set(p):
-            globs.append((i, p))
-        else:
-            exact[p] = (*exact.get(p, ()), i)
-    return exact, tuple(globs)
+    return bool(include.matching(name)) and not exclude.matching(name)
 
 
 def name_matches(name: str, pattern: str) -> bool:

@@ -58,13 +58,13 @@ def _recipe(name: str, args: argparse.Namespace, teacher: Path):
     data = planned_recipe(name, settings, args.out, args.scenes, recipes=ROOT / "recipes")
     if name != "teacher":
         data["teacher"] = str(teacher)
+    changed = False
     if args.quantization and data.get("quantization") is not None:
         data["quantization"] = merged(data["quantization"], json.loads(args.quantization))
+        changed = True
     if args.set and name != "teacher":
-        data = merged(data, json.loads(args.set))
-    if (args.quantization and data.get("quantization") is not None) or (
-        args.set and name != "teacher"
-    ):
+        data, changed = merged(data, json.loads(args.set)), True
+    if changed:
         data["output"] = f"{data['output']}+{args.tag}"
     init = dict(args.init).get(data.get("method"))
     if init is not None and init != data.get("init", "none"):

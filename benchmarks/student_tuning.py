@@ -107,8 +107,20 @@ def _row(tag: str, run: str, overrides: dict, quant: dict | None, path: Path) ->
         "by_question_type": record["by_question_type"],
         "teacher_accuracy": data["teacher"]["accuracy"],
         "wall_seconds": record["wall_seconds"],
+        "terms_first_last": _terms_first_last(Path(record["run_dir"])),
         "command": data["command"],
     }
+
+
+def _terms_first_last(run_dir: Path) -> dict[str, list[float]] | None:
+    """Each objective term's first and last logged value (a mean over the steps since the
+    previous log line; None: no training, or the run directory is gone)."""
+    from distiq.report.inputs import read_curves
+
+    if not (run_dir / "metrics.jsonl").is_file():
+        return None
+    curves = read_curves(run_dir / "metrics.jsonl")
+    return {name: [round(v[0], 4), round(v[-1], 4)] for name, v in curves.terms.items() if v}
 
 
 def _chosen(rows: list[dict]) -> list[dict]:

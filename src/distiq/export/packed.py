@@ -68,9 +68,10 @@ from distiq.export.manifest import (
     PackedCheckpointError,
     read_manifest,
 )
-from distiq.export.scales import STORAGE_DTYPES, common_scale_dtype, stored_scales
+from distiq.export.scales import common_scale_dtype, stored_scales
 from distiq.export.sizes import SizeBreakdown
 from distiq.quant import FakeQuantConv2d, QuantSpec
+from distiq.quant.functional import SCALE_DTYPES
 from distiq.quant.packing import pack
 
 log = logging.getLogger(__name__)
@@ -262,10 +263,10 @@ def save_packed(
     from safetensors.torch import save_file
 
     path = Path(path)
-    if scale_dtype is not None and scale_dtype not in STORAGE_DTYPES:
+    if scale_dtype is not None and scale_dtype not in SCALE_DTYPES:
         raise ValueError(
             f"scale_dtype must be None (each layer's spec.scale_dtype) or one of "
-            f"{', '.join(STORAGE_DTYPES)}, got {scale_dtype!r}"
+            f"{', '.join(SCALE_DTYPES)}, got {scale_dtype!r}"
         )
     quantized = {name: m for name, m in model.named_modules() if is_quantized(m)}
     if not quantized:
@@ -315,7 +316,7 @@ def save_packed(
         sizes.fp32_bytes += 4 * value.numel() if value.is_floating_point() else value.nbytes
     tensors = _unique(tensors)
     if leftover_dtype != "float32":
-        target = STORAGE_DTYPES[leftover_dtype]
+        target = SCALE_DTYPES[leftover_dtype]
         for key, value in tensors.items():
             if category[key] == "fp" and value.is_floating_point():
                 tensors[key] = value.to(target)

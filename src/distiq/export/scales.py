@@ -19,7 +19,6 @@ from distiq.quant.functional import SCALE_DTYPES
 
 log = logging.getLogger(__name__)
 
-STORAGE_DTYPES = SCALE_DTYPES
 _REL_ERROR = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
@@ -37,7 +36,7 @@ def _representable(scale: torch.Tensor, dtype_name: str) -> torch.Tensor | None:
     """``scale`` cast to ``dtype_name`` when that is exact (every value kept), else None."""
     if dtype_name == "float32":
         return scale.to(torch.float32)
-    cast = scale.to(STORAGE_DTYPES[dtype_name])
+    cast = scale.to(SCALE_DTYPES[dtype_name])
     return cast if torch.equal(cast.to(scale.dtype), scale) else None
 
 
@@ -60,10 +59,10 @@ def _cast_scale(scale: torch.Tensor, dtype_name: str, where: str) -> torch.Tenso
     exact = _representable(scale, dtype_name)
     if exact is not None:  # float32, or scales that are already values of dtype_name
         return exact
-    cast = scale.to(STORAGE_DTYPES[dtype_name])
+    cast = scale.to(SCALE_DTYPES[dtype_name])
     back = cast.to(torch.float32)
     rel = ((back - scale).abs() / scale.abs().clamp(min=torch.finfo(torch.float32).tiny)).max()
-    tiny = torch.finfo(STORAGE_DTYPES[dtype_name]).tiny
+    tiny = torch.finfo(SCALE_DTYPES[dtype_name]).tiny
     if (
         not torch.isfinite(back).all()
         or bool((scale.abs() < tiny).any())

@@ -111,3 +111,26 @@ def test_loss_terms_are_finite_and_train(heads):
     assert torch.isfinite(total)
     total.backward()
     assert hidden.grad.abs().sum() > 0 and patches.grad.abs().sum() > 0
+
+
+def test_separate_side_head_reads_the_side_layer(heads):
+    """``teacher.side_layer``: the left/right target is read from ``side_hidden`` by its own
+    head, and only through it (the shared head's side logits get no gradient)."""
+    grounding, tokenizer = heads
+    separate = GroundingHeads(
+        grounding.vocabulary, tokenizer, 16, 8, (4, 4), grounding.objects, separate_side=True
+    )
+    batch = _batch(tokenizer, ["is the red circle to the left of the blue square?"], [7])
+    hidden = torch.randn(1, batch["suffix_ids"].shape[1], 16, requires_grad=True)
+    side_hidden = torch.randn(1, batch["suffix_ids"].shape[1], 16, requires_grad=True)
+    patches = torch.randn(1, 16, 8)
+    with pytest.raises(ValueError, match="side_hidden"):
+        separate.loss(batch, hidden, patches)
+    separate.loss(batch, hidden, patches, side_hidden=side_hidden)["grounding"].backward()
+    assert side_hidden.grad.abs().sum() > 0 and separate.side.weight.grad.abs().sum() > 0
+    side_rows = slice(sum(separate.sizes[:5]), sum(separate.sizes[:6]))
+    assert separate.question.weight.grad[side_rows].abs().sum() == 0
+    # only the side target reads side_hidden: the square's state, nothing else
+    assert side_hidden.grad[0].abs().sum(dim=-1).nonzero().flatten().tolist() == [10]
+    # off: the default heads, no extra head
+    assert grounding.side is None

@@ -122,6 +122,36 @@ def test_teacher_side_target_reaches_the_grounding_heads(world, side_target):
     assert heads is not None and heads.side_target is side_target
 
 
+def test_teacher_side_layer_trains_a_separate_side_head(world):
+    """``teacher.side_layer``: the side target's own head reads that layer in a real run; a
+    layer the model does not have is refused before training."""
+    root, base = world
+    teacher = {"preset": "tiny", "model": TINY, "side_layer": -1}
+    recipe = recipe_from_dict(
+        {
+            **base,
+            "method": "teacher",
+            "output": str(root / "teacher-side"),
+            "teacher": {**teacher, "vision_steps": 0},
+            "train": {**TRAIN, "steps": 2},
+        }
+    )
+    run_dir = compress(recipe)
+    lines = [line for line in read_metrics(run_dir / "metrics.jsonl") if line.get("terms")]
+    assert lines and all(line["terms"]["grounding"] > 0 for line in lines)
+    bad = recipe_from_dict(
+        {
+            **base,
+            "method": "teacher",
+            "output": str(root / "teacher-side-bad"),
+            "teacher": {**teacher, "side_layer": 7},
+        }
+    )
+    with pytest.raises(ValueError, match="teacher.side_layer 7 is out of range"):
+        compress(bad)
+    assert not (root / "teacher-side-bad" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_ptq_run_saves_the_evaluated_model(world, method):
     run_dir, record = _run(world, method, method=method, quantization=W4A8)

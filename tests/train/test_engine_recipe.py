@@ -94,6 +94,19 @@ def test_cross_section_checks():
         )
 
 
+def test_teacher_section_checks():
+    with pytest.raises(ConfigError) as info:
+        recipe_from_dict(
+            {
+                "method": "teacher",
+                "teacher": {"preset": "tinny", "side_target": False, "side_layer": -1},
+            }
+        )
+    text = str(info.value)
+    assert "did you mean 'tiny'" in text
+    assert "side_layer reads the side target" in text
+
+
 def test_part_overrides_change_one_part():
     recipe = recipe_from_dict(
         {

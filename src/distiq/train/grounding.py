@@ -14,9 +14,10 @@ that into dense targets during teacher training (they are not part of the saved 
   and its centre (regression); at every reference after the first, also how many objects it
   names against the previous one (fewer, as many or more) and, with ``side_target`` (the
   default), whether its object is left or right of the previous one's (when both are single
-  objects; read after layer 1 of 3, where the previous reference's position is not known yet:
-  leaving it out helped in two paired one-process runs and hurt in the demo's own run,
-  docs/design.md). This teaches the language model the lookups and comparisons the answers
+  objects). By default that side target is read after layer ``layer`` too (layer 1 of 3),
+  where the previous reference's position is not known yet, so the best a model can do there is
+  guess from its own object's side; ``side_layer`` reads it from a later layer through its own
+  linear head instead (docs/design.md has the measurements). This teaches the language model the lookups and comparisons the answers
   need (find the red circle; count the digits; is it left of the blue square) directly at the
   words, a layer before the answer.
 - **object centres** (:class:`GroundingHeads.centres`): a linear head on each vision patch
@@ -116,6 +117,9 @@ class GroundingHeads(nn.Module):
         objects: ``{image_id: objects}`` of the training split (:func:`load_scene_objects`).
         side_target: also train the left / right-of-the-previous-reference target (see the
             module docstring; ``teacher.side_target`` in a recipe).
+        separate_side: read the side target with its own linear head from the hidden states
+            that :meth:`loss` gets as ``side_hidden`` (``teacher.side_layer``) instead of with
+            :attr:`question` from ``hidden``.
     """
 
     def __init__(
@@ -127,6 +131,7 @@ class GroundingHeads(nn.Module):
         grid: tuple[int, int],
         objects: dict[int, list[tuple[int, int, float, float]]],
         side_target: bool = True,
+        separate_side: bool = False,
     ) -> None:
         super().__init__()
         self.side_target = side_target
@@ -150,6 +155,8 @@ class GroundingHeads(nn.Module):
         self._what = torch.tensor([w == "what" for w in words])  # "what digit is ..." asks
         self._noun = [vocabulary.nouns.get(w, ()) for w in words]  # () = not a noun
         self._is_noun = torch.tensor([w in vocabulary.nouns for w in words])
+        # created last, so that the default heads start from the same random numbers
+        self.side = nn.Linear(text_dim, 2) if separate_side and side_target else None
 
     # ------------------------------------------------------------------ targets
     def references(self, suffix_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[tuple]:
@@ -264,10 +271,13 @@ class GroundingHeads(nn.Module):
         hidden: torch.Tensor | None,
         patches: torch.Tensor,
         image_embeds: torch.Tensor | None = None,
+        side_hidden: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """``{"grounding", "centres"[, "counts"]}`` for a batch. ``hidden``: (Q, S, D_text) the
         language model's suffix states after layer ``layer``; ``patches``: (B, P, D_vision);
-        ``image_embeds``: (B, P, D_text) the projected image tokens (for ``counts``)."""
+        ``image_embeds``: (B, P, D_text) the projected image tokens (for ``counts``);
+        ``side_hidden``: (Q, S, D_text) the states after layer ``side_layer`` (with
+        ``separate_side``)."""
         terms = {}
         if image_embeds is not None:
             logits = self.counts(image_embeds).float()  # (B, P, G * 7)
@@ -295,7 +305,11 @@ class GroundingHeads(nn.Module):
         rows = torch.tensor([r[0] for r in refs], device=hidden.device)
         cols = torch.tensor([r[1] for r in refs], device=hidden.device)
         logits = self.question(hidden[rows, cols]).float()  # (R, sum(sizes) + 2)
-        parts = torch.split(logits, [*self.sizes, 2], dim=-1)
+        parts = list(torch.split(logits, [*self.sizes, 2], dim=-1))
+        if self.side is not None:
+            if side_hidden is None:
+                raise ValueError("separate_side: loss() needs side_hidden (teacher.side_layer)")
+            parts[5] = self.side(side_hidden[rows, cols]).float()  # (R, 2): left / right
         total = F.cross_entropy(parts[0], count)
         for part, target in zip(parts[1 : len(self.sizes)], classes):
             if bool((target != -100).any()):

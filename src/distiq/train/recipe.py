@@ -25,6 +25,8 @@ Schema (every key but ``method`` optional; defaults shown)::
     #                            #   (null: the second to last)
     #   side_target: true        #   also train "left or right of the previous reference" at the
     #                            #   question words (distiq.train.grounding)
+    #   side_layer: null         #   language-model layer whose output that target is read
+    #                            #   from, with its own head (null: grounding_layer's)
     #   pca_stem: true           #   start the ViT patch embedding as the PCA whitening of
     #                            #   training patches (a better-conditioned vision stem)
     student:
@@ -119,6 +121,7 @@ class TeacherConfig:
     weights: TeacherWeights = field(default_factory=TeacherWeights)
     grounding_layer: int | None = None
     side_target: bool = True
+    side_layer: int | None = None
     pca_stem: bool = True
     # steps that train the vision side alone first (None: 20 % of train.steps; 0: none)
     vision_steps: int | None = None
@@ -145,6 +148,8 @@ class TeacherConfig:
             )
         if self.vision_steps is not None and self.vision_steps < 0:
             errors.append(f"vision_steps must be >= 0 (or left out), got {self.vision_steps}")
+        if self.side_layer is not None and not self.side_target:
+            errors.append("side_layer reads the side target: leave it out with side_target: false")
         return errors
 
 

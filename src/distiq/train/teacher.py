@@ -65,34 +65,44 @@ class TeacherModel(nn.Module):
     optionally, the grounded auxiliary heads (:mod:`distiq.train.grounding`, not saved).
 
     ``forward(batch, heads)`` returns ``(VQAOutputs, {aux term: loss})``; the language model's
-    hidden state after layer ``grounding_layer`` is captured by a forward hook for the grounding
-    head (removed by :meth:`remove_hooks`).
+    hidden state after layer ``grounding_layer`` (and after ``side_layer``, when set) is captured
+    by a forward hook for the grounding heads (removed by :meth:`remove_hooks`).
     """
 
     def __init__(
-        self, engine: EngineModel, grounding: nn.Module | None, layer: int, counts: bool = False
+        self,
+        engine: EngineModel,
+        grounding: nn.Module | None,
+        layer: int,
+        counts: bool = False,
+        side_layer: int | None = None,
     ) -> None:
         super().__init__()
         self.engine = engine
         self.grounding = grounding
         self.counts = counts
         self._hidden: dict[str, torch.Tensor] = {}
-        self._handle = None
+        self._handles: list[Any] = []
         if grounding is not None:
-            layers = engine.vlm.model.language_model.layers
-            if not -len(layers) <= layer < len(layers):
-                raise ValueError(
-                    f"teacher.grounding_layer {layer} is out of range for {len(layers)} layers"
-                )
-            self._handle = layers[layer].register_forward_hook(self._capture)
+            self._hook("h", layer, "grounding_layer")
+            if side_layer is not None:
+                self._hook("side", side_layer, "side_layer")
 
-    def _capture(self, module: nn.Module, args: Any, output: Any) -> None:
-        self._hidden["h"] = output[0] if isinstance(output, tuple) else output
+    def _hook(self, key: str, layer: int, name: str) -> None:
+        """Capture the output of language-model layer ``layer`` as ``self._hidden[key]``."""
+        layers = self.engine.vlm.model.language_model.layers
+        if not -len(layers) <= layer < len(layers):
+            raise ValueError(f"teacher.{name} {layer} is out of range for {len(layers)} layers")
+
+        def capture(module: nn.Module, args: Any, output: Any) -> None:
+            self._hidden[key] = output[0] if isinstance(output, tuple) else output
+
+        self._handles.append(layers[layer].register_forward_hook(capture))
 
     def remove_hooks(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     def forward(
         self, batch: dict, heads: bool = True, language: bool = True
@@ -105,7 +115,11 @@ class TeacherModel(nn.Module):
             if self.counts and language:
                 embeds = self.engine.vlm.model.multi_modal_projector(out.patch_features)
             aux = self.grounding.loss(
-                batch, self._hidden.pop("h", None), out.patch_features, embeds
+                batch,
+                self._hidden.pop("h", None),
+                out.patch_features,
+                embeds,
+                side_hidden=self._hidden.pop("side", None),
             )
         return out, aux
 
@@ -251,6 +265,7 @@ def train_teacher(
         grounding,
         _layer(recipe, engine),
         counts=grounding is not None and recipe.teacher.weights.counts > 0,
+        side_layer=recipe.teacher.side_layer,
     )
     if launched_rank() == 0:  # data-parallel: one process writes the run directory
         dump_yaml(recipe, run_dir / RECIPE_FILE)
@@ -375,6 +390,7 @@ def _grounding_heads(recipe: Recipe, engine: EngineModel, adapter: Any) -> nn.Mo
         grid,
         load_scene_objects(root, recipe.data.train_split),
         side_target=recipe.teacher.side_target,
+        separate_side=recipe.teacher.side_layer is not None,
     )
 
 

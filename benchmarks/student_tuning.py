@@ -1,19 +1,23 @@
-"""Equal tuning effort for qat and qad at W2A16 g64: a grid of configurations per method, each a
+"""Equal tuning effort for qat and qad: a grid of configurations per method, each a
 ``benchmarks/method_comparison.py`` run from one teacher, chosen on the validation split (every
 validation question), with the test accuracy of every run reported beside it.
 
-    python benchmarks/student_tuning.py --scenes DATA_DIR --teacher DIR [--out DIR]
-        [--jobs 2] [--json-dir DIR] [--summary benchmarks/results/student_tuning.json]
-        [--summarize-only]
+    python benchmarks/student_tuning.py --scenes DATA_DIR --teacher DIR [--setting w2a16|w4a8]
+        [--out DIR] [--jobs 2] [--json-dir DIR] [--summary FILE.json] [--summarize-only]
 
-The grid (:data:`GRID`, six configurations per method at the default parts):
+``--setting w2a16`` (the default; :data:`GRIDS`, six configurations per method at the default
+parts, summary ``benchmarks/results/student_tuning.json``):
 
 - ``qat``: learning rate 5e-5, 1e-4, 2e-4 (the shipped recipe), 4e-4, 8e-4, 1.6e-3;
 - ``qad``: learning rate 1e-4, 2e-4, 4e-4, each with the prediction-difference term ``pd``
   (weight 0.5, the recipe before session 6) and without it;
 
 plus rtn and gptq (no training, no choice); and every weight matrix in 2 bits (the ``patch_embedding`` and ``lm_head`` parts too): rtn,
-gptq, qat and qad with and without ``pd``, at the shipped learning rate. Every trained run gets
+gptq, qat and qad with and without ``pd``, at the shipped learning rate.
+
+``--setting w4a8`` (summary ``benchmarks/results/student_tuning_w4a8.json``): qat and qad each at
+learning rate 1e-4, 2e-4 (the shipped recipes), 4e-4, each from the round-to-nearest start (the
+shipped recipes) and from GPTQ (``init: gptq``); plus rtn and gptq. Every trained run gets
 the same steps, batch, data order and schedule (the shipped recipes through ``distiq demo``'s
 plan). ``--jobs`` runs that many configurations side by side, one torch thread each;
 ``--summarize-only`` rebuilds the summary from the per-run JSONs in ``--json-dir``.
@@ -49,7 +53,7 @@ def _lr(lr: float) -> str:
     return f"lr{lr:.1e}".replace("e-0", "e-")  # lr1.0e-4
 
 
-GRID: list[tuple[str, str, dict, dict | None]] = [
+GRID_W2A16: list[tuple[str, str, dict, dict | None]] = [
     # (tag, shipped run, recipe overrides, quantization overrides)
     *[
         (_lr(lr), "qat-w2a16-g64", _set(lr), None)
@@ -68,6 +72,23 @@ GRID: list[tuple[str, str, dict, dict | None]] = [
     ("every", "qad-w2a16-g64", _set(pd="0.5"), EVERY_MATRIX),
     ("every-pd0", "qad-w2a16-g64", _set(pd="0"), EVERY_MATRIX),
 ]
+GRID_W4A8: list[tuple[str, str, dict, dict | None]] = [
+    *[
+        (
+            f"{_lr(lr)}{'-gptq' if init else ''}",
+            run,
+            {**_set(lr), **({"init": init} if init else {})},
+            None,
+        )
+        for run in ("qat-w4a8", "qad-w4a8")
+        for init in (None, "gptq")
+        for lr in (1.0e-4, 2.0e-4, 4.0e-4)
+    ],
+    ("default", "rtn-w4a8", _set(), None),
+    ("default", "gptq-w4a8", _set(), None),
+]
+GRIDS = {"w2a16": GRID_W2A16, "w4a8": GRID_W4A8}
+SUMMARIES = {"w2a16": "student_tuning.json", "w4a8": "student_tuning_w4a8.json"}
 
 
 def _json_path(json_dir: Path, tag: str, run: str) -> Path:
@@ -100,6 +121,7 @@ def _row(tag: str, run: str, overrides: dict, quant: dict | None, path: Path) ->
         "method": record["method"],
         "every_matrix": quant is not None,
         "lr": overrides.get("train", {}).get("lr"),
+        "init": overrides.get("init"),
         "pd": ("none" if terms["pd"] is None else terms["pd"]["weight"]) if "pd" in terms else None,
         "val_accuracy": record["val_accuracy"],
         "test_accuracy": record["accuracy"],
@@ -152,27 +174,32 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-runs/student-tuning"))
     parser.add_argument("--json-dir", type=Path, default=Path("bench-runs/student-tuning/json"))
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--setting", choices=sorted(GRIDS), default="w2a16")
     parser.add_argument(
-        "--summary", type=Path, default=ROOT / "benchmarks" / "results" / "student_tuning.json"
+        "--summary", type=Path, help="default: benchmarks/results/" + str(SUMMARIES)
     )
     parser.add_argument("--summarize-only", action="store_true")
     args = parser.parse_args()
+    grid = GRIDS[args.setting]
+    if args.summary is None:
+        args.summary = ROOT / "benchmarks" / "results" / SUMMARIES[args.setting]
     args.json_dir.mkdir(parents=True, exist_ok=True)
     if not args.summarize_only:
         with ThreadPoolExecutor(args.jobs) as pool:
-            codes = list(pool.map(lambda entry: _run(args, *entry), GRID))
+            codes = list(pool.map(lambda entry: _run(args, *entry), grid))
         if any(codes):
             raise SystemExit(f"{sum(1 for c in codes if c)} runs failed; see the logs")
-    missing = [p for t, r, *_ in GRID if not (p := _json_path(args.json_dir, t, r)).is_file()]
+    missing = [p for t, r, *_ in grid if not (p := _json_path(args.json_dir, t, r)).is_file()]
     if missing:
         raise SystemExit(f"no results for {len(missing)} runs, e.g. {missing[0]}: run without "
                          "--summarize-only first")  # fmt: skip
-    rows = [_row(t, r, o, q, _json_path(args.json_dir, t, r)) for t, r, o, q in GRID]
+    rows = [_row(t, r, o, q, _json_path(args.json_dir, t, r)) for t, r, o, q in grid]
     summary = {
         "benchmark": "student_tuning",
         "machine": machine_info(),
         "command": " ".join(["python", *sys.argv]),
         "teacher": str(args.teacher),
+        "setting": args.setting,
         "selection": "best validation accuracy (every validation question) per method",
         "chosen": _chosen(rows),
         "runs": rows,

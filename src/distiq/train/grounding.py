@@ -17,9 +17,9 @@ that into dense targets during teacher training (they are not part of the saved 
   objects). By default that side target is read after layer ``layer`` too (layer 1 of 3),
   where the previous reference's position is not known yet, so the best a model can do there is
   guess from its own object's side; ``side_layer`` reads it from a later layer through its own
-  linear head instead (docs/design.md has the measurements). This teaches the language model the lookups and comparisons the answers
-  need (find the red circle; count the digits; is it left of the blue square) directly at the
-  words, a layer before the answer.
+  linear head instead (docs/design.md has the measurements). This teaches the language model
+  the lookups and comparisons the answers need (find the red circle; count the digits; is it
+  left of the blue square) directly at the words, a layer before the answer.
 - **object centres** (:class:`GroundingHeads.centres`): a linear head on each vision patch
   feature predicts which (colour, category) object has its centre in that patch, or none — a
   per-object marker that makes counting a sum over patches.

@@ -176,16 +176,16 @@ def test_quant_configs_of_the_wrapped_model(edge, words):
     wrapped = VLMWithHeads(model, adapter, num_detection_classes=2, num_segmentation_classes=2)
     targets = wrapped.quant_targets()
     names = [n for n, m in wrapped.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
-    assert {n for n in names if targets["vision"].matches(n)} == {
+    assert {n for n in names if targets["vision"].selects(n)} == {
         n for n in names if n.startswith("vlm.model.vision_tower.") and "embeddings" not in n
     }
-    assert {n for n in names if targets["heads"].matches(n)} == {
+    assert {n for n in names if targets["heads"].selects(n)} == {
         n for n in names if n.startswith(("detection_head.", "segmentation_head."))
     }
     student = copy.deepcopy(wrapped)
     heads = targets["heads"]
     report = quantize_(student, QuantConfig(weight=QuantSpec(bits=8), include=heads.include))
-    assert {c.name for c in report.changes} == {n for n in names if heads.matches(n)}
+    assert {c.name for c in report.changes} == {n for n in names if heads.selects(n)}
     # NF4 on a 48-wide vision tower: every linear fed 48 features is too narrow for 64-blocks
     narrow_model, narrow_adapter = build_edge_vlm(
         words, "tiny", vision_hidden_size=48, vision_intermediate_size=128
@@ -194,7 +194,7 @@ def test_quant_configs_of_the_wrapped_model(edge, words):
     config = narrow_adapter.quant_config("vision", weight=nf4, model=narrow_model)
     excluded = set(config.exclude)
     for name, module in narrow_model.named_modules():
-        if isinstance(module, nn.Linear) and narrow_adapter.quant_targets()["vision"].matches(name):
+        if isinstance(module, nn.Linear) and narrow_adapter.quant_targets()["vision"].selects(name):
             assert (name in excluded) == (module.in_features == 48), name
 
 

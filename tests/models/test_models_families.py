@@ -137,7 +137,7 @@ def test_module_names_and_quant_targets(family, loaded, make_samples):
     linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
     owner = {}
     for part in ("vision", "projector", "language_model", "lm_head"):
-        hits = [n for n in linears if targets[part].matches(n)]
+        hits = [n for n in linears if targets[part].selects(n)]
         assert hits, f"{part} selects no linear layer"
         for n in hits:
             assert n not in owner, f"{n} is in both {owner.get(n)} and {part}"
@@ -145,8 +145,8 @@ def test_module_names_and_quant_targets(family, loaded, make_samples):
     assert set(owner) == set(linears)  # every linear layer belongs to exactly one part
     # embeddings stay in higher precision; lm_head is its own opt-in part
     for part in ("vision", "projector", "language_model"):
-        assert not any(targets[part].matches(n) for n in modules if "embed" in n.split(".")[-1])
-        assert not targets[part].matches(names.lm_head)
+        assert not any(targets[part].selects(n) for n in modules if "embed" in n.split(".")[-1])
+        assert not targets[part].selects(names.lm_head)
 
     # quantize_ accepts each part's config and swaps exactly that part's linear layers
     batch = adapter.build_inputs(make_samples())
@@ -170,10 +170,10 @@ def test_patch_embedding_is_its_own_opt_in_part(family, loaded, make_samples):
         with pytest.raises(ValueError, match="no quantizable patch_embedding.*Conv3d"):
             adapter.quant_config("patch_embedding", weight=QuantSpec(bits=4))
         return
-    assert [n for n in convs if target.matches(n)] == [
+    assert [n for n in convs if target.selects(n)] == [
         f"{adapter.module_names().vision}.{adapter.patch_embedding_module}"
     ]
-    assert not adapter.quant_targets()["vision"].matches(convs[0])  # not in the vision part
+    assert not adapter.quant_targets()["vision"].selects(convs[0])  # not in the vision part
     student = copy.deepcopy(model)
     report = quantize_(student, adapter.quant_config("patch_embedding", weight=QuantSpec(bits=4)))
     assert [c.name for c in report.changes] == [convs[0]]
@@ -205,7 +205,7 @@ def test_a_recipe_with_every_part_quantizes_each_layer_by_its_own_part(family, l
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear | nn.Conv2d):
             continue
-        owner = next((p for p in parts if targets[p].matches(name)), None)
+        owner = next((p for p in parts if targets[p].selects(name)), None)
         if owner is None:
             assert name not in changed, name
         else:
@@ -246,7 +246,7 @@ def test_nf4_config_excludes_layers_narrower_than_a_block(family, loaded, make_s
     nf4 = QuantSpec(bits=4, format="nf4", granularity=PerGroup(64))
     config = adapter.quant_config("language_model", weight=nf4, model=model)
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and adapter.quant_targets()["language_model"].matches(
+        if isinstance(module, nn.Linear) and adapter.quant_targets()["language_model"].selects(
             name
         ):
             narrow = module.in_features % 64 != 0

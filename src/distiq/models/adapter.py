@@ -200,7 +200,7 @@ class VLMAdapter:
                     f"a blockwise weight spec (block {block}) needs model= to find the layers "
                     "narrower than the block and exclude them"
                 )
-            excluded += [n for n in narrow_layers(model, block) if target.matches(n)]
+            excluded += [n for n in narrow_layers(model, block) if target.selects(n)]
         return QuantConfig(
             weight=weight, activation=activation, include=target.include, exclude=tuple(excluded)
         )

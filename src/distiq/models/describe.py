@@ -85,7 +85,7 @@ def describe(model: nn.Module) -> ModelDescription:
     trainable = 0
     for name, param in model.named_parameters():  # tied parameters appear once
         module_name = name.rsplit(".", 1)[0]
-        part = next((p for p, t in targets.items() if t.matches(module_name)), "other")
+        part = next((p for p, t in targets.items() if t.selects(module_name)), "other")
         counts[part] += param.numel()
         trainable += param.numel() if param.requires_grad else 0
     params = {p: c for p, c in counts.items() if c or p in targets}

@@ -3,13 +3,12 @@ feature-capture points, and the module scans behind them."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-from distiq.quant.spec import PatternSet, selects
+from distiq.quant.spec import PatternSelection
 
 
 @dataclass(frozen=True)
@@ -23,7 +22,7 @@ class ModuleNames:
 
 
 @dataclass(frozen=True)
-class QuantTarget:
+class QuantTarget(PatternSelection):
     """Glob patterns (``fnmatch`` over fully qualified module names) selecting one part.
 
     ``include``/``exclude`` plug straight into ``QuantConfig(include=..., exclude=...)`` and
@@ -35,18 +34,6 @@ class QuantTarget:
 
     include: tuple[str, ...]
     exclude: tuple[str, ...] = ()
-
-    def matches(self, name: str) -> bool:
-        """Whether ``name`` is selected: an include pattern matches and no exclude does."""
-        return selects(name, self._include_set, self._exclude_set)
-
-    @functools.cached_property
-    def _include_set(self) -> PatternSet:
-        return PatternSet(self.include)
-
-    @functools.cached_property
-    def _exclude_set(self) -> PatternSet:
-        return PatternSet(self.exclude)
 
 
 @dataclass(frozen=True)

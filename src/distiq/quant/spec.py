@@ -234,8 +234,31 @@ class QuantSpec:
         return to_dict(self)
 
 
+class PatternSelection:
+    """Selection by ``include`` / ``exclude`` module-name patterns, for the frozen dataclasses
+    that carry them (:class:`QuantConfig`, the model adapters' ``QuantTarget``): a module is
+    selected when an include pattern matches it and no exclude pattern does (``quantize_``'s
+    rule; a pattern also matches a module's descendants). Each pattern tuple is indexed once per
+    instance (the cached properties sit in the instance's ``__dict__``)."""
+
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+
+    def selects(self, name: str) -> bool:
+        """Whether module ``name`` is selected."""
+        return bool(self.include_set.matching(name)) and not self.exclude_set.matching(name)
+
+    @functools.cached_property
+    def include_set(self) -> PatternSet:
+        return PatternSet(self.include)
+
+    @functools.cached_property
+    def exclude_set(self) -> PatternSet:
+        return PatternSet(self.exclude)
+
+
 @dataclass(frozen=True)
-class QuantConfig:
+class QuantConfig(PatternSelection):
     """Which modules of a model to quantize, and how.
 
     Args:
@@ -301,20 +324,6 @@ class QuantConfig:
         if errors:
             raise ValueError("; ".join(errors))
 
-    def selects(self, name: str) -> bool:
-        """Whether module ``name`` is selected: an include pattern matches it and no exclude
-        pattern does (``quantize_``'s rule; a pattern also matches a module's descendants)."""
-        return selects(name, self.include_set, self.exclude_set)
-
-    # Indexed once per config (a frozen dataclass: the cache sits in the instance's __dict__).
-    @functools.cached_property
-    def include_set(self) -> PatternSet:
-        return PatternSet(self.include)
-
-    @functools.cached_property
-    def exclude_set(self) -> PatternSet:
-        return PatternSet(self.exclude)
-
     @functools.cached_property
     def override_set(self) -> PatternSet:
         return PatternSet(self.overrides)
@@ -359,12 +368,6 @@ class PatternSet:
 
     def __bool__(self) -> bool:
         return bool(self.patterns)
-
-
-def selects(name: str, include: PatternSet, exclude: PatternSet) -> bool:
-    """Whether module ``name`` matches an ``include`` pattern and no ``exclude`` pattern (the
-    selection rule of ``quantize_``, ``quantize_model`` and the model adapters' parts)."""
-    return bool(include.matching(name)) and not exclude.matching(name)
 
 
 def name_matches(name: str, pattern: str) -> bool:

@@ -231,6 +231,6 @@ def _any_match(model: nn.Module, pattern: str, target: Any) -> bool:
     import fnmatch
 
     return any(
-        fnmatch.fnmatchcase(name, pattern) and target.matches(name)
+        fnmatch.fnmatchcase(name, pattern) and target.selects(name)
         for name, _ in model.named_modules()
     )

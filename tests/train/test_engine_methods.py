@@ -14,7 +14,7 @@ from distiq.quant import FakeQuantLinear, QuantSpec, dequantize, quantize
 from distiq.results import read_records
 from distiq.train import read_metrics
 from distiq.train.methods import compress, evaluate
-from distiq.train.recipe import recipe_from_dict
+from distiq.train.recipe import load_recipe, recipe_from_dict
 from distiq.train.runs import load_compressed
 
 TINY = dict(
@@ -80,6 +80,7 @@ def test_teacher_directory(world):
     assert heads.detection_head is not None and heads.segmentation_head is not None
     (record,) = read_records(teacher / "results.json")
     assert record.method == "teacher" and 0 <= record.value <= 100
+    assert load_recipe(teacher / "recipe.yaml").method == "teacher"  # written once, by compress
     assert record.extra["blind_baseline"]["accuracy"] >= 0
     assert set(record.extra["by_question_type"]) <= {
         "count", "color", "identity", "position", "relation", "exist", "compare",

@@ -171,3 +171,19 @@ def test_fsdp_on_one_gpu_resumes_exactly_and_matches_a_plain_run(private_dir, fs
     print(f"FSDP{fsdp_version} vs plain, max |diff| per tensor: {diffs}")
     for key, value in plain.state_dict().items():
         torch.testing.assert_close(result["a"][key], value.cpu(), rtol=1e-4, atol=1e-5)
+
+
+def test_launcher_variables_are_read_or_refused(monkeypatch):
+    """RANK / WORLD_SIZE: defaults when unset; a value that is no integer is an error (every
+    process believing it is rank 0 would let them all empty one run directory)."""
+    from distiq.train.distributed import launched_rank, launched_world_size
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert (launched_rank(), launched_world_size()) == (0, 1)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert (launched_rank(), launched_world_size()) == (1, 2)
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(ValueError, match="RANK='one' is not an integer"):
+        launched_rank()

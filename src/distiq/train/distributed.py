@@ -87,21 +87,30 @@ def barrier() -> None:
         torch_dist.barrier()
 
 
+def _launcher_int(variable: str, default: int) -> int:
+    """The integer a launcher put in environment variable ``variable`` (``default`` when unset);
+    a value that is no integer is an error, not a silent single-process run."""
+    value = os.environ.get(variable)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(
+            f"environment variable {variable}={value!r} is not an integer; a launcher such as "
+            "accelerate or torchrun sets it: unset it to run in one process"
+        ) from None
+
+
 def launched_world_size() -> int:
     """Processes announced by a launcher (``WORLD_SIZE``), 1 when started plainly."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
+    return _launcher_int("WORLD_SIZE", 1)
 
 
 def launched_rank() -> int:
     """This process's rank as a launcher announced it (``RANK``), 0 when started plainly; known
     before the process group exists."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
+    return _launcher_int("RANK", 0)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -43,12 +43,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from distiq.config import dump_yaml
 from distiq.results import ResultRecord, upsert_records
-from distiq.train.distributed import barrier, is_main_process, launched_rank
+from distiq.train.distributed import barrier, is_main_process
 from distiq.train.loop import train
 from distiq.train.recipe import Recipe
-from distiq.train.runs import RECIPE_FILE, RESULTS_FILE
+from distiq.train.runs import RESULTS_FILE
 from distiq.train.vlm import EngineModel, evaluate_vqa
 
 logger = logging.getLogger(__name__)
@@ -244,7 +243,7 @@ def train_teacher(
 ) -> Path:
     """Train the teacher of ``recipe`` (``method: teacher``) into ``recipe.output`` and return
     that directory (see the module docstring). Call :func:`distiq.train.methods.check_recipe`
-    first for the fast input checks (``compress`` does)."""
+    first for the fast input checks (``compress`` does, and writes the run's ``recipe.yaml``)."""
     from distiq.models import VLMWithHeads, build_edge_processor, edge_vlm_config
     from distiq.train.data_setup import load_data, scene_vocabulary
 
@@ -267,8 +266,6 @@ def train_teacher(
         counts=grounding is not None and recipe.teacher.weights.counts > 0,
         side_layer=recipe.teacher.side_layer,
     )
-    if launched_rank() == 0:  # data-parallel: one process writes the run directory
-        dump_yaml(recipe, run_dir / RECIPE_FILE)
     step_fn = teacher_step_fn(
         recipe.teacher.weights,
         data.train.num_detection_classes if _has(model, "detection_head") else None,

@@ -122,8 +122,8 @@ def test_gradient_clipping_matches_a_hand_made_clipped_adamw(toys, tmp_path):
     clipped, norms = reference(0.05)
     assert [s.grad_norm for s in seen] == pytest.approx(norms, rel=1e-6)
     assert min(norms) > 0.05  # clipping is active on both steps
-    for key, value in clipped.items():
-        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-7)
+    for key, value in clipped.items():  # bit for bit: the loop's multi-tensor AdamW on CPU
+        assert torch.equal(model.state_dict()[key], value), key  # is the per-tensor one
     unclipped, _ = reference(float("inf"))
     assert max((unclipped[k] - clipped[k]).abs().max() for k in clipped) > 1e-4
 

@@ -164,17 +164,22 @@ class GroundingHeads(nn.Module):
         objects (see the module docstring): nouns (with the colour word before them) and lone
         colour words; a noun right after "what" asks for the kind of answer and is skipped."""
         ids = suffix_ids.cpu()
-        colour = self._colour[ids]  # (Q, S)
-        noun = self._is_noun[ids]
+        colour_t = self._colour[ids]  # (Q, S)
+        noun_t = self._is_noun[ids]
+        picked = (prompt_mask.cpu().bool() & ((colour_t >= 0) | noun_t)).nonzero().tolist()
+        # plain lists from here: indexing a tensor element by element costs ~100x more
+        ids_l, colour, noun = ids.tolist(), colour_t.tolist(), noun_t.tolist()
+        what = self._what.tolist()
+        width = ids.shape[1]
         refs = []
-        for q, t in (prompt_mask.cpu().bool() & ((colour >= 0) | noun)).nonzero().tolist():
-            if noun[q, t] and t > 0 and self._what[ids[q, t - 1]]:
+        for q, t in picked:
+            if noun[q][t] and t > 0 and what[ids_l[q][t - 1]]:
                 continue  # "what digit is the red object?": the kind of answer, not an object
-            if noun[q, t]:
-                before = int(colour[q, t - 1]) if t > 0 else -1
-                refs.append((q, t, before if before >= 0 else None, self._noun[int(ids[q, t])]))
-            elif not (t + 1 < ids.shape[1] and noun[q, t + 1]):
-                refs.append((q, t, int(colour[q, t]), None))
+            if noun[q][t]:
+                before = colour[q][t - 1] if t > 0 else -1
+                refs.append((q, t, before if before >= 0 else None, self._noun[ids_l[q][t]]))
+            elif not (t + 1 < width and noun[q][t + 1]):
+                refs.append((q, t, colour[q][t], None))
         return refs
 
     def question_targets(self, batch: dict, refs: list[tuple]) -> tuple[torch.Tensor, ...]:

@@ -128,6 +128,10 @@ def train(
         betas=config.betas,
         eps=config.eps,
         weight_decay=config.weight_decay,
+        # on CPU torch picks its per-tensor loop unless told; the multi-tensor one gives the
+        # same numbers bit for bit (test_train_loop.py) in 1-3 ms less per step of the demo
+        # teacher (benchmarks/loop_overheads.py)
+        foreach=True if ctx.device.type == "cpu" else None,
     )
     scheduler = build_scheduler(
         optimizer,

@@ -274,7 +274,9 @@ def train_teacher(
     )
 
     def eval_fn(module: Any) -> dict[str, float]:
-        metrics = evaluate_vqa(module.engine, data.val, max_new_tokens=recipe.eval.max_new_tokens)
+        metrics = evaluate_vqa(  # data-parallel: each process answers its share of the images
+            module.engine, data.val, max_new_tokens=recipe.eval.max_new_tokens, shard=True
+        )
         return {"vqa_accuracy": 100.0 * metrics["vqa_accuracy"]}
 
     result = train(

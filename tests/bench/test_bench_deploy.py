@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from distiq.bench import bench_run, measure_model, peak_memory, time_interleaved
+from distiq.bench import bench_exports, bench_run, measure_model, peak_memory, time_interleaved
 from distiq.bench.timing import Timing
 from distiq.export import RunDirError
 from distiq.results import ResultRecord, read_records, write_records
@@ -97,6 +97,33 @@ def test_bench_run_fills_the_run_records(deploy, w8a8, tmp_path):
     assert stored.size_mb == pytest.approx(packed["total_bytes"] / 2**20)
     assert 0 < packed["ratio"] < 1  # 8-bit codes; a tiny model is mostly embeddings
     json.dumps(stored.to_dict())  # plain JSON all the way down
+
+
+def test_bench_run_with_exports_made_ahead(deploy, w8a8, tmp_path, monkeypatch):
+    # distiq demo exports in its workers (bench_exports), then bench_run only measures
+    import distiq.export.onnx
+
+    run = _run_dir(deploy, w8a8, tmp_path / "qad-w8a8")
+    backends = ("ort-fp32", "ort-int8", "ort-int4")
+    exports = bench_exports(run, tmp_path / "onnx", backends=backends)
+    assert exports["ort-fp32"] == tmp_path / "onnx" / "onnx-fp32"
+    assert exports["ort-int8"] == tmp_path / "onnx" / "onnx-int8"
+    assert "8-bit weights" in exports["ort-int4"]  # why it cannot export, as measure_model says
+    fresh = bench_run(run, backends=backends, workloads=("language_model",), threads=1,
+                      warmup=0, repeats=2)  # fmt: skip
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("bench_run exported although the exports were given")
+
+    monkeypatch.setattr(distiq.export.onnx, "export_onnx", no_export)
+    ahead = bench_run(run, backends=backends, workloads=("language_model",), threads=1,
+                      warmup=0, repeats=2, exports=exports)  # fmt: skip
+    assert (tmp_path / "onnx" / "onnx-int8").is_dir()  # the caller's files: left in place
+    old, new = (r[0].extra["bench"]["language_model"] for r in (fresh, ahead))
+    for backend in backends:
+        for key in ("available", "reason", "size_bytes", "max_abs_diff"):
+            assert old[backend][key] == new[backend][key], (backend, key)
+    assert ahead[0].size_mb == fresh[0].size_mb and ahead[0].latency_backend == "ort-int8"
 
 
 def test_bench_run_without_records_and_bad_input(deploy, w8a8, tmp_path):

@@ -155,8 +155,17 @@ class FakeEngine:
             (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
         return out
 
-    def bench_run(self, run_dir, *, repeats, workloads):
-        self.calls.append(("bench", Path(run_dir).name, repeats, workloads))
+    def bench_exports(self, run_dir, root):
+        """In a worker: 'exports' (a file the parent's bench_run gets the path of)."""
+        root.mkdir(parents=True)
+        (root / "model.onnx").write_text(Path(run_dir).name)
+        return {"ort-fp32": root, "ort-int8": "cannot export"}
+
+    def bench_run(self, run_dir, *, repeats, workloads, exports=None):
+        if exports is not None:  # made by bench_exports of the same run, and still there
+            assert (exports["ort-fp32"] / "model.onnx").read_text() == Path(run_dir).name
+            exports = sorted(exports)
+        self.calls.append(("bench", Path(run_dir).name, repeats, workloads, exports))
         old = read_records(Path(run_dir) / "results.json")
         new = [
             r.replace(size_mb=4.0 * r.w_bits / 16, latency_ms=1.0, latency_backend="ort-int8")
@@ -219,7 +228,7 @@ def test_demo_end_to_end_with_cache(runner, tmp_path, fake_engine):
     assert summary["code"]["distiq"] == distiq.__version__
     assert "git_commit" in summary["code"]  # the commit in a checkout, else None and why
     bench = [c for c in fake_engine.calls if c[0] == "bench"]
-    assert bench[0] == ("bench", "teacher", QUICK.bench_repeats, ("language_model",))
+    assert bench[0] == ("bench", "teacher", QUICK.bench_repeats, ("language_model",), None)
 
     # everything cached: nothing is trained or measured again
     fake_engine.calls.clear()
@@ -293,6 +302,12 @@ def test_demo_runs_in_worker_processes(runner, tmp_path, fake_engine):
     assert list(records) == ["teacher", *RUNS] and records["qad-w4a8"].value == 91.5
     summary = json.loads((out / "demo_times.json").read_text())
     assert set(RUNS) <= set(summary["seconds"]) and summary["jobs"] == 3
+    assert set(summary["seconds"]) == {"scenes", "teacher", "data", *RUNS} | {
+        "bench", "export", "report", "total"
+    }  # fmt: skip
+    # every model's ONNX files were exported in a worker (the teacher's in a job of its own)
+    benched = {c[1]: c[4] for c in fake_engine.calls if c[0] == "bench"}
+    assert benched == {name: ["ort-fp32", "ort-int8"] for name in ["teacher", *RUNS]}
 
     # a failing run is reported as the error it is, after the others stopped
     fake_engine.fail = "qat-w2a16-g64"

@@ -9,12 +9,20 @@ Public API::
 (PyTorch fp32, PyTorch W8A8 int8 matmul, onnxruntime fp32 / int8 QDQ / int4) with warm-up,
 interleaved timed runs, medians, fixed threads and per-backend peak memory
 (``distiq.bench.timing``); ``bench_run`` does it for a run directory and merges the numbers into
-its ``results.json``. The CUDA kernels benchmark is ``benchmarks/cuda_kernels.py``;
+its ``results.json``; ``bench_exports(run_dir, root)`` makes its ONNX exports ahead of it
+(``bench_run(run_dir, exports=...)``). The CUDA kernels benchmark is ``benchmarks/cuda_kernels.py``;
 ``benchmarks/deploy.py`` is the CPU deployment benchmark of the demo model.
 """
 
-from distiq.bench.backends import BACKENDS, WORKLOADS, BackendResult, measure_model, w8a8_model
-from distiq.bench.run import bench_run, headline, machine
+from distiq.bench.backends import (
+    BACKENDS,
+    WORKLOADS,
+    BackendResult,
+    export_backends,
+    measure_model,
+    w8a8_model,
+)
+from distiq.bench.run import bench_exports, bench_run, headline, machine
 from distiq.bench.timing import PeakMemory, Timing, peak_memory, time_interleaved
 
 __all__ = [
@@ -23,7 +31,9 @@ __all__ = [
     "BackendResult",
     "PeakMemory",
     "Timing",
+    "bench_exports",
     "bench_run",
+    "export_backends",
     "headline",
     "machine",
     "measure_model",

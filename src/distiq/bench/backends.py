@@ -189,6 +189,48 @@ def _diff(output, reference: torch.Tensor) -> float:
     return float((value.float() - reference.float()).abs().max())
 
 
+def export_backends(
+    model: nn.Module,
+    adapter: Any,
+    root: str | Path,
+    *,
+    backends: tuple[str, ...] = BACKENDS,
+    int8_weights: str = "auto",
+    twin: nn.Module | None = None,
+) -> dict[str, Path | str]:
+    """Write the ONNX models that the ``ort-*`` backends among ``backends`` time, each under
+    ``root/onnx-<precision>``. Returns ``{backend: its directory}``, or ``{backend: why it
+    cannot export}`` (e.g. 2-bit weights in int8 QDQ). ``ort-fp32`` exports ``twin`` (default:
+    the model's float twin). :func:`measure_model` calls it, or takes its result
+    (``exports=``): ``distiq demo`` exports in the worker process that trained the model,
+    where the export costs no time of its own."""
+    from distiq.export.onnx import export_onnx
+    from distiq.export.onnx_quant import plan_model
+    from distiq.export.rundir import float_twin
+
+    root = Path(root)
+    exports: dict[str, Path | str] = {}
+    for backend in backends:
+        if backend not in _ORT_PRECISION:
+            continue
+        precision = _ORT_PRECISION[backend]
+        if precision == "fp32" and twin is None:
+            twin = float_twin(model)
+        source = twin if precision == "fp32" else model
+        try:
+            plan_model(source, precision, int8_weights)
+        except ValueError as exc:
+            exports[backend] = _first_problem(str(exc))
+            continue
+        target = root / f"onnx-{precision}"
+        export_onnx(
+            source, target, adapter=adapter, precision=precision, int8_weights=int8_weights,
+            overwrite=True,
+        )  # fmt: skip
+        exports[backend] = target
+    return exports
+
+
 def measure_model(
     model: nn.Module,
     adapter: Any = None,
@@ -202,6 +244,7 @@ def measure_model(
     int4_accuracy_level: int | None = None,
     int8_weights: str = "auto",
     workdir: str | Path | None = None,
+    exports: dict[str, Path | str] | None = None,
 ) -> list[BackendResult]:
     """Measure ``backends`` on ``workloads`` of one model (see the module docstring).
 
@@ -213,12 +256,12 @@ def measure_model(
         warmup, repeats: untimed and timed runs per backend (timed runs interleaved).
         seq_len: language-model length L (default: image tokens + 16).
         workdir: where ONNX exports go (default: a temporary directory, removed after).
+        exports: the ONNX models of the ``ort-*`` backends, exported before by
+            :func:`export_backends` from this model (then nothing is exported here).
 
     Returns:
         One ``BackendResult`` per (workload, backend), unavailable ones with their reason.
     """
-    from distiq.export.onnx import export_onnx
-    from distiq.export.onnx_quant import plan_model
     from distiq.export.rundir import float_twin
 
     unknown = sorted(set(backends) - set(BACKENDS)) + sorted(set(workloads) - set(WORKLOADS))
@@ -229,29 +272,16 @@ def measure_model(
         )
     previous = set_threads(threads)
     model.eval()
-    own_dir = workdir is None
-    root = Path(tempfile.mkdtemp(prefix="distiq-bench-")) if own_dir else Path(workdir)
+    own_dir = workdir is None and exports is None
+    root = Path(tempfile.mkdtemp(prefix="distiq-bench-")) if own_dir else workdir
     try:
         inputs = _inputs(model, adapter, seq_len)
-        twin = float_twin(model) if any(b.endswith("fp32") for b in backends) else None
+        twin = float_twin(model) if "pytorch-fp32" in backends else None
         w8a8, w8a8_layers = w8a8_model(model) if "pytorch-w8a8" in backends else (None, 0)
-        exports: dict[str, Path | str] = {}
-        for backend in backends:
-            if backend not in _ORT_PRECISION:
-                continue
-            precision = _ORT_PRECISION[backend]
-            source = twin if precision == "fp32" else model
-            try:
-                plan_model(source, precision, int8_weights)
-            except ValueError as exc:
-                exports[backend] = _first_problem(str(exc))
-                continue
-            target = root / f"onnx-{precision}"
-            export_onnx(
-                source, target, adapter=adapter, precision=precision, int8_weights=int8_weights,
-                overwrite=True,
-            )  # fmt: skip
-            exports[backend] = target
+        if exports is None:  # root is a folder then
+            exports = export_backends(
+                model, adapter, root, backends=backends, int8_weights=int8_weights, twin=twin
+            )
         results = []
         for workload in workloads:
             reference = _torch_call(_part(model, adapter, workload), workload, inputs)()

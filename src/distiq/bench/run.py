@@ -107,6 +107,7 @@ def bench_run(
     repeats: int = 30,
     results: str | os.PathLike | None = None,
     int4_accuracy_level: int | None = None,
+    exports: dict[str, Path | str] | None = None,
 ) -> list[ResultRecord]:
     """Measure a run directory's model and merge the numbers into its result records.
 
@@ -117,6 +118,8 @@ def bench_run(
         warmup, repeats: untimed and timed runs per backend.
         results: the results file to update (default ``run_dir/results.json``).
         int4_accuracy_level: onnxruntime ``MatMulNBits`` accuracy level for ``ort-int4``.
+        exports: the ONNX models of this run made before by :func:`bench_exports` (then the
+            measurement exports nothing itself).
 
     Returns:
         The records written (one per record name of the run).
@@ -129,6 +132,7 @@ def bench_run(
     measured = measure_model(
         run.model, run.adapter, backends=backends, workloads=workloads, threads=threads,
         warmup=warmup, repeats=repeats, int4_accuracy_level=int4_accuracy_level,
+        exports=exports,
     )  # fmt: skip
     extra: dict[str, Any] = {"threads": threads, "machine": machine(), "batch_size": 1}
     for result in measured:
@@ -184,3 +188,18 @@ def bench_run(
         base["latency_backend"], base["latency_ms"] or float("nan"),
     )  # fmt: skip
     return records
+
+
+def bench_exports(
+    run_dir: str | os.PathLike, root: str | os.PathLike, *, backends: tuple[str, ...] = BACKENDS
+) -> dict[str, Path | str]:
+    """Export a run directory's model for :func:`bench_run` ahead of it, under ``root``
+    (``distiq.bench.backends.export_backends``): ``bench_run(run_dir, exports=...)`` then only
+    measures. ``distiq demo`` calls it in the worker that trained the run, so that the exports
+    (most of a measurement's time) run two at a time."""
+    from distiq.bench.backends import export_backends
+    from distiq.export.rundir import load_run
+
+    run = load_run(run_dir)
+    run.model.eval()
+    return export_backends(run.model, run.adapter, root, backends=backends)

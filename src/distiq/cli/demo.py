@@ -20,9 +20,11 @@ end.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -57,6 +59,7 @@ class _Engine:
         self.compress = engine_function("demo", "distiq.train", "compress")
         self.export_run = engine_function("demo", "distiq.export", "export_run")
         self.bench_run = engine_function("demo", "distiq.bench", "bench_run")
+        self.bench_exports = engine_function("demo", "distiq.bench", "bench_exports")
         self.import_model_code = engine_function("demo", "distiq.models", "import_edge_vlm_code")
         self.load_teacher_data = engine_function("demo", "distiq.train", "load_teacher_data")
 
@@ -135,6 +138,33 @@ def _with_shared_data(engine: _Engine, todo: list[Job], times: dict[str, float])
     return [dataclasses.replace(j, data=data) if s else j for j, s in zip(todo, sharing)]
 
 
+_TEACHER_EXPORTS = f"{TEACHER}: ONNX for bench"  # the name of the job that exports the teacher
+
+
+def _measured(records: list) -> bool:
+    """Whether a run's records carry its size and latency already (a cached run)."""
+    return bool(records) and all(
+        r.size_mb is not None and r.latency_ms is not None for r in records
+    )
+
+
+def _with_bench_exports(engine: _Engine, todo: list[Job], out: Path, root: Path) -> list[Job]:
+    """``todo`` whose workers also make each run's ONNX exports for the benchmark once the run
+    is done (``distiq.bench.bench_exports``, under ``root``), plus a job of the teacher's own
+    when it is not measured yet: the exports, most of a measurement's time, then run in the
+    workers instead of one after the other in the benchmark step (whose timings start after
+    every worker has stopped). ``run_jobs`` returns each job's exports by its name."""
+    from distiq.results import read_records
+
+    def exporter(name: str) -> Any:
+        return functools.partial(engine.bench_exports, run_dir(out, name), root / name)
+
+    planned = [dataclasses.replace(job, after=exporter(job.name)) for job in todo]
+    if not _measured(read_records(run_dir(out, TEACHER) / "results.json")):
+        planned.append(Job(_TEACHER_EXPORTS, None, None, "run", after=exporter(TEACHER)))
+    return planned
+
+
 def _code_version() -> dict[str, Any]:
     """distiq's version and, in a git checkout, its commit and whether tracked files differ from
     it (so that a recorded time names the code that took it)."""
@@ -204,26 +234,34 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
     ]
     todo = _with_shared_data(engine, todo, times)
     workers = min(jobs, len(todo))
-    if workers > 1:
-        times.update(run_jobs(todo, workers))
-    else:
-        for job in todo:
-            fresh = job.action == "run"
-            _run(engine, job.name, job.recipe, times, reused, fresh=fresh, data=job.data)
+    with tempfile.TemporaryDirectory(prefix="distiq-demo-onnx-") as onnx_root:
+        exports: dict[str, Any] = {}
+        if workers > 1:
+            todo = _with_bench_exports(engine, todo, out, Path(onnx_root))
+            seconds, exports = run_jobs(todo, workers)
+            times.update(seconds)
+            exports[TEACHER] = exports.pop(_TEACHER_EXPORTS, None)
+        else:
+            for job in todo:
+                fresh = job.action == "run"
+                _run(engine, job.name, job.recipe, times, reused, fresh=fresh, data=job.data)
 
-    started = time.perf_counter()
-    records = []
-    for name in names:
-        directory = run_dir(out, name)
-        existing = read_records(directory / "results.json")
-        if existing and all(r.size_mb is not None and r.latency_ms is not None for r in existing):
-            records += existing  # measured before (cached run)
-            continue
-        with console(stderr=True).status(f"Measuring {name}…"):
-            records += engine.bench_run(
-                directory, repeats=settings.bench_repeats, workloads=settings.bench_workloads
-            )
-    times["bench"] = round(time.perf_counter() - started, 1)
+        started = time.perf_counter()
+        records = []
+        for name in names:
+            directory = run_dir(out, name)
+            existing = read_records(directory / "results.json")
+            if _measured(existing):
+                records += existing  # measured before (cached run)
+                continue
+            with console(stderr=True).status(f"Measuring {name}…"):
+                records += engine.bench_run(
+                    directory,
+                    repeats=settings.bench_repeats,
+                    workloads=settings.bench_workloads,
+                    exports=exports.get(name),
+                )
+        times["bench"] = round(time.perf_counter() - started, 1)
 
     quantized = [r for r in records if r.method in QUANTIZED and r.value is not None]
     best = max(quantized, key=lambda r: r.value) if quantized else None

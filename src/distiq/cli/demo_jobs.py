@@ -36,13 +36,16 @@ _EVENTS: Any = None
 
 @dataclass(frozen=True)
 class Job:
-    """One run: ``compress(recipe, overwrite=..., resume=..., on_step=..., on_eval=...)``."""
+    """One run: ``compress(recipe, overwrite=..., resume=..., on_step=..., on_eval=...)``, then
+    ``after()`` in the same worker (its result goes back to the parent). ``compress=None``: a
+    job of ``after`` alone."""
 
     name: str
-    compress: Callable[..., Any]
+    compress: Callable[..., Any] | None
     recipe: Any
     action: str  # "run" (a fresh run directory) or "resume"
     data: Any = None  # the recipe's splits, loaded in the parent (``compress(data=...)``)
+    after: Callable[[], Any] | None = None  # e.g. the run's ONNX exports for the benchmark
 
 
 def default_jobs() -> int:
@@ -83,20 +86,23 @@ class _QueuedProgress:
         _EVENTS.put(("eval", self.name, int(step), shown))
 
 
-def _run_job(name: str) -> float:
-    """In a worker: run job ``name``; returns its wall seconds."""
+def _run_job(name: str) -> tuple[float, Any]:
+    """In a worker: run job ``name``; returns its wall seconds (without ``after``) and what
+    ``after`` returned."""
     job = _JOBS[name]
     started = time.perf_counter()
     progress = _QueuedProgress(name)
-    job.compress(
-        job.recipe,
-        overwrite=job.action == "run",
-        resume=job.action == "resume",
-        on_step=progress.on_step,
-        on_eval=progress.on_eval,
-        data=job.data,
-    )
-    return round(time.perf_counter() - started, 1)
+    if job.compress is not None:
+        job.compress(
+            job.recipe,
+            overwrite=job.action == "run",
+            resume=job.action == "resume",
+            on_step=progress.on_step,
+            on_eval=progress.on_eval,
+            data=job.data,
+        )
+    seconds = round(time.perf_counter() - started, 1)
+    return seconds, job.after() if job.after is not None else None
 
 
 def _draw_events(events: Any, progress: Any, tasks: dict[str, Any]) -> list[tuple]:
@@ -121,10 +127,11 @@ def _draw_events(events: Any, progress: Any, tasks: dict[str, Any]) -> list[tupl
             other.append(event)
 
 
-def run_jobs(jobs: list[Job], workers: int) -> dict[str, float]:
+def run_jobs(jobs: list[Job], workers: int) -> tuple[dict[str, float], dict[str, Any]]:
     """Run ``jobs`` in ``workers`` forked processes, drawing a progress bar per run; returns
-    ``{name: wall seconds}``. The first failure cancels the runs not yet started, waits for the
-    running ones and is raised again here."""
+    ``{name: wall seconds}`` (of ``compress``; jobs of ``after`` alone are left out) and
+    ``{name: what after returned}``. The first failure cancels the runs not yet started, waits
+    for the running ones and is raised again here."""
     context = multiprocessing.get_context("fork")
     events = context.Queue()
     _JOBS.clear()
@@ -132,6 +139,7 @@ def run_jobs(jobs: list[Job], workers: int) -> dict[str, float]:
     progress = run_progress_bar()
     tasks = {job.name: progress.add_task(job.name, total=None, loss="—") for job in jobs}
     seconds: dict[str, float] = {}
+    outputs: dict[str, Any] = {}
 
     def draw_events() -> None:
         _draw_events(events, progress, tasks)
@@ -155,13 +163,14 @@ def run_jobs(jobs: list[Job], workers: int) -> dict[str, float]:
                         for other in pending:
                             other.cancel()
                         raise error
-                    seconds[name] = future.result()
+                    seconds[name], outputs[name] = future.result()
                     task = progress.tasks[tasks[name]]
                     progress.update(tasks[name], completed=task.total or 1, total=task.total or 1)
             draw_events()
     finally:
         _JOBS.clear()
-    return seconds
+    kept = {job.name for job in jobs if job.compress is not None}
+    return {k: v for k, v in seconds.items() if k in kept}, outputs
 
 
 def data_parallel_size(batch_size: int, jobs: int, min_per_process: int = 8) -> int:

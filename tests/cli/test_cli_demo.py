@@ -119,6 +119,13 @@ class FakeEngine:
         self.calls.append(("load_teacher_data", recipe.run_name))
         return f"splits of {recipe.data.scenes} for {recipe.teacher.path}"
 
+    def load_teacher_training_data(self, recipe):
+        self.calls.append(("load_teacher_training_data", recipe.run_name))
+        return SimpleNamespace(
+            name=f"teacher splits of {recipe.data.scenes}",
+            without_heads=lambda: f"splits of {recipe.data.scenes} for {recipe.output}",
+        )
+
     def generate_scenes(self, out, count, seed):
         root = Path(out) / f"edge-scenes-n{count}"
         root.mkdir(parents=True, exist_ok=True)
@@ -136,7 +143,7 @@ class FakeEngine:
         out = Path(recipe.output)
         dump_yaml(recipe, out / "recipe.yaml")
         if data is not None:
-            (out / "shared_data.txt").write_text(data)
+            (out / "shared_data.txt").write_text(getattr(data, "name", data))
         quant = recipe.quantization
         key = recipe.run_name if recipe.method in ("teacher", "kd") else recipe.method
         value = ACCURACY[key] - (5.0 if quant is not None and quant.w_bits == 2 else 0.0)
@@ -201,10 +208,15 @@ def test_demo_end_to_end_with_cache(runner, tmp_path, fake_engine):
     compressed = [c[1] for c in fake_engine.calls if c[0] == "compress"]
     assert compressed == ["teacher", *LONGEST_FIRST]
     assert ("import_model_code",) not in fake_engine.calls  # one process: nothing forks
-    assert [c for c in fake_engine.calls if c[0] == "load_teacher_data"] == [
-        ("load_teacher_data", LONGEST_FIRST[0])  # the splits are read once for all runs
+    # the splits are read once, for the teacher, and serve every run without the heads' targets
+    assert [c for c in fake_engine.calls if c[0].startswith("load_")] == [
+        ("load_teacher_training_data", "teacher")
     ]
-    assert (out / "runs" / "kd-small" / "shared_data.txt").is_file()
+    scenes = out / "data" / "edge-scenes-n2000"
+    assert (out / "teacher" / "shared_data.txt").read_text() == f"teacher splits of {scenes}"
+    for name in RUNS:
+        shared = (out / "runs" / name / "shared_data.txt").read_text()
+        assert shared == f"splits of {scenes} for {out / 'teacher'}"
     assert [c for c in fake_engine.calls if c[0] == "export"] == [
         ("export", "qad-w4a8", "packed"),
         ("export", "qad-w4a8", "onnx"),
@@ -238,6 +250,17 @@ def test_demo_end_to_end_with_cache(runner, tmp_path, fake_engine):
     assert "teacher: reusing" in result.stdout
     summary = json.loads((out / "demo_times.json").read_text())
     assert summary["reused"] == ["teacher", *RUNS] and "teacher" not in summary["seconds"]
+
+    # a cached teacher: its runs read their splits once, for all of them
+    for name in RUNS:
+        (out / "runs" / name / "recipe.yaml").unlink()
+    fake_engine.calls.clear()
+    result = runner.invoke(app, ["demo", "--quick", "-j", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [c for c in fake_engine.calls if c[0].startswith("load_")] == [
+        ("load_teacher_data", LONGEST_FIRST[0])
+    ]
+    assert [c[1] for c in fake_engine.calls if c[0] == "compress"] == LONGEST_FIRST
 
     # a changed teacher recipe retrains the teacher and therefore every run
     recipe = out / "teacher" / "recipe.yaml"
@@ -289,13 +312,15 @@ def test_demo_runs_in_worker_processes(runner, tmp_path, fake_engine):
     assert result.exit_code == 0, result.output
     assert [c for c in fake_engine.calls if c[0] == "compress"] == []  # all in workers
     assert fake_engine.calls[0] == ("import_model_code",)  # once, before the first fork
-    # the runs' splits were loaded once, in the parent, and handed to every run
-    assert [c for c in fake_engine.calls if c[0] == "load_teacher_data"] == [
-        ("load_teacher_data", LONGEST_FIRST[0])
+    # the splits were loaded once, in the parent, and handed to the teacher's processes and to
+    # every run
+    assert [c for c in fake_engine.calls if c[0].startswith("load_")] == [
+        ("load_teacher_training_data", "teacher")
     ]
+    scenes = out / "data" / "edge-scenes-n2000"
     shared = {(out / "runs" / name / "shared_data.txt").read_text() for name in RUNS}
-    assert shared == {f"splits of {out / 'data' / 'edge-scenes-n2000'} for {out / 'teacher'}"}
-    assert not (out / "teacher" / "shared_data.txt").exists()
+    assert shared == {f"splits of {scenes} for {out / 'teacher'}"}
+    assert (out / "teacher" / "shared_data.txt").read_text() == f"teacher splits of {scenes}"
     assert "teacher: data-parallel over 2 processes" in result.stdout  # batch 32 over 2 of 3
     assert (out / "teacher" / "results.json").is_file()
     records = {r.name: r for r in read_records(out / "results.json")}

@@ -25,7 +25,7 @@ def test_data_parallel_size():
     assert data_parallel_size(12, 2, min_per_process=4) == 2
 
 
-def _all_reduce_job(recipe, *, overwrite, resume, on_step, on_eval):
+def _all_reduce_job(recipe, *, overwrite, resume, on_step, on_eval, data=None):
     """What the loop does: join the process group from the launcher's variables, all-reduce."""
     import torch.distributed as dist
 
@@ -62,7 +62,7 @@ def test_run_distributed_raises_the_failing_process_error(tmp_path):
     assert not (tmp_path / "never.json").exists()
 
 
-def _overwrite_job(recipe, *, overwrite, resume, on_step, on_eval):
+def _overwrite_job(recipe, *, overwrite, resume, on_step, on_eval, data=None):
     """Every rank prepares the same run directory with overwrite, as ``compress`` does."""
     import torch.distributed as dist
 

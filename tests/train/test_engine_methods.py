@@ -14,7 +14,7 @@ from distiq.quant import FakeQuantLinear, QuantSpec, dequantize, quantize
 from distiq.results import read_records
 from distiq.train import read_metrics
 from distiq.train.methods import compress, evaluate
-from distiq.train.recipe import load_recipe, recipe_from_dict
+from distiq.train.recipe import load_recipe, recipe_from_dict, recipe_to_dict
 from distiq.train.runs import load_compressed
 
 TINY = dict(
@@ -239,11 +239,43 @@ def test_qat_may_start_from_gptq_and_runs_may_share_loaded_data(world):
     assert shared.extra["blind_baseline"] == plain.extra["blind_baseline"]
     lines = [line for line in read_metrics(plain_dir / "metrics.jsonl") if line["kind"] == "train"]
     assert set(lines[0]["terms"]) == {"task"}
-    teacher = recipe_from_dict(
-        {**base, "method": "teacher", "output": str(root / "t2"), "teacher": {"preset": "tiny"}}
+
+
+def test_teacher_data_loaded_once_serves_teacher_and_runs(world):
+    # distiq demo loads the teacher's splits before forking its processes, and hands them,
+    # without the heads' targets, to the runs on that teacher: the same numbers as loading them
+    from distiq.train import load_teacher_data, load_teacher_training_data
+
+    root, base = world
+    teacher = load_recipe(root / "teacher" / "recipe.yaml")
+    teacher = recipe_from_dict({**recipe_to_dict(teacher), "output": str(root / "teacher-2")})
+    data = load_teacher_training_data(teacher)
+    assert data.train.has_detection and data.train.has_segmentation
+    again = read_records(compress(teacher, data=data) / "results.json")[0]
+    first = read_records(root / "teacher" / "results.json")[0]
+    assert (
+        again.value == first.value
+        and again.extra["best_val_accuracy"] == first.extra["best_val_accuracy"]
     )
-    with pytest.raises(ValueError, match="a teacher loads its own"):
-        compress(teacher, data=data)
+    recipe = recipe_from_dict(
+        {**base, "method": "rtn", "quantization": W4A8, "teacher": str(root / "teacher"),
+         "output": str(root / "r")}
+    )  # fmt: skip
+    shared, loaded = data.without_heads(), load_teacher_data(recipe)
+    assert not shared.train.has_detection and not shared.train.has_segmentation
+    assert data.train.has_detection  # the teacher's own splits keep their targets
+    assert shared.blind_baseline == loaded.blind_baseline
+    for split in ("train", "val", "test"):
+        a, b = getattr(shared, split), getattr(loaded, split)
+        assert a.images == b.images and len(a) == len(b)
+        count = min(4, len(a))
+        items = [a[i] for i in range(count)], [b[i] for i in range(count)]
+        for answers in (True, False):
+            x, y = (s.collate(i, with_answers=answers) for s, i in zip((a, b), items))
+            assert x.keys() == y.keys()
+            for key in x:
+                same = torch.equal(x[key], y[key]) if torch.is_tensor(x[key]) else x[key] == y[key]
+                assert same, (split, key)
 
 
 def test_qad_with_gptq_init_logs_every_term(world):

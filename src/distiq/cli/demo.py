@@ -6,10 +6,12 @@
 3. compress it with rtn, gptq, qat and qad at W4A8 and W2A16 (group 64), plus kd (a smaller
    full-precision student) — the shipped recipes, same data and steps for every trained method
    (each run evaluates on the test split; cached in ``OUT/runs/NAME``). They run longest first;
-   the parent imports the model code before it forks and reads the runs' splits once
-   (``distiq.train.load_teacher_data``), so that no run repeats either;
-4. measure every model (size, latency: ``distiq.bench``) and export the most accurate quantized
-   one (packed and ONNX: ``distiq.export``);
+   the parent imports the model code before it forks and reads the splits once
+   (``distiq.train.load_teacher_training_data`` for a teacher it trains, whose splits then serve
+   the runs too; else ``distiq.train.load_teacher_data``), so that no process repeats either.
+   Each worker also exports its run's ONNX models for step 4 (``distiq.bench.bench_exports``);
+4. measure every model (size, latency: ``distiq.bench``; timed after the workers stopped) and
+   export the most accurate quantized one (packed and ONNX: ``distiq.export``);
 5. gather the records in ``OUT/results.json`` and write ``OUT/report.md`` / ``report.html``.
 
 Every recipe is validated and the output checked before any long work. The wall time of each
@@ -62,6 +64,9 @@ class _Engine:
         self.bench_exports = engine_function("demo", "distiq.bench", "bench_exports")
         self.import_model_code = engine_function("demo", "distiq.models", "import_edge_vlm_code")
         self.load_teacher_data = engine_function("demo", "distiq.train", "load_teacher_data")
+        self.load_teacher_training_data = engine_function(
+            "demo", "distiq.train", "load_teacher_training_data"
+        )
 
 
 def _validated(engine: _Engine, names: list[str], settings: DemoSettings, out: Path, scenes: Path):
@@ -88,23 +93,19 @@ def _run(
     engine: _Engine,
     name: str,
     recipe: Any,
+    action: str,
     times: dict[str, float],
-    reused: list,
-    fresh: bool,
     jobs: int = 1,
     data: Any = None,
-) -> bool:
-    """Run (or reuse, or resume) one recipe: data-parallel over up to ``jobs`` forked processes
+) -> None:
+    """Run or resume (``action``) one recipe: data-parallel over up to ``jobs`` forked processes
     when its global batch splits (:func:`~distiq.cli.demo_jobs.run_distributed`), else in this
-    process (with ``data``, its splits loaded already, when given). Returns whether it ran."""
-    action = _action(engine, name, recipe, reused, fresh)
-    if action == "reuse":
-        return False
+    process; with ``data``, its splits loaded already."""
     world = data_parallel_size(recipe.train.batch_size, jobs)
     if world > 1:
         typer.echo(f"{name}: data-parallel over {world} processes")
-        times[name] = run_distributed(Job(name, engine.compress, recipe, action), world)
-        return True
+        times[name] = run_distributed(Job(name, engine.compress, recipe, action, data), world)
+        return
     started = time.perf_counter()
     with step_progress(f"{name}") as progress:
         engine.compress(
@@ -116,12 +117,28 @@ def _run(
             data=data,
         )
     times[name] = round(time.perf_counter() - started, 1)
-    return True
 
 
-def _with_shared_data(engine: _Engine, todo: list[Job], times: dict[str, float]) -> list[Job]:
+def _load(what: str, times: dict[str, float], load: Any, recipe: Any) -> Any:
+    """``load(recipe)`` under a status line; its seconds go to ``times["data"]``."""
+    started = time.perf_counter()
+    with console(stderr=True).status(f"Loading {what}…"):
+        data = load(recipe)
+    times["data"] = round(times.get("data", 0.0) + time.perf_counter() - started, 1)
+    return data
+
+
+def _with_shared_data(
+    engine: _Engine,
+    todo: list[Job],
+    times: dict[str, float],
+    teacher: Any,
+    teacher_data: Any = None,
+) -> list[Job]:
     """``todo`` with the splits of the runs that share the first run's data and teacher loaded
-    once, here (forked workers inherit them; ``times["data"]``: the seconds it took)."""
+    once, here (forked workers inherit them): the splits the ``teacher`` recipe trained on
+    (``teacher_data``, without the heads' targets) when the runs compress that teacher on the
+    same data, else read now."""
     if not todo:
         return todo
     first = todo[0].recipe
@@ -131,10 +148,14 @@ def _with_shared_data(engine: _Engine, todo: list[Job], times: dict[str, float])
     ]
     if sum(sharing) < 2:
         return todo
-    started = time.perf_counter()
-    with console(stderr=True).status("Loading the runs' data…"):
-        data = engine.load_teacher_data(first)
-    times["data"] = round(time.perf_counter() - started, 1)
+    if (
+        teacher_data is not None
+        and first.data == teacher.data
+        and Path(first.teacher.path) == Path(teacher.output)
+    ):
+        data = teacher_data.without_heads()
+    else:
+        data = _load("the runs' data", times, engine.load_teacher_data, first)
     return [dataclasses.replace(j, data=data) if s else j for j, s in zip(todo, sharing)]
 
 
@@ -223,7 +244,13 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
     if jobs > 1:  # the forked processes inherit the model code instead of importing it each
         engine.import_model_code()
     reused: list[str] = []
-    teacher_ran = _run(engine, TEACHER, recipes[TEACHER], times, reused, fresh=False, jobs=jobs)
+    teacher = recipes[TEACHER]
+    teacher_action = _action(engine, TEACHER, teacher, reused, fresh=False)
+    teacher_ran = teacher_action != "reuse"
+    teacher_data = None
+    if teacher_ran:  # loaded once, for the teacher's processes and the runs after it
+        teacher_data = _load("the data", times, engine.load_teacher_training_data, teacher)
+        _run(engine, TEACHER, teacher, teacher_action, times, jobs=jobs, data=teacher_data)
     # a new teacher makes every run built on the old one stale
     actions = {name: _action(engine, name, recipes[name], reused, teacher_ran) for name in RUNS}
     order = longest_first({name: recipes[name] for name in RUNS})
@@ -232,7 +259,7 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
         for name in order
         if actions[name] != "reuse"
     ]
-    todo = _with_shared_data(engine, todo, times)
+    todo = _with_shared_data(engine, todo, times, teacher, teacher_data)
     workers = min(jobs, len(todo))
     with tempfile.TemporaryDirectory(prefix="distiq-demo-onnx-") as onnx_root:
         exports: dict[str, Any] = {}
@@ -243,8 +270,7 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
             exports[TEACHER] = exports.pop(_TEACHER_EXPORTS, None)
         else:
             for job in todo:
-                fresh = job.action == "run"
-                _run(engine, job.name, job.recipe, times, reused, fresh=fresh, data=job.data)
+                _run(engine, job.name, job.recipe, job.action, times, data=job.data)
 
         started = time.perf_counter()
         records = []

@@ -221,6 +221,7 @@ def _run_rank(name: str, rank: int, world_size: int, port: int, events: Any) -> 
             resume=job.action == "resume",
             on_step=progress.on_step if progress else None,
             on_eval=progress.on_eval if progress else None,
+            data=job.data,
         )
     except BaseException as exc:  # sent to the parent, which raises it
         try:

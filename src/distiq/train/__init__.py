@@ -92,6 +92,7 @@ _LAZY = {
     "load_compressed": "distiq.train.runs",
     "train_teacher": "distiq.train.teacher",
     "load_teacher_data": "distiq.train.data_setup",
+    "load_teacher_training_data": "distiq.train.teacher",
 }
 
 

@@ -31,6 +31,11 @@ class EngineData:
     test: ImageQuestions
     blind_baseline: dict[str, Any]
 
+    def without_heads(self) -> EngineData:
+        """The splits without the train split's detection and segmentation targets: what
+        :func:`load_data` gives without ``heads`` (val and test never have them)."""
+        return EngineData(self.train.without_heads(), self.val, self.test, self.blind_baseline)
+
 
 def check_data(data: Any) -> None:
     """Fail fast on a missing or empty data path (before any long work)."""

@@ -83,7 +83,8 @@ def compress(
         on_step / on_eval: progress callbacks of the training loop (``StepInfo``;
             ``(step, metrics)``), e.g. for a progress bar.
         data: the recipe's splits loaded already (``load_teacher_data(recipe)``, for runs that
-            share data and teacher); by default they are read here. Not for ``teacher``.
+            share data and teacher; for ``teacher``: ``load_teacher_training_data(recipe)``);
+            by default they are read here.
     Raises:
         ConfigError, FileNotFoundError, FileExistsError, PermissionError: bad input, found
             before any long work.
@@ -98,11 +99,13 @@ def compress(
     if recipe.method == "teacher":
         from distiq.train.teacher import train_teacher
 
-        if data is not None:
-            raise ValueError("compress(data=...) is for compression runs; a teacher loads its own")
-
         return train_teacher(
-            recipe, overwrite=not resume, resume=resume, on_step=on_step, on_eval=on_eval
+            recipe,
+            overwrite=not resume,
+            resume=resume,
+            on_step=on_step,
+            on_eval=on_eval,
+            data=data,
         )
     started = time.perf_counter()
     teacher, adapter = load_vlm(recipe.teacher.path)

@@ -38,7 +38,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -49,6 +49,9 @@ from distiq.train.loop import train
 from distiq.train.recipe import Recipe
 from distiq.train.runs import RESULTS_FILE
 from distiq.train.vlm import EngineModel, evaluate_vqa
+
+if TYPE_CHECKING:
+    from distiq.train.data_setup import EngineData
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +236,22 @@ def build_teacher_model(recipe: Recipe, vocabulary: list[str], train_data: Any) 
     )
 
 
+def load_teacher_training_data(recipe: Recipe) -> EngineData:
+    """The splits :func:`train_teacher` trains and evaluates on (tokenized for the teacher to be
+    built; the train split with the heads' targets when ``teacher.heads``). Loaded once before
+    forking, they serve the teacher's data-parallel processes and, through
+    ``EngineData.without_heads``, the runs that compress it (``distiq demo``): the batches are
+    the same as those of ``load_teacher_data`` once the teacher is saved."""
+    from distiq.models import build_edge_processor, edge_vlm_config
+    from distiq.train.data_setup import load_data, scene_vocabulary
+
+    vocabulary = scene_vocabulary(recipe.data)
+    config = edge_vlm_config(recipe.teacher.preset, **recipe.teacher.model)
+    processor = build_edge_processor(vocabulary, config)
+    adapter = _processor_adapter(processor, config, vocabulary)
+    return load_data(recipe, adapter, heads=recipe.teacher.heads)
+
+
 def train_teacher(
     recipe: Recipe,
     *,
@@ -240,20 +259,21 @@ def train_teacher(
     resume: bool = False,
     on_step: Callable | None = None,
     on_eval: Callable | None = None,
+    data: EngineData | None = None,
 ) -> Path:
     """Train the teacher of ``recipe`` (``method: teacher``) into ``recipe.output`` and return
-    that directory (see the module docstring). Call :func:`distiq.train.methods.check_recipe`
+    that directory (see the module docstring); ``data``: its splits loaded already
+    (:func:`load_teacher_training_data`). Call :func:`distiq.train.methods.check_recipe`
     first for the fast input checks (``compress`` does, and writes the run's ``recipe.yaml``)."""
-    from distiq.models import VLMWithHeads, build_edge_processor, edge_vlm_config
-    from distiq.train.data_setup import load_data, scene_vocabulary
+    from distiq.models import VLMWithHeads
+    from distiq.train.data_setup import scene_vocabulary
 
     run_dir = Path(recipe.output)
     started = time.perf_counter()
     vocabulary = scene_vocabulary(recipe.data)
-    config = edge_vlm_config(recipe.teacher.preset, **recipe.teacher.model)
-    processor = build_edge_processor(vocabulary, config)
-    adapter = _processor_adapter(processor, config, vocabulary)
-    data = load_data(recipe, adapter, heads=recipe.teacher.heads)
+    if data is None:
+        data = load_teacher_training_data(recipe)
+    adapter = data.train.adapter
     data.train.cache_images()  # every epoch after the first reads no files
     data.val.cache_images()  # evaluated every eval_every steps
     model = build_teacher_model(recipe, vocabulary, data.train)

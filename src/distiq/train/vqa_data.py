@@ -281,6 +281,16 @@ class ImageQuestions(Dataset):
             mask = mask.astype(np.uint8)  # a quarter / an eighth of the memory in the cache
         return mask
 
+    def without_heads(self) -> ImageQuestions:
+        """These images and questions without detection boxes and segmentation masks (what
+        ``load_scene_split(..., heads=False)`` gives), sharing the rest; no image cache."""
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.detection = other.masks = other.mask_lookup = None
+        other.num_detection_classes = other.num_segmentation_classes = None
+        other._cache = None
+        return other
+
     def subset(self, indices: Sequence[int]) -> ImageQuestions:
         """The images ``indices`` (with all their questions)."""
         other = object.__new__(type(self))

@@ -261,7 +261,9 @@ def test_teacher_data_loaded_once_serves_teacher_and_runs(world):
         {**base, "method": "rtn", "quantization": W4A8, "teacher": str(root / "teacher"),
          "output": str(root / "r")}
     )  # fmt: skip
+    data.val.cache_images()  # as the teacher, trained in this process, left it
     shared, loaded = data.without_heads(), load_teacher_data(recipe)
+    assert shared.val._cache is None and data.val._cache is not None
     assert not shared.train.has_detection and not shared.train.has_segmentation
     assert data.train.has_detection  # the teacher's own splits keep their targets
     assert shared.blind_baseline == loaded.blind_baseline

@@ -32,9 +32,16 @@ class EngineData:
     blind_baseline: dict[str, Any]
 
     def without_heads(self) -> EngineData:
-        """The splits without the train split's detection and segmentation targets: what
-        :func:`load_data` gives without ``heads`` (val and test never have them)."""
-        return EngineData(self.train.without_heads(), self.val, self.test, self.blind_baseline)
+        """The splits without the train split's detection and segmentation targets and without
+        image caches: what :func:`load_data` gives without ``heads`` (a teacher trained in this
+        process cached its train and val images, resized the cached way, whose pixels can differ
+        in the last bit from the processor's)."""
+        return EngineData(
+            self.train.without_heads(),
+            self.val.without_heads(),
+            self.test.without_heads(),
+            self.blind_baseline,
+        )
 
 
 def check_data(data: Any) -> None:

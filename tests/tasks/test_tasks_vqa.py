@@ -170,6 +170,22 @@ def test_accumulator_per_question_and_answer_type():
         acc.compute()
 
 
+def test_merged_shards_give_the_one_pass_value_in_any_order():
+    # a data-parallel evaluation merges shards in rank order, not question order: the
+    # accuracy must not depend on it (plain sum() of 0.3/0.6/0.9 scores would, in the last bit)
+    humans = [["x"] * k + ["y"] * (10 - k) for k in range(10)]
+    answers = [humans[(7 * i) % 10] for i in range(200)]
+    whole, shards = VQAAccuracy(), [VQAAccuracy() for _ in range(2)]
+    whole.update(["x"] * 200, {"answers": answers})
+    for rank, shard in enumerate(shards):
+        shard.update(["x"] * len(answers[rank::2]), {"answers": answers[rank::2]})
+    merged = VQAAccuracy()
+    for shard in shards:
+        merged.merge(shard)
+    assert sum(merged.scores) != sum(whole.scores)  # the orders differ in the last bit
+    assert merged.compute() == whole.compute()
+
+
 def test_infer_answer_type():
     assert infer_answer_type(["Yes"] * 6 + ["no"] * 4) == "yes/no"
     assert infer_answer_type(["two"] * 10) == "number"

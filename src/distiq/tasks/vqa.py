@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -191,7 +192,9 @@ class VQAAccuracy:
         if not self.scores:
             raise ValueError("no questions were scored: call update() before compute()")
         out = {
-            "vqa_accuracy": sum(self.scores) / len(self.scores),
+            # fsum: exactly rounded, so the result does not depend on the order of the scores
+            # (merged shards of a data-parallel evaluation give the one-process value)
+            "vqa_accuracy": math.fsum(self.scores) / len(self.scores),
             "num_questions": float(len(self.scores)),
         }
         for kind, types in (
@@ -203,7 +206,7 @@ class VQAAccuracy:
                 if type_ is not None:
                     groups[type_].append(score)
             for type_ in sorted(groups):
-                out[f"vqa_accuracy/{kind}/{type_}"] = sum(groups[type_]) / len(groups[type_])
+                out[f"vqa_accuracy/{kind}/{type_}"] = math.fsum(groups[type_]) / len(groups[type_])
         return out
 
 

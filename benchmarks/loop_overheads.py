@@ -29,11 +29,14 @@ import torch
 
 from _machine import machine_info  # benchmarks/ is on sys.path when run as a script
 from distiq.data.scenes import generate_scenes
-from distiq.models import build_edge_processor, edge_vlm_config
 from distiq.train.batches import move_to_device
-from distiq.train.data_setup import load_data, scene_vocabulary
+from distiq.train.data_setup import scene_vocabulary
 from distiq.train.recipe import load_recipe
-from distiq.train.teacher import _grounding_heads, _processor_adapter, build_teacher_model
+from distiq.train.teacher import (
+    _grounding_heads,
+    build_teacher_model,
+    load_teacher_training_data,
+)
 from distiq.train.vlm import EngineModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,13 +86,10 @@ def main() -> None:
         recipe = dataclasses.replace(
             recipe, data=dataclasses.replace(recipe.data, scenes=Path(scenes.root))
         )
-        vocabulary = scene_vocabulary(recipe.data)
-        config = edge_vlm_config(recipe.teacher.preset, **recipe.teacher.model)
-        adapter = _processor_adapter(build_edge_processor(vocabulary, config), config, vocabulary)
-        data = load_data(recipe, adapter, heads=recipe.teacher.heads)
+        data = load_teacher_training_data(recipe)
         data.train.cache_images()
-        model = build_teacher_model(recipe, vocabulary, data.train)
-        grounding = _grounding_heads(recipe, EngineModel(model), adapter)
+        model = build_teacher_model(recipe, scene_vocabulary(recipe.data), data.train)
+        grounding = _grounding_heads(recipe, EngineModel(model), data.train.adapter)
         items = [data.train[i] for i in range(16)]
         batch = data.train.collate(items)
         mask = batch["suffix_mask"].bool() & (batch["labels"] == -100)

@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from distiq.bench import bench_exports, bench_run, measure_model, peak_memory, time_interleaved
 from distiq.bench.timing import Timing
@@ -105,18 +106,23 @@ def test_bench_run_with_exports_made_ahead(deploy, w8a8, tmp_path, monkeypatch):
 
     run = _run_dir(deploy, w8a8, tmp_path / "qad-w8a8")
     backends = ("ort-fp32", "ort-int8", "ort-int4")
-    exports = bench_exports(run, tmp_path / "onnx", backends=backends)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the demo's workers export
+    try:
+        exports = bench_exports(run, tmp_path / "onnx", backends=backends)
+    finally:
+        torch.set_num_threads(threads)
     assert exports["ort-fp32"] == tmp_path / "onnx" / "onnx-fp32"
     assert exports["ort-int8"] == tmp_path / "onnx" / "onnx-int8"
     assert "8-bit weights" in exports["ort-int4"]  # why it cannot export, as measure_model says
-    fresh = bench_run(run, backends=backends, workloads=("language_model",), threads=1,
+    fresh = bench_run(run, backends=backends, workloads=("language_model",), threads=2,
                       warmup=0, repeats=2)  # fmt: skip
 
     def no_export(*args, **kwargs):
         raise AssertionError("bench_run exported although the exports were given")
 
     monkeypatch.setattr(distiq.export.onnx, "export_onnx", no_export)
-    ahead = bench_run(run, backends=backends, workloads=("language_model",), threads=1,
+    ahead = bench_run(run, backends=backends, workloads=("language_model",), threads=2,
                       warmup=0, repeats=2, exports=exports)  # fmt: skip
     assert (tmp_path / "onnx" / "onnx-int8").is_dir()  # the caller's files: left in place
     old, new = (r[0].extra["bench"]["language_model"] for r in (fresh, ahead))

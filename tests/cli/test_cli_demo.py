@@ -162,8 +162,12 @@ class FakeEngine:
             (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
         return out
 
+    export_fail: ClassVar[str | None] = None  # a run name whose bench_exports raises
+
     def bench_exports(self, run_dir, root):
         """In a worker: 'exports' (a file the parent's bench_run gets the path of)."""
+        if Path(run_dir).name == self.export_fail:
+            raise RuntimeError("the ONNX exporter broke")
         root.mkdir(parents=True)
         (root / "model.onnx").write_text(Path(run_dir).name)
         return {"ort-fp32": root, "ort-int8": "cannot export"}
@@ -193,6 +197,7 @@ def fake_engine(monkeypatch):
 
     FakeEngine.calls = []
     monkeypatch.setattr(FakeEngine, "fail", None)
+    monkeypatch.setattr(FakeEngine, "export_fail", None)
     monkeypatch.setattr(demo, "_Engine", FakeEngine)
     for name in ("training_curves", "accuracy_vs_size", "accuracy_vs_latency"):  # drawing is
         monkeypatch.setattr(plots, name, lambda *args: b"PNG")  # tested in tests/report
@@ -333,6 +338,16 @@ def test_demo_runs_in_worker_processes(runner, tmp_path, fake_engine):
     # every model's ONNX files were exported in a worker (the teacher's in a job of its own)
     benched = {c[1]: c[4] for c in fake_engine.calls if c[0] == "bench"}
     assert benched == {name: ["ort-fp32", "ort-int8"] for name in ["teacher", *RUNS]}
+
+    # exports that fail in a worker are said and left to the benchmark step; the runs go on
+    fake_engine.calls.clear()
+    fake_engine.export_fail = "kd-small"
+    result = runner.invoke(app, ["demo", "--quick", "--jobs", "2", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 0, result.output
+    assert "ONNX exports of kd-small for bench failed in the worker" in result.stderr
+    benched = {c[1]: c[4] for c in fake_engine.calls if c[0] == "bench"}
+    assert benched["kd-small"] is None and benched["qad-w4a8"] == ["ort-fp32", "ort-int8"]
+    fake_engine.export_fail = None
 
     # a failing run is reported as the error it is, after the others stopped
     fake_engine.fail = "qat-w2a16-g64"

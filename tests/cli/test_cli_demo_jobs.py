@@ -109,3 +109,35 @@ def test_only_the_launchers_rank_0_empties_a_run_directory(tmp_path, monkeypatch
     prepare_run_dir(run_dir, overwrite=True, resume=False)
     assert list(run_dir.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def _write_job(recipe, *, overwrite, resume, on_step, on_eval, data=None):
+    Path(recipe).write_text(f"{data} overwrite={overwrite}")
+
+
+@needs_fork
+def test_run_jobs_returns_what_after_returned(tmp_path):
+    # ``after`` runs in the worker once compress is done; a job of ``after`` alone has no time
+    import os
+
+    from distiq.cli.demo_jobs import run_jobs
+
+    def after(name):
+        return lambda: (name, (tmp_path / "run.txt").read_text(), os.getpid())
+
+    jobs = [
+        Job("run", _write_job, str(tmp_path / "run.txt"), "run", data="shared", after=after("a")),
+        Job("extra", None, None, "run", after=lambda: "only after"),
+    ]
+    seconds, outputs = run_jobs(jobs, workers=2)
+    assert set(seconds) == {"run"} and seconds["run"] >= 0
+    assert outputs["extra"] == "only after"
+    name, written, pid = outputs["run"]
+    assert (name, written) == ("a", "shared overwrite=True") and pid != os.getpid()
+
+
+def test_run_distributed_takes_compress_alone(tmp_path):
+    with pytest.raises(ValueError, match="compress alone"):
+        run_distributed(Job("toy", _write_job, "x", "run", after=lambda: None), world_size=2)
+    with pytest.raises(ValueError, match="compress alone"):
+        run_distributed(Job("toy", None, None, "run"), world_size=2)

@@ -251,6 +251,9 @@ def test_teacher_data_loaded_once_serves_teacher_and_runs(world):
     teacher = recipe_from_dict({**recipe_to_dict(teacher), "output": str(root / "teacher-2")})
     data = load_teacher_training_data(teacher)
     assert data.train.has_detection and data.train.has_segmentation
+    with pytest.raises(ValueError, match="no detection or segmentation targets"):
+        compress(teacher, data=data.without_heads())  # the splits of a run, not a teacher's
+    assert not (root / "teacher-2" / "recipe.yaml").exists()  # refused before writing
     again = read_records(compress(teacher, data=data) / "results.json")[0]
     first = read_records(root / "teacher" / "results.json")[0]
     assert (
@@ -261,15 +264,21 @@ def test_teacher_data_loaded_once_serves_teacher_and_runs(world):
         {**base, "method": "rtn", "quantization": W4A8, "teacher": str(root / "teacher"),
          "output": str(root / "r")}
     )  # fmt: skip
-    data.val.cache_images()  # as the teacher, trained in this process, left it
+    assert len(data.val._cache) > 0  # the teacher, trained in this process, cached its images
     shared, loaded = data.without_heads(), load_teacher_data(recipe)
-    assert shared.val._cache is None and data.val._cache is not None
+    assert shared.val._cache is None  # the runs read images as load_teacher_data's splits do
     assert not shared.train.has_detection and not shared.train.has_segmentation
     assert data.train.has_detection  # the teacher's own splits keep their targets
     assert shared.blind_baseline == loaded.blind_baseline
+    ours, saved = shared.train.adapter.tokenizer, loaded.train.adapter.tokenizer
+    assert ours.get_vocab() == saved.get_vocab()
+    assert (ours.pad_token_id, ours.eos_token_id) == (saved.pad_token_id, saved.eos_token_id)
     for split in ("train", "val", "test"):
         a, b = getattr(shared, split), getattr(loaded, split)
-        assert a.images == b.images and len(a) == len(b)
+        assert a.images == b.images and a.rows == b.rows and a.size == b.size
+        assert a.tokens.suffix == b.tokens.suffix
+        assert a.tokens.prompt_lengths == b.tokens.prompt_lengths
+        assert torch.equal(a.tokens.prefix_ids, b.tokens.prefix_ids)
         count = min(4, len(a))
         items = [a[i] for i in range(count)], [b[i] for i in range(count)]
         for answers in (True, False):

@@ -150,7 +150,7 @@ def test_evaluate_vqa_scores_the_generated_answers(model_and_data):
     assert {k.split("/")[-1] for k in metrics if "/question_type/" in k} == types
 
 
-def _sharded_eval_job(recipe, *, overwrite, resume, on_step, on_eval):
+def _sharded_eval_job(recipe, *, overwrite, resume, on_step, on_eval, data=None):
     """In each forked process of run_distributed: join the group, evaluate sharded; rank 0
     also evaluates everything alone and writes both."""
     import json

@@ -143,6 +143,30 @@ def test_weight_decay_only_on_weights(toys, tmp_path):
     assert torch.equal(after["fc1.bias"], before["fc1.bias"])
 
 
+def test_multi_tensor_adamw_with_decay_groups_is_the_per_tensor_one(toys, tmp_path):
+    """The loop asks for torch's multi-tensor AdamW on CPU: with its two groups (decay on
+    matrices only) it must leave the same parameters, bit for bit, as the per-tensor loop."""
+    from distiq.train.loop import _param_groups
+
+    data = toys.ToyData(32)
+    model = toys.make_model()
+    config = cpu_config(
+        steps=4, lr=0.05, batch_size=8, shuffle=False, weight_decay=0.1, grad_clip=None,
+        schedule="constant",
+    )  # fmt: skip
+    train(model, toys.plain_step, data, config=config, run_dir=tmp_path)
+    ref = toys.make_model()
+    groups = _param_groups(ref, None, 0.1)
+    assert len(groups) == 2 and {g["weight_decay"] for g in groups} == {0.0, 0.1}
+    optimizer = torch.optim.AdamW(groups, lr=0.05, weight_decay=0.1, foreach=False)
+    for i in range(0, 32, 8):
+        optimizer.zero_grad()
+        toys.plain_step(ref, {"x": data.x[i : i + 8], "y": data.y[i : i + 8]}, 0).total.backward()
+        optimizer.step()
+    for key, value in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
 def test_evaluation_and_best_checkpoint_by_max_and_min(toys, tmp_path):
     data = toys.ToyData(64)
     # The metric sequence is scripted so that the best step is known: eval at 2, 4, 6, 8.

@@ -202,8 +202,8 @@ def export_backends(
     ``root/onnx-<precision>``. Returns ``{backend: its directory}``, or ``{backend: why it
     cannot export}`` (e.g. 2-bit weights in int8 QDQ). ``ort-fp32`` exports ``twin`` (default:
     the model's float twin). :func:`measure_model` calls it, or takes its result
-    (``exports=``): ``distiq demo`` exports in the worker process that trained the model,
-    where the export costs no time of its own."""
+    (``exports=``): ``distiq demo`` exports in the worker process that trained the model, side
+    by side with the other worker's runs."""
     from distiq.export.onnx import export_onnx
     from distiq.export.onnx_quant import plan_model
     from distiq.export.rundir import float_twin
@@ -257,7 +257,8 @@ def measure_model(
         seq_len: language-model length L (default: image tokens + 16).
         workdir: where ONNX exports go (default: a temporary directory, removed after).
         exports: the ONNX models of the ``ort-*`` backends, exported before by
-            :func:`export_backends` from this model (then nothing is exported here).
+            :func:`export_backends` from this model for the same ``backends`` (then nothing is
+            exported here and ``workdir`` is not used).
 
     Returns:
         One ``BackendResult`` per (workload, backend), unavailable ones with their reason.

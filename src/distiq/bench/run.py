@@ -196,7 +196,7 @@ def bench_exports(
     """Export a run directory's model for :func:`bench_run` ahead of it, under ``root``
     (``distiq.bench.backends.export_backends``): ``bench_run(run_dir, exports=...)`` then only
     measures. ``distiq demo`` calls it in the worker that trained the run, so that the exports
-    (most of a measurement's time) run two at a time."""
+    (most of a measurement's time) run in the workers side by side."""
     from distiq.bench.backends import export_backends
     from distiq.export.rundir import load_run
 

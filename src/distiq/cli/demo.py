@@ -9,7 +9,8 @@
    the parent imports the model code before it forks and reads the splits once
    (``distiq.train.load_teacher_training_data`` for a teacher it trains, whose splits then serve
    the runs too; else ``distiq.train.load_teacher_data``), so that no process repeats either.
-   Each worker also exports its run's ONNX models for step 4 (``distiq.bench.bench_exports``);
+   With more than one worker, each also exports its run's ONNX models for step 4
+   (``distiq.bench.bench_exports``);
 4. measure every model (size, latency: ``distiq.bench``; timed after the workers stopped) and
    export the most accurate quantized one (packed and ONNX: ``distiq.export``);
 5. gather the records in ``OUT/results.json`` and write ``OUT/report.md`` / ``report.html``.
@@ -137,8 +138,8 @@ def _with_shared_data(
 ) -> list[Job]:
     """``todo`` with the splits of the runs that share the first run's data and teacher loaded
     once, here (forked workers inherit them): the splits the ``teacher`` recipe trained on
-    (``teacher_data``, without the heads' targets) when the runs compress that teacher on the
-    same data, else read now."""
+    (``teacher_data``, already without the heads' targets) when the runs compress that teacher
+    on the same data, else read now."""
     if not todo:
         return todo
     first = todo[0].recipe
@@ -153,7 +154,7 @@ def _with_shared_data(
         and first.data == teacher.data
         and Path(first.teacher.path) == Path(teacher.output)
     ):
-        data = teacher_data.without_heads()
+        data = teacher_data
     else:
         data = _load("the runs' data", times, engine.load_teacher_data, first)
     return [dataclasses.replace(j, data=data) if s else j for j, s in zip(todo, sharing)]
@@ -169,6 +170,31 @@ def _measured(records: list) -> bool:
     )
 
 
+def _bench_exports(engine: _Engine, directory: Path, root: Path) -> Any:
+    """``bench_exports`` in a worker; a failure comes back as its message (a ``str``), so that
+    it leaves the exports to the benchmark step instead of stopping the runs not yet done."""
+    try:
+        return engine.bench_exports(directory, root)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _usable_exports(exports: dict[str, Any]) -> dict[str, Any]:
+    """The workers' exports by run name; a failed one is said here and left out (``bench``
+    exports that model itself)."""
+    usable = {}
+    for name, made in exports.items():
+        name = TEACHER if name == _TEACHER_EXPORTS else name
+        if isinstance(made, str):
+            console(stderr=True).print(
+                f"[yellow]ONNX exports of {name} for bench failed in the worker ({made}); "
+                "bench exports them itself"
+            )
+        elif made is not None:
+            usable[name] = made
+    return usable
+
+
 def _with_bench_exports(engine: _Engine, todo: list[Job], out: Path, root: Path) -> list[Job]:
     """``todo`` whose workers also make each run's ONNX exports for the benchmark once the run
     is done (``distiq.bench.bench_exports``, under ``root``), plus a job of the teacher's own
@@ -178,7 +204,7 @@ def _with_bench_exports(engine: _Engine, todo: list[Job], out: Path, root: Path)
     from distiq.results import read_records
 
     def exporter(name: str) -> Any:
-        return functools.partial(engine.bench_exports, run_dir(out, name), root / name)
+        return functools.partial(_bench_exports, engine, run_dir(out, name), root / name)
 
     planned = [dataclasses.replace(job, after=exporter(job.name)) for job in todo]
     if not _measured(read_records(run_dir(out, TEACHER) / "results.json")):
@@ -249,8 +275,10 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
     teacher_ran = teacher_action != "reuse"
     teacher_data = None
     if teacher_ran:  # loaded once, for the teacher's processes and the runs after it
-        teacher_data = _load("the data", times, engine.load_teacher_training_data, teacher)
-        _run(engine, TEACHER, teacher, teacher_action, times, jobs=jobs, data=teacher_data)
+        loaded = _load("the data", times, engine.load_teacher_training_data, teacher)
+        _run(engine, TEACHER, teacher, teacher_action, times, jobs=jobs, data=loaded)
+        teacher_data = loaded.without_heads()  # the heads' targets and image caches go
+        del loaded
     # a new teacher makes every run built on the old one stale
     actions = {name: _action(engine, name, recipes[name], reused, teacher_ran) for name in RUNS}
     order = longest_first({name: recipes[name] for name in RUNS})
@@ -265,9 +293,9 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
         exports: dict[str, Any] = {}
         if workers > 1:
             todo = _with_bench_exports(engine, todo, out, Path(onnx_root))
-            seconds, exports = run_jobs(todo, workers)
+            seconds, made = run_jobs(todo, workers)
             times.update(seconds)
-            exports[TEACHER] = exports.pop(_TEACHER_EXPORTS, None)
+            exports = _usable_exports(made)
         else:
             for job in todo:
                 _run(engine, job.name, job.recipe, job.action, times, data=job.data)

@@ -4,8 +4,9 @@ The demo's nine runs are independent (each reads the teacher and the scenes and 
 run directory), and a tiny model uses two threads badly: two one-thread processes do about twice
 the work of one two-thread process on the 2-core machine. Workers are *forked* after the
 parent has set up everything: they inherit the engine's functions and the validated recipes
-(nothing is pickled but run names, step numbers and losses), and they report their progress on a
-queue that the parent draws as one rich progress bar per run.
+(nothing is pickled but run names, step numbers, losses and what a job's ``after`` returns),
+and they report their progress on a queue that the parent draws as one rich progress bar per
+run.
 
 The teacher, a single run, is trained data-parallel instead (:func:`run_distributed`): as many
 forked processes as split its global batch evenly (one thread each), which find each other through
@@ -36,9 +37,9 @@ _EVENTS: Any = None
 
 @dataclass(frozen=True)
 class Job:
-    """One run: ``compress(recipe, overwrite=..., resume=..., on_step=..., on_eval=...)``, then
-    ``after()`` in the same worker (its result goes back to the parent). ``compress=None``: a
-    job of ``after`` alone."""
+    """One run: ``compress(recipe, overwrite=..., resume=..., on_step=..., on_eval=...)``, then,
+    in :func:`run_jobs`, ``after()`` in the same worker (its result goes back to the parent);
+    ``compress=None``: a job of ``after`` alone. :func:`run_distributed` takes neither."""
 
     name: str
     compress: Callable[..., Any] | None
@@ -242,6 +243,8 @@ def run_distributed(job: Job, world_size: int) -> float:
     stopped (they would wait forever in the next all-reduce) and its exception is raised here."""
     import pickle
 
+    if job.compress is None or job.after is not None:
+        raise ValueError(f"{job.name}: run_distributed runs compress alone (no after)")
     context = multiprocessing.get_context("fork")
     events = context.Queue()
     _JOBS.clear()

@@ -55,6 +55,7 @@ Compression engine (imported lazily, on first use)::
 
     from distiq.train import compress, evaluate, load_recipe, recipe_from_dict, Recipe
     from distiq.train import check_recipe, load_compressed, train_teacher, load_teacher_data
+    from distiq.train import load_teacher_training_data
 
 ``compress(recipe) -> run_dir`` runs a recipe (teacher | rtn | gptq | qat | kd | qad | qlora-kd,
 see :mod:`distiq.train.methods`); ``evaluate(run_dir)`` re-scores a run on its test split;

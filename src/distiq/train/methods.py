@@ -92,6 +92,10 @@ def compress(
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     check_recipe(recipe, overwrite=overwrite, resume=resume)
+    if recipe.method == "teacher" and data is not None:
+        from distiq.train.teacher import check_teacher_data
+
+        check_teacher_data(recipe, data)  # before the run directory is touched
     run_dir = Path(recipe.output)
     if launched_rank() == 0:  # data-parallel: one process writes the run directory
         dump_yaml(recipe, run_dir / RECIPE_FILE)

@@ -243,13 +243,24 @@ def load_teacher_training_data(recipe: Recipe) -> EngineData:
     ``EngineData.without_heads``, the runs that compress it (``distiq demo``): the batches are
     the same as those of ``load_teacher_data`` once the teacher is saved."""
     from distiq.models import build_edge_processor, edge_vlm_config
-    from distiq.train.data_setup import load_data, scene_vocabulary
+    from distiq.train.data_setup import check_data, load_data, scene_vocabulary
 
+    check_data(recipe.data)
     vocabulary = scene_vocabulary(recipe.data)
     config = edge_vlm_config(recipe.teacher.preset, **recipe.teacher.model)
     processor = build_edge_processor(vocabulary, config)
     adapter = _processor_adapter(processor, config, vocabulary)
     return load_data(recipe, adapter, heads=recipe.teacher.heads)
+
+
+def check_teacher_data(recipe: Recipe, data: EngineData) -> None:
+    """Refuse splits loaded for a compression run (no heads' targets) where the teacher's heads
+    need them: a teacher trained on them would silently come without heads."""
+    if recipe.teacher.heads and recipe.data.scenes is not None and not data.train.has_detection:
+        raise ValueError(
+            "the teacher's data: its train split has no detection or segmentation targets, which "
+            "the teacher's heads train on; pass load_teacher_training_data(recipe)"
+        )
 
 
 def train_teacher(
@@ -263,8 +274,9 @@ def train_teacher(
 ) -> Path:
     """Train the teacher of ``recipe`` (``method: teacher``) into ``recipe.output`` and return
     that directory (see the module docstring); ``data``: its splits loaded already
-    (:func:`load_teacher_training_data`). Call :func:`distiq.train.methods.check_recipe`
-    first for the fast input checks (``compress`` does, and writes the run's ``recipe.yaml``)."""
+    (:func:`load_teacher_training_data`; their train and val images get cached in them). Call
+    :func:`distiq.train.methods.check_recipe` first for the fast input checks (``compress``
+    does, and writes the run's ``recipe.yaml``)."""
     from distiq.models import VLMWithHeads
     from distiq.train.data_setup import scene_vocabulary
 
@@ -273,6 +285,7 @@ def train_teacher(
     vocabulary = scene_vocabulary(recipe.data)
     if data is None:
         data = load_teacher_training_data(recipe)
+    check_teacher_data(recipe, data)
     adapter = data.train.adapter
     data.train.cache_images()  # every epoch after the first reads no files
     data.val.cache_images()  # evaluated every eval_every steps

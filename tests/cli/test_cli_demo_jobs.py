@@ -111,6 +111,33 @@ def test_only_the_launchers_rank_0_empties_a_run_directory(tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_other_ranks_see_rank_0s_fresh_recipe_as_an_empty_directory(tmp_path, monkeypatch):
+    # rank 0 checks a fresh directory and writes recipe.yaml (through a temporary file) at once;
+    # a slower rank 1 then finds that file or the recipe, and must not call the run a stranger's
+    from distiq.train.runs import prepare_run_dir
+
+    run_dir = tmp_path / "teacher"
+    run_dir.mkdir()
+    (run_dir / ".recipe.yaml.k2j9.tmp").write_text("method: te")
+    for rank in ("0", "1"):  # a file being written is nobody's run
+        monkeypatch.setenv("RANK", rank)
+        prepare_run_dir(run_dir, overwrite=False, resume=False)
+    (run_dir / ".recipe.yaml.k2j9.tmp").rename(run_dir / "recipe.yaml")
+    monkeypatch.setenv("RANK", "1")
+    prepare_run_dir(run_dir, overwrite=False, resume=False)
+    prepare_run_dir(run_dir, overwrite=True, resume=False)
+    assert (run_dir / "recipe.yaml").is_file()
+    with pytest.raises(FileNotFoundError, match="no checkpoints/last.pt"):
+        prepare_run_dir(run_dir, overwrite=False, resume=True)
+    monkeypatch.setenv("RANK", "0")  # rank 0 itself still refuses a run it did not overwrite
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        prepare_run_dir(run_dir, overwrite=False, resume=False)
+    (run_dir / "notes.txt").write_text("someone's")
+    monkeypatch.setenv("RANK", "1")  # and every rank refuses more than a recipe
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        prepare_run_dir(run_dir, overwrite=False, resume=False)
+
+
 def _write_job(recipe, *, overwrite, resume, on_step, on_eval, data=None):
     Path(recipe).write_text(f"{data} overwrite={overwrite}")
 

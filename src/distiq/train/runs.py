@@ -196,7 +196,7 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
         raise ValueError("overwrite and resume exclude each other: pick one")
     if run_dir.exists() and not run_dir.is_dir():
         raise NotADirectoryError(f"output {run_dir} exists and is not a directory")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    if run_dir.is_dir() and _holds_files(run_dir, resume):
         if resume:
             if not (run_dir / "checkpoints" / "last.pt").is_file():
                 raise FileNotFoundError(
@@ -219,6 +219,23 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
     elif resume:
         raise FileNotFoundError(f"cannot resume {run_dir}: there is no run there")
     check_writable(run_dir)
+
+
+def _holds_files(run_dir: Path, resume: bool) -> bool:
+    """Whether ``run_dir`` holds anything, as this process can judge it. Not counted: files
+    being written atomically (``.NAME.XXXX.tmp``, ``distiq.config.atomic_write``) and, for a
+    launched rank other than 0 that does not resume, a lone ``recipe.yaml``: rank 0 writes the
+    run's recipe right after its own check, so another rank may see it (or its temporary file)
+    in a directory that was empty. Counting them failed data-parallel runs into fresh
+    directories ("not empty and holds no distiq run") now and then."""
+    names = [
+        p.name
+        for p in run_dir.iterdir()
+        if not (p.name.startswith(".") and p.name.endswith(".tmp"))
+    ]
+    if names == [RECIPE_FILE] and launched_rank() != 0 and not resume:
+        return False
+    return bool(names)
 
 
 def _empty_run_dir(run_dir: Path) -> None:

@@ -103,3 +103,21 @@ def test_yaml_reads_exponent_floats(tmp_path):
         "e": float("inf"),
         "f": "text",
     }
+
+
+def test_is_atomic_temp_names_atomic_writes_temporary_file(tmp_path, monkeypatch):
+    import os
+
+    from distiq.config import is_atomic_temp
+
+    seen = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        seen.append(os.path.basename(src))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    atomic_write(tmp_path / "recipe.yaml", "x")
+    assert len(seen) == 1 and is_atomic_temp(seen[0])
+    assert not is_atomic_temp("recipe.yaml") and not is_atomic_temp(".hidden")

@@ -239,13 +239,22 @@ def load_yaml(path: str | os.PathLike) -> Any:
         raise ConfigError(f"not valid YAML: {exc}", str(path)) from None
 
 
+_ATOMIC_SUFFIX = ".tmp"
+
+
+def is_atomic_temp(name: str) -> bool:
+    """Whether file ``name`` is :func:`atomic_write`'s temporary file (``.<name>.<random>.tmp``),
+    i.e. a write in progress (or one a killed process left behind)."""
+    return name.startswith(".") and name.endswith(_ATOMIC_SUFFIX)
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, so a
     crash never leaves a half-written file and an existing file is replaced only when complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_ATOMIC_SUFFIX)
     umask = os.umask(0)
     os.umask(umask)
     try:

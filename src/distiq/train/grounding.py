@@ -152,7 +152,9 @@ class GroundingHeads(nn.Module):
         words = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         colour_of = {w: i for i, w in enumerate(vocabulary.colours)}
         self._colour = torch.tensor([colour_of.get(w, -1) for w in words])
-        self._what = torch.tensor([w == "what" for w in words])  # "what digit is ..." asks
+        self._what = [
+            w == "what" for w in words
+        ]  # "what digit is ..." asks (a list: read per token)
         self._noun = [vocabulary.nouns.get(w, ()) for w in words]  # () = not a noun
         self._is_noun = torch.tensor([w in vocabulary.nouns for w in words])
         # created last, so that the default heads start from the same random numbers
@@ -169,7 +171,7 @@ class GroundingHeads(nn.Module):
         picked = (prompt_mask.cpu().bool() & ((colour_t >= 0) | noun_t)).nonzero().tolist()
         # plain lists from here: indexing a tensor element by element costs ~100x more
         ids_l, colour, noun = ids.tolist(), colour_t.tolist(), noun_t.tolist()
-        what = self._what.tolist()
+        what = self._what
         width = ids.shape[1]
         refs = []
         for q, t in picked:

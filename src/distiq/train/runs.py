@@ -223,16 +223,12 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
 
 def _holds_files(run_dir: Path, resume: bool) -> bool:
     """Whether ``run_dir`` holds anything, as this process can judge it. Not counted: files
-    being written atomically (``.NAME.XXXX.tmp``, ``distiq.config.atomic_write``) and, for a
+    being written atomically (``distiq.config.is_atomic_temp``) and, for a
     launched rank other than 0 that does not resume, a lone ``recipe.yaml``: rank 0 writes the
     run's recipe right after its own check, so another rank may see it (or its temporary file)
     in a directory that was empty. Counting them failed data-parallel runs into fresh
     directories ("not empty and holds no distiq run") now and then."""
-    names = [
-        p.name
-        for p in run_dir.iterdir()
-        if not (p.name.startswith(".") and p.name.endswith(".tmp"))
-    ]
+    names = [p.name for p in run_dir.iterdir() if not config.is_atomic_temp(p.name)]
     if names == [RECIPE_FILE] and launched_rank() != 0 and not resume:
         return False
     return bool(names)

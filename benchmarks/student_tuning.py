@@ -16,8 +16,9 @@ plus rtn and gptq (no training, no choice); and every weight matrix in 2 bits (t
 gptq, qat and qad with and without ``pd``, at the shipped learning rate.
 
 ``--setting w4a8`` (summary ``benchmarks/results/student_tuning_w4a8.json``): qat and qad each at
-learning rate 1e-4, 2e-4 (the shipped recipes), 4e-4, each from the round-to-nearest start (the
-shipped recipes) and from GPTQ (``init: gptq``); plus rtn and gptq. Every trained run gets
+learning rate 1e-4, 2e-4, 4e-4, each from the round-to-nearest start and from GPTQ
+(``init: gptq``); plus rtn and gptq. The recipes used to ship 2e-4 from round-to-nearest; after
+this grid they ship qat from GPTQ at 1e-4 and qad from round-to-nearest at 1e-4. Every trained run gets
 the same steps, batch, data order and schedule (the shipped recipes through ``distiq demo``'s
 plan). ``--jobs`` runs that many configurations side by side, one torch thread each;
 ``--summarize-only`` rebuilds the summary from the per-run JSONs in ``--json-dir``.

@@ -22,6 +22,7 @@ images go through the processor).
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -284,8 +285,7 @@ class ImageQuestions(Dataset):
     def without_heads(self) -> ImageQuestions:
         """These images and questions without detection boxes and segmentation masks (what
         ``load_scene_split(..., heads=False)`` gives), sharing the rest; no image cache."""
-        other = object.__new__(type(self))
-        other.__dict__.update(self.__dict__)
+        other = copy.copy(self)
         other.detection = other.masks = other.mask_lookup = None
         other.num_detection_classes = other.num_segmentation_classes = None
         other._cache = None
@@ -293,8 +293,7 @@ class ImageQuestions(Dataset):
 
     def subset(self, indices: Sequence[int]) -> ImageQuestions:
         """The images ``indices`` (with all their questions)."""
-        other = object.__new__(type(self))
-        other.__dict__.update(self.__dict__)
+        other = copy.copy(self)  # a view: questions, tokens and the image cache are shared
         other.images = [self.images[i] for i in indices]
         other.rows = [self.rows[i] for i in indices]
         return other

@@ -24,7 +24,23 @@ IDEFICS_TOKENS = [
     "<end_of_utterance>",
     *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)),
 ]
-FAMILIES = ["llava", "idefics3", "smolvlm", "qwen2_vl", "qwen2_5_vl", "paligemma"]
+GEMMA3_TOKENS = [
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+]
+FAMILIES = [
+    "llava",
+    "llava_next",
+    "idefics3",
+    "smolvlm",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "paligemma",
+    "gemma3",
+]
 
 _TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -45,24 +61,32 @@ def build_family(name: str):
 
     from distiq.models import build_word_tokenizer
 
-    if name == "llava":
+    if name in ("llava", "llava_next"):
         tok = build_word_tokenizer(WORDS)
-        config = tf.LlavaConfig(
+        kwargs = dict(
             vision_config=dict(
                 model_type="clip_vision_model", image_size=32, patch_size=8, **_VISION
             ),
             text_config=dict(
                 model_type="llama",
-                max_position_embeddings=64,
+                max_position_embeddings=256,
                 num_key_value_heads=2,
                 **_TEXT,
                 **_ids(tok),
             ),
             image_token_index=tok.convert_tokens_to_ids("<image>"),
         )
-        size = {"height": 32, "width": 32}
-        processor = tf.CLIPImageProcessorPil(size=size, crop_size=size, do_center_crop=False)
-        return tf.LlavaForConditionalGeneration(config), tok, processor
+        # llava-1.5's processing: shortest edge resized to the tower's size, then a centre crop
+        size, crop = {"shortest_edge": 32}, {"height": 32, "width": 32}
+        if name == "llava":
+            processor = tf.CLIPImageProcessorPil(size=size, crop_size=crop, do_center_crop=True)
+            return tf.LlavaForConditionalGeneration(tf.LlavaConfig(**kwargs)), tok, processor
+        pinpoints = [[32, 64], [64, 32], [64, 64]]
+        processor = tf.LlavaNextImageProcessorPil(
+            size=size, crop_size=crop, image_grid_pinpoints=pinpoints
+        )
+        config = tf.LlavaNextConfig(image_grid_pinpoints=pinpoints, **kwargs)
+        return tf.LlavaNextForConditionalGeneration(config), tok, processor
     if name in ("idefics3", "smolvlm"):
         tok = build_word_tokenizer(WORDS, extra_special_tokens=IDEFICS_TOKENS)
         kwargs = dict(
@@ -153,6 +177,36 @@ def build_family(name: str):
         )
         processor = tf.SiglipImageProcessorPil(size={"height": 32, "width": 32})
         return tf.PaliGemmaForConditionalGeneration(config), tok, processor
+    if name == "gemma3":
+        tok = build_word_tokenizer(WORDS, extra_special_tokens=GEMMA3_TOKENS)
+        ids = tok.convert_tokens_to_ids
+        config = tf.Gemma3Config(
+            vision_config=dict(
+                model_type="siglip_vision_model",
+                image_size=32,
+                patch_size=8,
+                vision_use_head=False,
+                **_VISION,
+            ),
+            text_config=dict(
+                model_type="gemma3_text",
+                max_position_embeddings=256,
+                num_key_value_heads=1,
+                head_dim=16,
+                sliding_window=64,
+                **_TEXT,
+                **_ids(tok),
+            ),
+            mm_tokens_per_image=4,
+            image_token_index=ids("<image_soft_token>"),
+            boi_token_index=ids("<start_of_image>"),
+            eoi_token_index=ids("<end_of_image>"),
+        )
+        model = tf.Gemma3ForConditionalGeneration(config)
+        with torch.no_grad():  # zero-initialised: a random Gemma 3 would ignore the image
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.5)
+        processor = tf.Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+        return model, tok, processor
     raise ValueError(name)
 
 

@@ -138,6 +138,11 @@ def test_module_names_and_quant_targets(family, loaded, make_samples):
     owner = {}
     for part in ("vision", "projector", "language_model", "lm_head"):
         hits = [n for n in linears if targets[part].selects(n)]
+        if part in adapter.unquantizable:  # Gemma 3's projector: a matrix, no nn.Linear
+            assert not hits and not targets[part].include
+            with pytest.raises(ValueError, match=f"no quantizable {part}"):
+                adapter.quant_config(part, weight=QuantSpec(bits=8))
+            continue
         assert hits, f"{part} selects no linear layer"
         for n in hits:
             assert n not in owner, f"{n} is in both {owner.get(n)} and {part}"
@@ -151,6 +156,8 @@ def test_module_names_and_quant_targets(family, loaded, make_samples):
     # quantize_ accepts each part's config and swaps exactly that part's linear layers
     batch = adapter.build_inputs(make_samples())
     for part in ("vision", "projector", "language_model"):
+        if part in adapter.unquantizable:
+            continue
         student = copy.deepcopy(model)
         config = adapter.quant_config(part, weight=QuantSpec(bits=8))
         report = quantize_(student, config)
@@ -165,7 +172,7 @@ def test_patch_embedding_is_its_own_opt_in_part(family, loaded, make_samples):
     model, adapter = loaded
     target = adapter.quant_targets()["patch_embedding"]
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    if adapter.patch_embedding_module is None:  # Qwen2-VL: a Conv3d
+    if "patch_embedding" in adapter.unquantizable:  # Qwen2-VL: a Conv3d
         assert not target.include
         with pytest.raises(ValueError, match="no quantizable patch_embedding.*Conv3d"):
             adapter.quant_config("patch_embedding", weight=QuantSpec(bits=4))
@@ -262,6 +269,8 @@ def test_describe_counts_each_part_once(family, loaded):
     assert report.total == sum(p.numel() for p in model.parameters()) == sum(report.params.values())
     names = adapter.module_names()
     projector = sum(p.numel() for p in model.get_submodule(names.projector).parameters())
+    params = dict(model.named_parameters())
+    projector += sum(params[n].numel() for n in adapter.projector_parameters)  # image_newline
     assert report.params["projector"] == projector
     vision = sum(p.numel() for p in model.get_submodule(names.vision).parameters())
     assert report.params["vision"] == vision - (projector if family.startswith("qwen") else 0)

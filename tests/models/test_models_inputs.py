@@ -40,11 +40,11 @@ def test_missing_directory_and_missing_config(tmp_path):
 
 
 def test_unsupported_architecture_lists_supported_and_how_to_add(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_next"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_onevision"}))
     with pytest.raises(UnsupportedModelError) as error:
         load(tmp_path)
     message = str(error.value)
-    assert "'llava_next'" in message and "did you mean 'llava'" in message
+    assert "'llava_onevision'" in message and "did you mean 'llava" in message
     assert "qwen2_vl" in message and "register_adapter" in message
 
 
@@ -99,13 +99,13 @@ def test_rgba_grayscale_and_odd_sizes_go_through_the_model(llava, make_samples):
 
 def test_prompt_longer_than_the_context_is_a_clear_error(llava, make_samples):
     _, adapter = llava
-    sample = dict(make_samples(1)[0], question=" ".join(["how many"] * 40))
-    with pytest.raises(ValueError, match="exceed the model's context of 64 tokens"):
+    sample = dict(make_samples(1)[0], question=" ".join(["how many"] * 140))
+    with pytest.raises(ValueError, match="exceed the model's context of 256 tokens"):
         adapter.build_inputs([sample])
     short = make_samples(1)
     n = adapter.build_inputs(short, with_answers=False)["input_ids"].shape[1]
     with pytest.raises(ValueError, match="new tokens"):
-        adapter.build_inputs(short, with_answers=False, reserve=64 - n + 1)
+        adapter.build_inputs(short, with_answers=False, reserve=256 - n + 1)
 
 
 def test_bad_samples(llava, make_samples):

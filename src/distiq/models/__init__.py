@@ -1,7 +1,8 @@
 """Model adapters, the built-in edge VLM, and detection / segmentation heads.
 
 - ``load(path)`` -> ``LoadedVLM(model, adapter)`` for a local Hugging Face VLM directory
-  (LLaVA, Idefics3 / SmolVLM, Qwen2-VL / Qwen2.5-VL, PaliGemma; ``register_adapter`` adds more).
+  (LLaVA, LLaVA-NeXT, Idefics3 / SmolVLM, Qwen2-VL / Qwen2.5-VL, PaliGemma, Gemma 3;
+  ``register_adapter`` adds more).
 - ``VLMAdapter``: module names, default quantization targets, feature-capture points,
   ``build_inputs(samples)``, ``generate_answers(model, samples)``.
 - ``build_edge_vlm(vocabulary, preset)``: the built-in LLaVA-architecture edge VLM.
@@ -10,7 +11,14 @@
 Importing this package does not import transformers (that happens on first use).
 """
 
-from distiq.models import idefics3, llava, paligemma, qwen2_vl  # noqa: F401  (register adapters)
+from distiq.models import (  # noqa: F401  (register adapters)
+    gemma3,
+    idefics3,
+    llava,
+    llava_next,
+    paligemma,
+    qwen2_vl,
+)
 from distiq.models.adapter import DEFAULT_PARTS, PARTS, VLMAdapter
 from distiq.models.describe import ModelDescription, describe
 from distiq.models.edge_vlm import (
@@ -21,10 +29,12 @@ from distiq.models.edge_vlm import (
     edge_vlm_config,
     import_edge_vlm_code,
 )
+from distiq.models.gemma3 import Gemma3Adapter
 from distiq.models.heads import DetectionHead, SegmentationHead
 from distiq.models.idefics3 import Idefics3Adapter
 from distiq.models.inputs import IGNORE_INDEX, to_rgb
 from distiq.models.llava import LlavaAdapter
+from distiq.models.llava_next import LlavaNextAdapter
 from distiq.models.loading import (
     ADAPTERS,
     LoadedVLM,
@@ -57,8 +67,10 @@ __all__ = [
     "DetectionHead",
     "EdgeVLMConfig",
     "FeaturePoints",
+    "Gemma3Adapter",
     "Idefics3Adapter",
     "LlavaAdapter",
+    "LlavaNextAdapter",
     "LoadedVLM",
     "ModelDescription",
     "ModuleNames",

@@ -69,9 +69,12 @@ class VLMAdapter:
     text_embeddings: ClassVar[str] = "embed_tokens"
     # The vision tower's patch projection (an nn.Conv2d), relative to the vision module: its
     # own opt-in part ``patch_embedding``. None where the family has none that distiq can
-    # quantize (the reason in ``patch_embedding_missing``).
+    # quantize (the reason in ``unquantizable``).
     patch_embedding_module: ClassVar[str | None] = "embeddings.patch_embedding"
-    patch_embedding_missing: ClassVar[str] = ""
+    # Parameters of the projector that live outside its module (LLaVA-NeXT's image_newline).
+    projector_parameters: ClassVar[tuple[str, ...]] = ()
+    # Parts holding no nn.Linear / nn.Conv2d that distiq can quantize, with the reason.
+    unquantizable: ClassVar[dict[str, str]] = {}
     # Whether the vision tower's attention modules can return probabilities (eager).
     vision_attention_probs: ClassVar[bool] = True
     image_placeholder: ClassVar[str] = "<image>"
@@ -133,7 +136,7 @@ class VLMAdapter:
         """``quant_targets`` at class level (needs no tokenizer). Every pattern names a module
         that exists in the family's models, as ``quantize_`` requires."""
         names = cls.names_for(prefix)
-        return {
+        targets = {
             "vision": QuantTarget(
                 (names.vision,),
                 (
@@ -152,14 +155,17 @@ class VLMAdapter:
                 else ()
             ),
         }
+        for part in cls.unquantizable:
+            targets[part] = QuantTarget(())
+        return targets
 
     def quant_targets(self) -> dict[str, QuantTarget]:
         """``{part: QuantTarget}`` for ``vision``, ``projector``, ``language_model``,
         ``lm_head`` and ``patch_embedding``. The first three are what distiq quantizes by
         default; ``lm_head`` and the vision tower's patch projection (``patch_embedding``, a
         convolution) stay at higher precision unless a recipe asks, and the token and position
-        embedding tables always do. A family without a quantizable patch projection has an
-        empty ``patch_embedding`` target."""
+        embedding tables always do. A part listed in ``unquantizable`` (e.g. Qwen2-VL's Conv3d
+        patch projection) has an empty target."""
         return self.targets_for(self.prefix)
 
     def quant_config(
@@ -185,10 +191,10 @@ class VLMAdapter:
             raise ValueError(f"unknown part {part!r}; parts are {', '.join(targets)}")
         target = targets[part]
         if not target.include:
+            reason = self.unquantizable.get(part)
             raise ValueError(
                 f"{self.family} models have no quantizable {part}"
-                f"{': ' + self.patch_embedding_missing if self.patch_embedding_missing else ''}"
-                f"; drop {part!r} from the quantization parts"
+                f"{': ' + reason if reason else ''}; drop {part!r} from the quantization targets"
             )
         excluded = [*target.exclude, *exclude]
         block = weight.group_size if weight is not None else None

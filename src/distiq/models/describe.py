@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from distiq.models.parts import QuantTarget
+from distiq.models.parts import ModuleNames, QuantTarget
 
 PART_ORDER = ("vision", "projector", "language_model", "lm_head", "heads", "other")
 
@@ -68,9 +68,11 @@ def describe(model: nn.Module) -> ModelDescription:
 
     family = None
     targets: dict[str, QuantTarget] = {}
+    extra: tuple[str, ...] = ()
     if isinstance(model, VLMWithHeads):
-        targets = _part_targets(model.adapter.quant_targets())
+        targets = _part_targets(model.adapter.names_for(model.adapter.prefix))
         targets["heads"] = model.quant_targets()["heads"]
+        extra = tuple(model.adapter.prefix + p for p in model.adapter.projector_parameters)
         family = model.adapter.family
     elif getattr(model, "config", None) is not None:
         try:
@@ -78,7 +80,8 @@ def describe(model: nn.Module) -> ModelDescription:
         except UnsupportedModelError:
             cls = None
         if cls is not None:
-            targets = _part_targets(cls.targets_for(""))
+            targets = _part_targets(cls.names_for(""))
+            extra = cls.projector_parameters
             family = cls.family
 
     counts = {part: 0 for part in PART_ORDER}
@@ -86,6 +89,8 @@ def describe(model: nn.Module) -> ModelDescription:
     for name, param in model.named_parameters():  # tied parameters appear once
         module_name = name.rsplit(".", 1)[0]
         part = next((p for p, t in targets.items() if t.selects(module_name)), "other")
+        if name in extra:
+            part = "projector"
         counts[part] += param.numel()
         trainable += param.numel() if param.requires_grad else 0
     params = {p: c for p, c in counts.items() if c or p in targets}
@@ -94,15 +99,13 @@ def describe(model: nn.Module) -> ModelDescription:
     )
 
 
-def _part_targets(quant_targets: dict[str, QuantTarget]) -> dict[str, QuantTarget]:
-    """Part membership for counting: the quantization targets without their precision
-    exclusions (embeddings belong to their part), but keeping nested-part exclusions."""
-    names = {part: t.include for part, t in quant_targets.items()}
-    projector = names["projector"]
+def _part_targets(names: ModuleNames) -> dict[str, QuantTarget]:
+    """Part membership for counting: each part's whole module (embeddings included); a
+    projector nested in the vision tower (Qwen2-VL's merger) counts as projector."""
     return {
         # The projector is matched first so a projector nested in the tower counts as projector.
-        "projector": QuantTarget(projector),
-        "vision": QuantTarget(names["vision"], projector),
-        "language_model": QuantTarget(names["language_model"]),
-        "lm_head": QuantTarget(names["lm_head"]),
+        "projector": QuantTarget((names.projector,)),
+        "vision": QuantTarget((names.vision,), (names.projector,)),
+        "language_model": QuantTarget((names.language_model,)),
+        "lm_head": QuantTarget((names.lm_head,)),
     }

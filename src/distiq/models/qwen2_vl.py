@@ -13,7 +13,7 @@ Qwen chat format ``<|im_start|>user\\n<|vision_start|><|image_pad|><|vision_end|
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -35,10 +35,10 @@ class Qwen2VLAdapter(VLMAdapter):
     vision_exclude = ("model.visual.merger",)
     vision_embeddings = "patch_embed"
     patch_embedding_module = None
-    patch_embedding_missing = (
-        "its patch projection (visual.patch_embed.proj) is a Conv3d, and distiq quantizes "
-        "nn.Linear and nn.Conv2d layers"
-    )
+    unquantizable: ClassVar[dict[str, str]] = {
+        "patch_embedding": "its patch projection (visual.patch_embed.proj) is a Conv3d, and "
+        "distiq quantizes nn.Linear and nn.Conv2d layers"
+    }
     vision_attention_probs = False  # its vision attention returns only the output
     image_placeholder = "<|image_pad|>"
     default_prompt = (

@@ -1,22 +1,31 @@
 """Visual question answering: answer-token loss, distillation view and the official VQA accuracy.
 
-The metric reproduces the official VQA evaluation (GT-Vision-Lab/VQA, ``vqaEval.py``):
+``vqa_accuracy`` reproduces the official VQA evaluation (GT-Vision-Lab/VQA,
+``PythonEvaluationTools/vqaEvaluation/vqaEval.py``, its current version) question by question:
 
-- the *prediction* is normalised by ``normalize_answer``: newlines and tabs become spaces, the
-  ends are stripped, punctuation is handled (``process_punctuation``), then the words are
-  lower-cased, number words become digits, articles are dropped and contractions are rewritten
-  (``process_digit_article``);
-- the *human answers* only get ``process_punctuation``, and only when they are not all identical
-  (exactly what the official code does; real VQA v2 annotations are already normalised);
-- accuracy = mean over the n leave-one-out subsets of the n human answers of
-  ``min(#answers in the subset equal to the prediction / 3, 1)``.
+1. every answer, predicted and human, has its newlines and tabs turned into spaces and its ends
+   stripped;
+2. when the human answers (so stripped) are *not* all identical, every answer, the prediction
+   included, is normalised by ``process_punctuation`` then ``process_digit_article``
+   (``normalize_answer`` does both); when they are all identical nothing is normalised, so a
+   prediction ``"Yes"`` scores 0 against ten ``"yes"`` (an official quirk, kept);
+3. accuracy = the mean, over the n leave-one-out subsets of the n human answers, of
+   ``min(1, matches in the subset / 3)``, summed in the official order so that the float is the
+   official one bit for bit. The official script reports ``round(100 * accuracy, 2)``;
+   distiq keeps the unrounded fraction in [0, 1] (reports multiply by 100).
 
-Two deliberate differences, both documented: (1) with a single human answer (Visual Genome) the
-official leave-one-out subset is empty and would always score 0, so ``vqa_accuracy`` scores exact
-match of the two fully normalised answers instead; (2) per question type and per answer type we
-average the same leave-one-out accuracy as the overall number, whereas the official script's
-per-type tables use only the *last* subset's value (a leftover loop variable); overall numbers
-are identical to the official ones.
+Per question type and per answer type, ``VQAAccuracy`` averages the same per-question values as
+the official per-type tables (with ``math.fsum``, which can differ from the official plain sum
+in the last bit only).
+
+Where distiq differs, on purpose: with a single human answer (Visual Genome) the official
+leave-one-out subset is empty and always scores 0, so ``vqa_accuracy`` scores exact match of the
+two ``normalize_answer``-ed answers instead. And the official script runs under Python 2, whose
+Unicode tables are older than Python 3's: the two lower-case and split some rare characters
+differently (U+0130, Greek final sigma, U+180E, letters added to Unicode after 5.2), so answers
+containing those can score differently. ASCII and the common Latin, Greek and Cyrillic letters
+behave alike (``tests/tasks/data/vqa_official_cases.json``, made by
+``scripts/vqa_official_cases.py``, holds the official scores of generated cases).
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ __all__ = [
     "normalize_answer",
     "process_digit_article",
     "process_punctuation",
+    "strip_whitespace",
     "vqa_accuracy",
 ]
 
@@ -61,19 +71,26 @@ IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------- normalisation
+def strip_whitespace(text: str) -> str:
+    """The official first step, applied to every answer: newlines and tabs become spaces, then
+    whitespace is stripped from both ends (inner runs of spaces stay)."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def process_punctuation(text: str) -> str:
     """The official punctuation step.
 
     Each mark in ``PUNCTUATION`` is deleted when it touches a space anywhere in ``text`` (``"yes ,
     sir"``) or when ``text`` contains a comma between two digits (``"1,000"``; then *every* mark
-    is deleted), and replaced by a space otherwise (``"red/blue"`` -> ``"red blue"``). Finally
-    periods not followed by a digit are removed (at most 32 of them; ``"3.5"`` keeps its point).
-    Case is unchanged.
+    is deleted), and replaced by a space otherwise (``"Yes!"`` -> ``"Yes "``, ``"red/blue"`` ->
+    ``"red blue"``). Then periods not followed by a digit are removed (at most 32 of them;
+    ``"3.5"`` keeps its point). Case and other marks (``'``, ``:``, ``#``, ...) are unchanged.
     """
     out = text
-    has_digit_comma = COMMA_STRIP.search(text) is not None
+    delete_all = COMMA_STRIP.search(text) is not None
     for mark in PUNCTUATION:
-        if (mark + " " in text or " " + mark in text) or has_digit_comma:
+        # the official test looks at the *original* text, whatever earlier marks became
+        if delete_all or mark + " " in text or " " + mark in text:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
@@ -83,14 +100,20 @@ def process_punctuation(text: str) -> str:
 def process_digit_article(text: str) -> str:
     """The official word step: lower-case, split on whitespace, number words -> digits
     (``"two"`` -> ``"2"``, ``"none"`` -> ``"0"``, up to ``"ten"``), drop ``a``/``an``/``the``,
-    rewrite contractions (``"dont"`` -> ``"don’t"``), join with single spaces."""
+    rewrite contractions (``"dont"`` -> ``"don't"``), join with single spaces."""
     words = [NUMBER_WORDS.get(word, word) for word in text.lower().split()]
     words = [word for word in words if word not in ARTICLES]
     return " ".join(CONTRACTIONS.get(word, word) for word in words)
 
 
 def normalize_answer(answer: str) -> str:
-    """Normalise a predicted answer exactly as the official VQA evaluation does."""
+    """Normalise an answer fully, as the official VQA evaluation does to every answer of a
+    question whose human answers disagree: ``strip_whitespace``, ``process_punctuation``,
+    ``process_digit_article``.
+
+    Raises:
+        TypeError: ``answer`` is not a str.
+    """
     if not isinstance(answer, str):
         raise TypeError(f"an answer must be a str, got {type(answer).__name__}: {answer!r}")
     return _normalize(answer)
@@ -99,17 +122,21 @@ def normalize_answer(answer: str) -> str:
 @functools.lru_cache(maxsize=1 << 16)
 def _normalize(answer: str) -> str:
     # Cached: an evaluation normalises the same few hundred answer strings again and again.
-    text = answer.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(text))
+    return process_digit_article(process_punctuation(strip_whitespace(answer)))
 
 
 def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
     """VQA accuracy of one predicted answer against the human answers, in [0, 1].
 
-    With n >= 2 human answers (ten in VQA v2): the mean over the n leave-one-out subsets of
-    ``min(matches / 3, 1)``, as the official evaluation computes it (so one matching human gives
-    0.3, two 0.6, three 0.9, four or more 1.0). With one human answer: exact match after
-    ``normalize_answer`` on both sides (see the module docstring).
+    With n >= 2 human answers (ten in VQA v2): the official score (see the module docstring).
+    Out of ten, one matching human answer gives 0.3 (nine of the ten subsets hold it, each
+    scoring 1/3), two 0.6, three 0.9, four or more 1.0. Answers are normalised only when the
+    human answers disagree. With one human answer: exact match after ``normalize_answer`` on
+    both sides.
+
+    Raises:
+        TypeError: ``human_answers`` is not a list of str, or ``prediction`` is not a str.
+        ValueError: ``human_answers`` is empty.
     """
     if isinstance(human_answers, str) or not isinstance(human_answers, Sequence):
         raise TypeError(
@@ -118,20 +145,21 @@ def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
         )
     if len(human_answers) == 0:
         raise ValueError("human_answers is empty: a question needs at least one human answer")
-    for answer in human_answers:
+    for answer in (prediction, *human_answers):
         if not isinstance(answer, str):
-            raise TypeError(f"human answers must be str, got {type(answer).__name__}: {answer!r}")
-    predicted = normalize_answer(prediction)
+            raise TypeError(f"an answer must be a str, got {type(answer).__name__}: {answer!r}")
     if len(human_answers) == 1:
-        return float(predicted == normalize_answer(human_answers[0]))
-    if len(set(human_answers)) > 1:
-        humans = [process_punctuation(answer) for answer in human_answers]
-    else:
-        humans = list(human_answers)
+        return float(_normalize(prediction) == _normalize(human_answers[0]))
+    humans = [strip_whitespace(answer) for answer in human_answers]
+    predicted = strip_whitespace(prediction)
+    if len(set(humans)) > 1:
+        humans = [_normalize(answer) for answer in humans]
+        predicted = _normalize(predicted)
     matches = sum(answer == predicted for answer in humans)
-    # Leaving out a matching answer leaves matches - 1; leaving out another one leaves matches.
-    total = matches * min(1.0, (matches - 1) / 3) + (len(humans) - matches) * min(1.0, matches / 3)
-    return total / len(humans)
+    # Subset i leaves out human answer i: it holds matches - 1 matching answers if answer i
+    # matched, else matches. Summed left to right like the official list of subset scores.
+    subset_scores = [min(1.0, (matches - (answer == predicted)) / 3) for answer in humans]
+    return sum(subset_scores) / len(subset_scores)
 
 
 def infer_answer_type(human_answers: Sequence[str]) -> str:

@@ -121,3 +121,55 @@ def test_is_atomic_temp_names_atomic_writes_temporary_file(tmp_path, monkeypatch
     atomic_write(tmp_path / "recipe.yaml", "x")
     assert len(seen) == 1 and is_atomic_temp(seen[0])
     assert not is_atomic_temp("recipe.yaml") and not is_atomic_temp(".hidden")
+
+
+@dataclass(frozen=True)
+class Seeded:
+    seed: int = 0
+    rate: float = 0.1
+    inner: Outer | None = None
+
+
+def test_integers_beyond_64_bits_name_their_key():
+    with pytest.raises(ConfigError) as info:
+        from_dict(Seeded, {"seed": 2**70}, source="recipe.yaml")
+    assert info.value.errors == [
+        "seed: 1180591620717411303424 is out of range; integer settings must lie between "
+        "-9223372036854775808 and 9223372036854775807 (64-bit)"
+    ]
+    # nested, negative, optional, and a number too big for a float: each names its key
+    with pytest.raises(ConfigError) as info:
+        from_dict(
+            Seeded, {"seed": -(2**63) - 1, "rate": 10**400, "inner": {"name": "x", "maybe": 2**64}}
+        )
+    text = str(info.value)
+    assert "seed: -9223372036854775809 is out of range" in text
+    assert "rate: 1000" in text and "out of range for a number" in text
+    with pytest.raises(ConfigError, match="seed: an integer of 20000 bits is out of range"):
+        from_dict(Seeded, {"seed": 2**19999})
+    assert "inner.maybe: 18446744073709551616 is out of range" in text
+    # the edges of the range are accepted
+    assert from_dict(Seeded, {"seed": 2**63 - 1}).seed == 2**63 - 1
+    assert from_dict(Seeded, {"seed": -(2**63)}).seed == -(2**63)
+
+
+def test_a_recipe_with_a_huge_seed_names_the_key(tmp_path):
+    from distiq.train.recipe import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("method: teacher\nseed: 1180591620717411303424\ndata:\n  scenes: data\n")
+    with pytest.raises(ConfigError, match=r"seed: 1180591620717411303424 is out of range"):
+        load_recipe(path)
+
+
+def test_non_utf8_yaml_names_the_file_and_the_byte(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes("method: teacher\nname: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_yaml(path)
+    text = str(info.value)
+    assert str(path) in text and "not UTF-8" in text and "must be UTF-8" in text
+    assert "byte 0xe9 on line 2" in text
+    # UTF-8, with or without a byte-order mark, reads
+    path.write_bytes("\ufeffmethod: teacher\nname: café\n".encode())
+    assert load_yaml(path) == {"method": "teacher", "name": "café"}

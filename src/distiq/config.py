@@ -26,6 +26,9 @@ from distiq.util import suggest
 
 T = TypeVar("T")
 
+# The range of integer settings: 64-bit signed, what torch and numpy take.
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+
 
 class ConfigError(ValueError):
     """One or more problems in a configuration. ``errors`` holds each message."""
@@ -49,6 +52,11 @@ def _join(where: str, key: str | int) -> str:
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _show_int(value: int) -> str:
+    # str() of an int over 4300 digits raises ValueError (Python's int-to-str limit)
+    return str(value) if value.bit_length() < 4000 else f"an integer of {value.bit_length()} bits"
 
 
 def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
@@ -123,10 +131,21 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             errors.append(f"{where}: expected a number, got {value!r}")
             return value
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond the float range (about 1.8e308)
+            errors.append(f"{where}: {_show_int(value)} is out of range for a number")
+            return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             errors.append(f"{where}: expected an integer, got {value!r}")
+        elif not INT_MIN <= value <= INT_MAX:
+            # torch, numpy and the checkpoint files hold at most 64-bit integers; a bigger one
+            # would fail much later (e.g. torch.manual_seed) without naming the setting
+            errors.append(
+                f"{where}: {_show_int(value)} is out of range; integer settings must lie between "
+                f"{INT_MIN} and {INT_MAX} (64-bit)"
+            )
         return value
     if tp is bool:
         if not isinstance(value, bool):
@@ -228,13 +247,47 @@ _Loader.add_implicit_resolver(
 )
 
 
-def load_yaml(path: str | os.PathLike) -> Any:
-    """Read a YAML file; a syntax error becomes a ``ConfigError`` naming the file and line."""
+class NotUTF8Error(ValueError):
+    """A text file that is not UTF-8. ``path`` and ``detail`` (the message without the path)."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(f"{path}: {detail}")
+
+
+def read_utf8(path: str | os.PathLike, what: str = "file") -> str:
+    """The text of ``path`` decoded as UTF-8 (a leading byte-order mark is dropped).
+
+    Raises:
+        NotUTF8Error: (a ``ValueError``) the bytes are not UTF-8; the message names the file,
+            the line and the byte, and says that ``what`` must be saved as UTF-8.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        detail = (
+            f"not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}, offset {exc.start}); "
+            f"a {what} must be UTF-8: save it with UTF-8 encoding"
+        )
+        raise NotUTF8Error(path, detail) from None
+
+
+def load_yaml(path: str | os.PathLike, what: str = "recipe or config file") -> Any:
+    """Read a UTF-8 YAML file; a syntax error or a non-UTF-8 byte becomes a ``ConfigError``
+    naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"file not found: {path}", str(path))
     try:
-        return yaml.load(path.read_text(), Loader=_Loader)
+        text = read_utf8(path, what)
+    except NotUTF8Error as exc:
+        raise ConfigError(exc.detail, str(path)) from None
+    try:
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", str(path)) from None
 

@@ -150,3 +150,14 @@ def test_importing_the_data_layer_is_light():
     code = "import sys, distiq.data; print(sorted(m for m in ('torch', 'sklearn', 'pycocotools') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_label_map_file_must_be_utf8(tmp_path):
+    from distiq.data.formats import LabelMap, load_label_map, write_label_map
+
+    path = tmp_path / "labels.json"
+    write_label_map(path, LabelMap.identity(["fond", "café"]))
+    assert load_label_map(path).classes == ("fond", "café")
+    path.write_bytes('{"classes": ["fond", "café"]}'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"labels.json: not UTF-8 text .* label map must be UTF-8"):
+        load_label_map(path)

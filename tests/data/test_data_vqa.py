@@ -186,6 +186,78 @@ def test_vqa_v2_rejects_files_that_are_not_vqa(tmp_path, files):
         load_vqa_v2(q_path, None, images, on_bad_record="ignore")
 
 
+def test_vqa_v2_repeated_question_id_in_the_questions_file(tmp_path, files):
+    q_path, a_path, images, q_doc, a_doc = _vqa_fixture(tmp_path, files)
+    # a second question with 42000's id would be trained on 42000's answers
+    q_doc["questions"].append({"image_id": 73, "question": "Is it a cat?", "question_id": 42000})
+    _write(q_path, q_doc)
+    _write(a_path, a_doc)
+    with pytest.raises(BadRecordError) as info:
+        load_vqa_v2(q_path, a_path, images)
+    error = info.value
+    assert error.file == str(q_path) and error.reason == "malformed"
+    assert error.record == "question #0"
+    assert "question_id 42000 is used by 2 questions (#0, #3)" in str(error)
+    assert "must be unique" in str(error) and "data.on_bad_record: skip" in str(error)
+    dataset = load_vqa_v2(q_path, a_path, images, on_bad_record="skip")
+    assert [r["question_id"] for r in dataset.records] == [42001, 73000]  # both 42000s go
+    assert dataset.summary.by_reason == {"malformed": 2}
+
+
+def test_vqa_v2_repeated_question_id_in_the_annotations_file(tmp_path, files):
+    q_path, a_path, images, q_doc, a_doc = _vqa_fixture(tmp_path, files)
+    a_doc["annotations"].append(
+        vqa_annotation(42000, 42, ["blue"] * 10, question_type="what color", answer_type="other")
+    )
+    _write(q_path, q_doc)
+    _write(a_path, a_doc)
+    with pytest.raises(BadRecordError) as info:
+        load_vqa_v2(q_path, a_path, images)
+    error = info.value
+    assert error.file == str(a_path) and error.record == "question_id 42000"
+    assert "question_id 42000 is used by 2 annotations (#0, #3)" in str(error)
+    assert "keep one annotation per question" in str(error)
+    dataset = load_vqa_v2(q_path, a_path, images, on_bad_record="skip")
+    assert [r["question_id"] for r in dataset.records] == [42001, 73000]
+    assert dataset.summary.by_reason == {"malformed": 1}
+
+
+@pytest.mark.parametrize("which", ["questions", "annotations"])
+def test_vqa_v2_non_utf8_files_name_the_file(tmp_path, files, which):
+    q_path, a_path, images, q_doc, a_doc = _vqa_fixture(tmp_path, files)
+    q_doc["questions"][0]["question"] = "What colour is the café's bus?"
+    a_doc["annotations"][0]["answers"][0]["answer"] = "rouge foncé"
+    for path, doc in ((q_path, q_doc), (a_path, a_doc)):
+        path.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    assert load_vqa_v2(q_path, a_path, images)[0]["question"].endswith("café's bus?")
+    broken = q_path if which == "questions" else a_path
+    doc = q_doc if which == "questions" else a_doc
+    broken.write_bytes(json.dumps(doc, ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(ValueError) as info:
+        load_vqa_v2(q_path, a_path, images)
+    text = str(info.value)
+    assert text.startswith(f"{broken}: not UTF-8 text (byte 0xe9")
+    assert f"a VQA v2 {which} file must be UTF-8" in text
+    # a byte-order mark is fine
+    broken.write_bytes(b"\xef\xbb\xbf" + json.dumps(doc).encode())
+    assert len(load_vqa_v2(q_path, a_path, images)) == 3
+
+
+def test_vqa_v2_image_above_the_pixel_limit_is_a_bad_record(tmp_path, files, monkeypatch):
+    from distiq.data import records
+
+    q_path, a_path, images, q_doc, a_doc = _vqa_fixture(tmp_path, files)
+    _write(q_path, q_doc)
+    _write(a_path, a_doc)
+    monkeypatch.setattr(records, "MAX_IMAGE_PIXELS", 100)  # the fixture images are 16×12
+    with pytest.raises(BadRecordError) as info:
+        load_vqa_v2(q_path, a_path, images)
+    assert info.value.reason == "image too large" and "limit of 100 pixels" in str(info.value)
+    lazily = load_vqa_v2(q_path, a_path, images, check_images=False)  # checked when read
+    with pytest.raises(BadRecordError, match="image too large"):
+        lazily[0]
+
+
 def _vg_fixture(root, files):
     for folder, image_id in (("VG_100K", 1), ("VG_100K_2", 2)):
         files.write_image(root / folder / f"{image_id}.jpg", seed=image_id)

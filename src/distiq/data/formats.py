@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from distiq.config import atomic_write
+from distiq.config import atomic_write, read_utf8
 
 IGNORE_INDEX = 255
 
@@ -271,7 +271,7 @@ def load_label_map(path: str | os.PathLike) -> LabelMap:
     if not path.is_file():
         raise FileNotFoundError(f"label map {path} does not exist")
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(read_utf8(path, "label map"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
     return LabelMap.from_json(doc, source=str(path))

@@ -1,4 +1,4 @@
-"""Bad-record handling and the dataset base class that every loader returns.
+"""Bad-record handling, checked image reading, and the dataset base class every loader returns.
 
 A *record* is one loadable item found in a data set's files (one VQA question, one detection
 image with its boxes, one image + mask pair). Loaders check every record when they build the
@@ -9,8 +9,10 @@ reason               meaning
 ==================== ===================================================================
 ``missing image``    the image (or mask) file the record points to does not exist
 ``corrupt image``    the file exists but PIL cannot decode it completely
+``image too large``  the image has more pixels than :data:`MAX_IMAGE_PIXELS`
 ``malformed``        the annotation is not what the format says (a missing key, a box
-                     with non-positive size, a mask whose size differs from its image, ...)
+                     with non-positive size, a mask whose size differs from its image, a
+                     question_id used twice, ...)
 ``label outside map`` a class / category / pixel value that the label map does not know
 ``missing annotation`` a question without an answer record (VQA v2), an image listed in a
                      split file without its XML (Pascal VOC)
@@ -19,17 +21,27 @@ reason               meaning
 ``on_bad_record="error"`` (the default) raises :class:`BadRecordError` at the first bad record,
 naming the file, the record and what is wrong. ``on_bad_record="skip"`` drops the record,
 counts it by reason in the dataset's :class:`BadRecordSummary` (``dataset.summary``) and logs one
-warning with the counts when loading ends. Nothing bad passes silently.
+warning with the counts when loading ends. Nothing bad passes silently. In a recipe the same
+choice is the key ``data.on_bad_record``.
 
 Images are decoded completely at load time (``check_images=True``, the default), so corrupt files
 are found then. With ``check_images=False`` loading only checks that files exist; a file that
 turns out to be corrupt when ``dataset[i]`` decodes it raises :class:`BadRecordError` whatever the
-mode (a map-style dataset cannot skip an index it already promised).
+mode (a map-style dataset cannot skip an index it already promised). :func:`verify_images`
+checks a whole split's files quickly (headers, sizes, each format's own integrity check) before
+a long job starts.
+
+Every image is opened through one gate that refuses images with more than
+:data:`MAX_IMAGE_PIXELS` pixels before anything is decoded (PIL itself only warns below twice its
+own limit). Raise the limit by setting ``distiq.data.records.MAX_IMAGE_PIXELS`` (``None``: no
+limit) or per call with ``max_pixels=``.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -46,16 +58,29 @@ BAD_RECORD_MODES: tuple[str, ...] = ("error", "skip")
 
 MISSING_IMAGE = "missing image"
 CORRUPT_IMAGE = "corrupt image"
+IMAGE_TOO_LARGE = "image too large"
 MALFORMED = "malformed"
 LABEL_OUTSIDE_MAP = "label outside map"
 MISSING_ANNOTATION = "missing annotation"
 REASONS: tuple[str, ...] = (
     MISSING_IMAGE,
     CORRUPT_IMAGE,
+    IMAGE_TOO_LARGE,
     MALFORMED,
     LABEL_OUTSIDE_MAP,
     MISSING_ANNOTATION,
 )
+
+#: The most pixels (width × height) an image may have; bigger ones are refused with an error
+#: before they are decoded. The default is PIL's own warning threshold
+#: (``PIL.Image.MAX_IMAGE_PIXELS``, about 89.5 million: a 9459 × 9459 image). ``None``: no limit.
+MAX_IMAGE_PIXELS: int | None = 89_478_485
+
+#: How to skip bad records, as the error messages advise it.
+SKIP_ADVICE = "set data.on_bad_record: skip in the recipe (on_bad_record='skip' in Python)"
+
+# What PIL raises for a file it cannot read (struct.error / EOFError: some truncated headers).
+_READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error, EOFError)
 
 
 class BadRecordError(ValueError):
@@ -67,8 +92,8 @@ class BadRecordError(ValueError):
         self.reason = reason
         self.detail = detail
         super().__init__(
-            f"{self.file}: {record}: {reason}: {detail}. Fix the record, or pass "
-            "on_bad_record='skip' to skip bad records (they are counted in dataset.summary)."
+            f"{self.file}: {record}: {reason}: {detail}. Fix the record, or {SKIP_ADVICE} to "
+            "skip bad records (they are counted in dataset.summary)."
         )
 
 
@@ -103,7 +128,8 @@ class RecordPolicy:
         if on_bad_record not in BAD_RECORD_MODES:
             raise ValueError(
                 f"on_bad_record={on_bad_record!r} is not supported; choose 'error' (raise at the "
-                "first bad record) or 'skip' (skip and count bad records)"
+                "first bad record) or 'skip' (skip and count bad records); in a recipe this is "
+                "the key data.on_bad_record"
             )
         self.mode = on_bad_record
         self.summary = BadRecordSummary(source=str(source))
@@ -131,34 +157,106 @@ class RecordPolicy:
         return self.summary
 
 
-def image_problem(path: Path, *, decode: bool = True) -> tuple[str, str] | None:
+# --------------------------------------------------------------------------- checked reading
+class UnreadableImageError(ValueError):
+    """:func:`open_image` refused a file. ``reason`` (one of ``REASONS``) and ``detail`` (which
+    names the file) say why."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _limit_advice(limit: int | None) -> str:
+    suggested = f"{limit * 2:_}" if limit else "N"
+    return (
+        f"if it is meant to be this large, raise the limit: distiq.data.records.MAX_IMAGE_PIXELS "
+        f"= {suggested} (None: no limit), or max_pixels= where the reading function takes it"
+    )
+
+
+def open_image(path: Path, max_pixels: int | None = None) -> Image.Image:
+    """``PIL.Image.open(path)``: the header only, nothing decoded yet, refusing images above the
+    pixel limit instead of letting PIL warn (``DecompressionBombWarning``).
+
+    Args:
+        path: the image file.
+        max_pixels: the most pixels allowed; ``None`` uses :data:`MAX_IMAGE_PIXELS`.
+    Returns:
+        the open image; close it (``with open_image(path) as image:``).
+    Raises:
+        UnreadableImageError: too many pixels (``IMAGE_TOO_LARGE``, the message says how to raise
+            the limit), or not an image PIL can open (``CORRUPT_IMAGE``).
+    """
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    try:
+        with warnings.catch_warnings():
+            # distiq's own limit below replaces PIL's warning with an error
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as exc:  # above twice PIL's limit
+        raise UnreadableImageError(
+            IMAGE_TOO_LARGE,
+            f"{path} is larger than PIL allows ({exc}); {_limit_advice(limit)}, and raise "
+            "PIL.Image.MAX_IMAGE_PIXELS as well",
+        ) from None
+    except _READ_ERRORS as exc:
+        raise UnreadableImageError(
+            CORRUPT_IMAGE, f"{path} cannot be opened ({type(exc).__name__}: {exc})"
+        ) from None
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        image.close()
+        raise UnreadableImageError(
+            IMAGE_TOO_LARGE,
+            f"{path} is {width}×{height} = {width * height:_} pixels, more than the limit of "
+            f"{limit:_} pixels (a decompression bomb, or an unusually large image); "
+            + _limit_advice(limit),
+        )
+    return image
+
+
+def image_problem(
+    path: Path, *, decode: bool = True, max_pixels: int | None = None
+) -> tuple[str, str] | None:
     """Return ``(reason, detail)`` when ``path`` is not a readable image, else ``None``.
 
-    With ``decode`` the whole file is decoded (finds truncated files); without, only existence
-    is checked."""
+    With ``decode`` the pixel limit is checked and the whole file is decoded (finds truncated
+    files); without, only existence is checked."""
     if not path.is_file():
         return MISSING_IMAGE, f"{path} does not exist"
     if not decode:
         return None
     try:
-        with Image.open(path) as image:
+        with open_image(path, max_pixels) as image:
             image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnreadableImageError as refused:
+        return refused.reason, refused.detail
+    except _READ_ERRORS as exc:
         return CORRUPT_IMAGE, f"{path} cannot be decoded ({type(exc).__name__}: {exc})"
     return None
 
 
-def read_image(path: Path, record: str, mode: str | None = "RGB") -> Image.Image:
-    """Decode ``path`` completely (converted to ``mode`` unless ``None``); a missing or corrupt
-    file raises :class:`BadRecordError` naming ``record``."""
+def read_image(
+    path: Path, record: str, mode: str | None = "RGB", *, max_pixels: int | None = None
+) -> Image.Image:
+    """Decode ``path`` completely (converted to ``mode`` unless ``None``).
+
+    Raises:
+        BadRecordError: naming ``record``: the file is missing, corrupt, or has more pixels than
+            ``max_pixels`` (``None``: :data:`MAX_IMAGE_PIXELS`; checked before decoding).
+    """
     problem = image_problem(path, decode=False)
     if problem is not None:
         raise BadRecordError(path, record, *problem)
     try:
-        with Image.open(path) as image:
+        with open_image(path, max_pixels) as image:
             image.load()
             return image.convert(mode) if mode is not None else image.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnreadableImageError as refused:
+        raise BadRecordError(path, record, refused.reason, refused.detail) from None
+    except _READ_ERRORS as exc:
         raise BadRecordError(
             path, record, CORRUPT_IMAGE, f"cannot be decoded ({type(exc).__name__}: {exc})"
         ) from exc
@@ -176,6 +274,107 @@ def read_label_image(path: Path, record: str) -> np.ndarray:
     if image.mode in ("L", "P"):
         return np.asarray(image)
     return np.asarray(image.convert("L"))
+
+
+@dataclass(frozen=True)
+class ImageProblem:
+    """One file :func:`find_bad_images` rejects: ``path``, ``reason`` (one of ``REASONS``) and
+    ``detail``."""
+
+    path: str
+    reason: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}: {self.detail}"
+
+
+class BadImagesError(ValueError):
+    """Images of a data set that cannot be used. ``problems``: every :class:`ImageProblem`."""
+
+    def __init__(self, where: str, problems: list[ImageProblem], checked: int, listed: int):
+        self.where = where
+        self.problems = problems
+        shown = "\n".join(f"  - {p}" for p in problems[:listed])
+        more = f"\n  ... and {len(problems) - listed} more" if len(problems) > listed else ""
+        super().__init__(
+            f"{where}: {len(problems)} of {checked} images cannot be used:\n{shown}{more}\n"
+            "Replace or remove these files (or their records), or raise the pixel limit where "
+            f"it is the reason; to train without their records, {SKIP_ADVICE}."
+        )
+
+
+def find_bad_images(
+    paths: Iterable[str | Path], *, max_pixels: int | None = None, decode: bool = False
+) -> tuple[list[ImageProblem], int]:
+    """Check each distinct image file once.
+
+    Each file must exist, open (PIL reads its header), have at most ``max_pixels`` pixels
+    (``None``: :data:`MAX_IMAGE_PIXELS`) and pass PIL's ``verify()``: for PNG that reads every
+    chunk and checks its CRC (finds truncated and damaged files) without decompressing; for JPEG
+    it checks little beyond the header. ``decode=True`` decodes every file completely instead of
+    ``verify()`` (what loading with ``check_images=True`` does; several times slower), which
+    also finds truncated JPEGs.
+
+    Returns:
+        ``(problems, checked)``: one :class:`ImageProblem` per bad file, in the order given, and
+        the number of distinct files checked.
+    """
+    seen: set[str] = set()
+    problems: list[ImageProblem] = []
+    for raw in paths:
+        key = str(raw)
+        if key in seen:
+            continue
+        seen.add(key)
+        problem = _image_file_problem(Path(key), max_pixels, decode)
+        if problem is not None:
+            problems.append(ImageProblem(key, *problem))
+    return problems, len(seen)
+
+
+def _image_file_problem(path: Path, max_pixels: int | None, decode: bool) -> tuple[str, str] | None:
+    if not path.is_file():
+        return MISSING_IMAGE, f"{path} does not exist"
+    try:
+        with open_image(path, max_pixels) as image:
+            if decode:
+                image.load()
+            else:
+                image.verify()
+    except UnreadableImageError as refused:
+        return refused.reason, refused.detail
+    except _READ_ERRORS as exc:
+        return CORRUPT_IMAGE, f"{path} is damaged ({type(exc).__name__}: {exc})"
+    return None
+
+
+def verify_images(
+    paths: Iterable[str | Path],
+    where: str,
+    *,
+    max_pixels: int | None = None,
+    decode: bool = False,
+    max_listed: int = 20,
+) -> int:
+    """Check every image of a split before a long job (see :func:`find_bad_images`), and fail
+    once, listing the bad files, rather than one file at a time during training.
+
+    Args:
+        paths: the image files (repeats are checked once).
+        where: what the files are, for the message (``"train split of recipe.yaml"``).
+        max_pixels: the pixel limit; ``None``: :data:`MAX_IMAGE_PIXELS`.
+        decode: decode every file completely instead of ``verify()`` (slower, finds more).
+        max_listed: how many bad files the message lists (all are in ``error.problems``).
+    Returns:
+        the number of distinct files checked.
+    Raises:
+        BadImagesError: (a ``ValueError``) one or more files are missing, damaged or too large.
+    """
+    problems, checked = find_bad_images(paths, max_pixels=max_pixels, decode=decode)
+    if problems:
+        raise BadImagesError(where, problems, checked, max_listed)
+    return checked
 
 
 class RecordDataset(Sequence):

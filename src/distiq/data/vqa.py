@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from distiq.config import read_utf8
 from distiq.data.records import (
     MALFORMED,
     MISSING_ANNOTATION,
@@ -60,13 +61,19 @@ class VQADataset(RecordDataset):
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:
-    """Read a JSON file; a missing or unparsable file is a user error naming the file."""
+    """Read a UTF-8 JSON file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not UTF-8 (:class:`distiq.config.NotUTF8Error`) or not JSON; the
+            message names the file and ``what`` it should be.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
+    text = read_utf8(path, what)
     try:
-        with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc}); is this a {what}?") from None
 
@@ -166,7 +173,13 @@ def load_vqa_v2(
     """Load a VQA v2 split (questions JSON, annotations JSON or ``None``, image folder).
 
     Bad records (module :mod:`distiq.data.records`): a malformed question or annotation entry,
-    a question without annotation, a missing or corrupt image."""
+    a question_id used by two questions (all of them are bad) or two annotations (the question
+    is bad), a question without annotation, a missing, corrupt or too large image.
+
+    Raises:
+        BadRecordError: a bad record, with ``on_bad_record="error"``.
+        FileNotFoundError / ValueError: a file is missing, not UTF-8, not JSON or not the format.
+    """
     questions_json = Path(questions_json)
     policy = RecordPolicy(on_bad_record, questions_json)
     qdoc = read_json(questions_json, "VQA v2 questions file")
@@ -177,22 +190,15 @@ def load_vqa_v2(
     resolve = _vqa_image_resolver(Path(image_dir), data_subtype, image_name, checker)
     resolved: dict[int, str] = {}  # many questions share an image: resolve it once
 
-    annotations: dict[int, dict[str, Any]] | None = None
+    annotations: dict[int, list[tuple[int, dict[str, Any]]]] | None = None
     if annotations_json is not None:
         annotations_json = Path(annotations_json)
-        adoc = read_json(annotations_json, "VQA v2 annotations file")
-        if not isinstance(adoc, dict) or not isinstance(adoc.get("annotations"), list):
-            raise ValueError(
-                f"{annotations_json}: not a VQA v2 annotations file (no 'annotations' list)"
-            )
-        annotations = {}
-        for i, entry in enumerate(adoc["annotations"]):
-            if not isinstance(entry, dict) or not _is_int(entry.get("question_id")):
-                policy.bad(
-                    annotations_json, f"annotation #{i}", MALFORMED, "no integer 'question_id'"
-                )
-                continue
-            annotations[entry["question_id"]] = entry
+        annotations = _read_annotations(annotations_json, policy)
+    # Answers are matched to questions by question_id: a repeated id is ambiguous.
+    entries_of: dict[int, list[int]] = {}
+    for i, entry in enumerate(qdoc["questions"]):
+        if isinstance(entry, dict) and _is_int(entry.get("question_id")):
+            entries_of.setdefault(entry["question_id"], []).append(i)
 
     records = []
     for i, entry in enumerate(qdoc["questions"]):
@@ -212,12 +218,17 @@ def load_vqa_v2(
             )
             continue
         question_id, image_id = entry["question_id"], entry["image_id"]
+        repeats = entries_of[question_id]
+        if len(repeats) > 1:
+            detail = _repeated(question_id, "questions", repeats)
+            policy.bad(questions_json, where, MALFORMED, detail)
+            continue
         where = f"question_id {question_id}"
         answers: list[str] = []
         answer, question_type = "", ""
         if annotations is not None:
-            annotation = annotations.get(question_id)
-            if annotation is None:
+            found = annotations.get(question_id, [])
+            if not found:
                 policy.bad(
                     annotations_json,
                     where,
@@ -225,6 +236,11 @@ def load_vqa_v2(
                     "no annotation has this question_id",
                 )  # type: ignore[arg-type]
                 continue
+            if len(found) > 1:
+                detail = _repeated(question_id, "annotations", [j for j, _ in found])
+                policy.bad(annotations_json, where, MALFORMED, detail)  # type: ignore[arg-type]
+                continue
+            annotation = found[0][1]
             problem = _annotation_problem(annotation, image_id)
             if problem:
                 policy.bad(annotations_json, where, MALFORMED, problem)  # type: ignore[arg-type]
@@ -252,6 +268,38 @@ def load_vqa_v2(
         )
         policy.keep()
     return VQADataset(records, policy.finish())
+
+
+def _read_annotations(
+    path: Path, policy: RecordPolicy
+) -> dict[int, list[tuple[int, dict[str, Any]]]]:
+    """The annotations of a VQA v2 annotations file by question_id, each with its entry index
+    (a list: a repeated question_id is reported when a question uses it)."""
+    doc = read_json(path, "VQA v2 annotations file")
+    if not isinstance(doc, dict) or not isinstance(doc.get("annotations"), list):
+        raise ValueError(f"{path}: not a VQA v2 annotations file (no 'annotations' list)")
+    annotations: dict[int, list[tuple[int, dict[str, Any]]]] = {}
+    for i, entry in enumerate(doc["annotations"]):
+        if not isinstance(entry, dict) or not _is_int(entry.get("question_id")):
+            policy.bad(path, f"annotation #{i}", MALFORMED, "no integer 'question_id'")
+            continue
+        annotations.setdefault(entry["question_id"], []).append((i, entry))
+    return annotations
+
+
+def _repeated(question_id: int, what: str, entries: list[int]) -> str:
+    """The detail of a question_id used by several ``what`` (questions / annotations)."""
+    shown = ", ".join(f"#{i}" for i in entries[:5]) + (", ..." if len(entries) > 5 else "")
+    fix = (
+        "give each question its own id"
+        if what == "questions"
+        else "keep one annotation per question"
+    )
+    return (
+        f"question_id {question_id} is used by {len(entries)} {what} ({shown}); answers are "
+        f"matched to questions by question_id, so it must be unique: {fix} (each of these "
+        f"{what} is a bad record)"
+    )
 
 
 def _annotation_problem(annotation: dict[str, Any], image_id: int) -> str | None:

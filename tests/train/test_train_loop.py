@@ -353,9 +353,14 @@ def test_run_directory_is_not_clobbered(toys, tmp_path):
         run_dir=tmp_path,
         eval_fn=lambda m: {"accuracy": 1.0},
     )
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(FileExistsError, match="already holds a run") as info:
         train(toys.make_model(), toys.plain_step, data, config=config, run_dir=tmp_path)
-    with pytest.raises(FileNotFoundError, match="cannot resume"):
+    # phrased for command-line and Python users alike
+    assert (
+        "pass --resume (resume=True in Python) to continue it, --overwrite (overwrite=True in "
+        "Python) to start over" in str(info.value)
+    )
+    with pytest.raises(FileNotFoundError, match="cannot resume.*without --resume"):
         train(
             toys.make_model(),
             toys.plain_step,
@@ -364,6 +369,10 @@ def test_run_directory_is_not_clobbered(toys, tmp_path):
             run_dir=tmp_path / "new",
             resume=True,
         )
+    assert not (tmp_path / "new").exists()  # a failed resume creates nothing
+    with pytest.raises(ValueError, match=r"--resume \(resume=True in Python\) and --overwrite"):
+        train(toys.make_model(), toys.plain_step, data, config=config, run_dir=tmp_path,
+              resume=True, overwrite=True)  # fmt: skip
     # overwrite starts over and removes the stale best checkpoint
     train(
         toys.make_model(),

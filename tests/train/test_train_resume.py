@@ -1,11 +1,19 @@
-"""Killed runs resume exactly: a run stopped at step k (by an exception or by SIGTERM) and
-resumed ends with parameters bit-identical to an uninterrupted run with the same seed, and the
-same metrics file; a NaN/Inf loss stops the run naming the step and term, leaving the last good
-checkpoint intact."""
+"""Killed runs resume exactly: a run stopped at step k (by an exception, by SIGTERM, or by
+``kill -9`` after a time-based checkpoint or in the middle of writing one) and resumed ends with
+parameters bit-identical to an uninterrupted run with the same seed, and the same metrics file;
+a NaN/Inf loss stops the run naming the step and term, leaving the last good checkpoint intact.
+
+Run as a script, this file is the process the ``kill -9`` tests kill:
+    test_train_resume.py timed|torn RUN_DIR PROGRESS_FILE
+"""
 
 import dataclasses
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,6 +129,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_is_bit_identical(toys, tmp_path,
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(RunInterrupted, match="SIGTERM after step 5") as info:
         _run(toys, tmp_path, sigterm_at=5)
+    assert str(info.value).endswith("continue with --resume (resume=True in Python)")
     assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
     assert info.value.step == 5
     assert load_checkpoint(info.value.checkpoint)["step"] == 5
@@ -225,6 +234,127 @@ def test_inf_total_and_inf_gradient_are_reported(toys, tmp_path):
         train(toys.make_model(), inf_grad, toys.ToyData(16), config=config, run_dir=tmp_path / "b")
 
 
+HERE = Path(__file__).parent
+KILLED_STEPS = 40
+
+
+def _killable_config(**values) -> TrainConfig:
+    """Shared by the killed process and the test (only checkpoint_minutes may differ)."""
+    defaults = dict(steps=KILLED_STEPS, lr=3e-2, batch_size=8, log_every=1, seed=9)
+    return cpu_config(**{**defaults, **values})
+
+
+def _killed_process(mode: str, run_dir: Path, progress: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    return subprocess.Popen(
+        [sys.executable, __file__, mode, str(run_dir), str(progress)],
+        env={**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _finish_and_compare(toys, run_dir: Path, config: TrainConfig) -> None:
+    """Resume ``run_dir`` here and compare with an uninterrupted run without timed checkpoints."""
+    resumed = toys.make_model(seed=1, dropout=0.3)
+    result = train(
+        resumed, toys.noisy_step, toys.ToyData(40), config=config, run_dir=run_dir, resume=True
+    )
+    assert result.step == KILLED_STEPS
+    reference = toys.make_model(seed=1, dropout=0.3)
+    train(
+        reference,
+        toys.noisy_step,
+        toys.ToyData(40),
+        config=_killable_config(checkpoint_minutes=None),
+        run_dir=run_dir.parent / "reference",
+    )
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    lines = read_metrics(run_dir / "metrics.jsonl", "train")
+    assert [line["step"] for line in lines] == list(range(1, KILLED_STEPS + 1))
+
+
+@pytest.mark.slow
+def test_kill_9_loses_only_the_steps_since_the_last_timed_checkpoint(toys, tmp_path):
+    """Default-style settings (no step-based checkpoints, a time interval) and ``kill -9`` half
+    way: the run resumes from its last timed checkpoint and ends bit-identical."""
+    run, progress = tmp_path / "run", tmp_path / "progress"
+    process = _killed_process("timed", run, progress)
+    try:
+        deadline = time.monotonic() + 90
+        while not (progress.exists() and progress.read_text().strip() == "15"):
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "the run made no progress"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
+    assert 0 < saved <= 15  # written on time: checkpoint_every is None
+    _finish_and_compare(toys, run, _killable_config(checkpoint_minutes=0.004))
+
+
+@pytest.mark.slow
+def test_kill_9_while_writing_a_checkpoint_leaves_a_temporary_that_resume_removes(toys, tmp_path):
+    run, progress = tmp_path / "run", tmp_path / "progress"
+    process = _killed_process("torn", run, progress)
+    try:
+        process.wait(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stdout.read()
+    folder = run / "checkpoints"
+    leftovers = sorted(p.name for p in folder.iterdir())
+    assert len(leftovers) == 2 and leftovers[1] == "last.pt"
+    assert leftovers[0].startswith(".last.pt.") and leftovers[0].endswith(".tmp")
+    assert load_checkpoint(folder / "last.pt")["step"] == 3  # the step-6 write was killed
+    _finish_and_compare(toys, run, _killable_config(checkpoint_every=3, checkpoint_minutes=None))
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pt"]
+
+
+def _killed_main(mode: str, run_dir: str, progress: str) -> None:
+    """The process the kill -9 tests kill (``timed``: by the test; ``torn``: itself, in the
+    middle of writing its second checkpoint)."""
+    sys.path.insert(0, str(HERE))
+    import train_toys as toys
+
+    if mode == "timed":
+        config = _killable_config(checkpoint_minutes=0.004)  # every ~0.24 s: ~5 steps here
+    else:
+        config = _killable_config(checkpoint_every=3, checkpoint_minutes=None)
+        real_save, calls = torch.save, []
+
+        def dying_save(obj, fh):
+            calls.append(1)
+            if len(calls) == 2:
+                fh.write(b"PK\x03\x04 the first bytes of a checkpoint")
+                fh.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_save(obj, fh)
+
+        torch.save = dying_save
+
+    def slow_step(model, batch, step):
+        time.sleep(0.05)
+        return toys.noisy_step(model, batch, step)
+
+    train(
+        toys.make_model(seed=1, dropout=0.3),
+        slow_step,
+        toys.ToyData(40),
+        config=config,
+        run_dir=run_dir,
+        on_step=lambda info: Path(progress).write_text(str(info.step)),
+    )
+
+
 @pytest.mark.gpu
 def test_resume_on_cuda_with_bf16_autocast_is_bit_identical(toys, tmp_path):
     config = _config(device="cuda", precision="bf16")
@@ -235,3 +365,7 @@ def test_resume_on_cuda_with_bf16_autocast_is_bit_identical(toys, tmp_path):
     assert next(model.parameters()).is_cuda
     for key, value in reference.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+if __name__ == "__main__":
+    _killed_main(*sys.argv[1:])

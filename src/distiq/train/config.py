@@ -8,6 +8,7 @@ micro-batches, i.e. ``batch_size · grad_accum`` samples.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -27,6 +28,7 @@ RESUMABLE_CHANGES: frozenset[str] = frozenset(
         "steps",
         "eval_every",
         "checkpoint_every",
+        "checkpoint_minutes",
         "log_every",
         "tensorboard",
         "device",
@@ -60,7 +62,13 @@ class TrainConfig:
         eval_every: evaluate every N optimizer steps (and always after the last one); ``None``
             evaluates only at the end.
         checkpoint_every: write ``checkpoints/last.pt`` every N steps (and always at the end and
-            on SIGTERM/SIGINT); ``None``: only at the end and on signals.
+            on SIGTERM/SIGINT); ``None``: no step-based checkpoints.
+        checkpoint_minutes: also write ``checkpoints/last.pt`` when this many minutes of wall
+            time have passed since the last one (checked after each step; whichever of this and
+            ``checkpoint_every`` comes first), so a killed run (``kill -9``, a lost machine)
+            loses at most about that much work; ``None``: no time-based checkpoints. In a
+            data-parallel run the main process's clock decides, for every process alike.
+            Checkpoints change no number of the run: resuming stays bit-identical.
         best_metric: name of the validation metric that picks ``checkpoints/best.pt``
             (``None``: no best checkpoint). Evaluate on a validation split, never on test.
         best_mode: ``max`` (accuracy, mAP) or ``min`` (a loss).
@@ -93,6 +101,7 @@ class TrainConfig:
     num_workers: int = 0
     eval_every: int | None = None
     checkpoint_every: int | None = None
+    checkpoint_minutes: float | None = 10.0
     best_metric: str | None = None
     best_mode: Literal["max", "min"] = "max"
     load_best_at_end: bool = False
@@ -119,6 +128,17 @@ class TrainConfig:
         positive_int("log_every", self.log_every)
         positive_int("eval_every", self.eval_every, optional=True)
         positive_int("checkpoint_every", self.checkpoint_every, optional=True)
+        minutes = self.checkpoint_minutes
+        if minutes is not None and (
+            isinstance(minutes, bool)
+            or not isinstance(minutes, int | float)
+            or not math.isfinite(minutes)
+            or minutes <= 0
+        ):
+            errors.append(
+                f"checkpoint_minutes must be a number of minutes > 0 or null (no time-based "
+                f"checkpoints), got {minutes!r}"
+            )
         if not self.lr > 0:
             errors.append(f"lr must be > 0, got {self.lr!r}")
         if self.weight_decay < 0:

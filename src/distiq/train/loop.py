@@ -4,8 +4,13 @@ Per optimizer step: ``grad_accum`` micro-batches, each ``step_fn(model, batch, s
 autocast, every term checked to be finite, ``backward(total / grad_accum)`` (no all-reduce on
 all but the last micro-batch); then the global gradient norm is measured (and clipped), checked
 finite, AdamW steps, the LR schedule steps. Then, as due: a metrics line, an evaluation (with
-best-checkpoint selection), a checkpoint, the ``on_step`` callback. SIGTERM/SIGINT stop the run
-at the next step boundary with a checkpoint; ``resume=True`` continues it exactly.
+best-checkpoint selection), a checkpoint, the ``on_step`` callback. Checkpoints fall due every
+``checkpoint_every`` steps and every ``checkpoint_minutes`` of wall time, whichever comes first.
+SIGTERM/SIGINT stop the run at the next step boundary with a checkpoint; ``--resume``
+(``resume=True``) continues it exactly.
+
+The run directory is locked for the whole run (:class:`distiq.train.lock.RunLock`): a second
+process on it fails at once instead of mixing its files with this run's.
 """
 
 from __future__ import annotations
@@ -23,30 +28,39 @@ from torch import nn
 
 from distiq.config import dump_yaml
 from distiq.train.batches import as_batch_source, move_to_device
-from distiq.train.checkpoint import BEST_FORMAT, load_checkpoint, seed_everything
+from distiq.train.checkpoint import (
+    BEST_FORMAT,
+    CheckpointTimer,
+    load_checkpoint,
+    remove_stale_temporaries,
+    seed_everything,
+)
 from distiq.train.config import TrainConfig
 from distiq.train.distributed import (
     DistContext,
     autocast,
     barrier,
     broadcast_object,
-    gather_objects,
     resolve_precision,
     setup_distributed,
 )
+from distiq.train.lock import locked_run_dir
 from distiq.train.metrics import MetricsWriter, check_tensorboard
 from distiq.train.resume import restore_training_state, save_best_weights, save_training_state
 from distiq.train.schedule import build_scheduler
 from distiq.train.state import (
     LoopState,
-    LossOutputLike,
     NonFiniteLossError,
     RunInterrupted,
     SignalGuard,
     StepInfo,
     TrainResult,
+    checked_loss_values,
+    float_metrics,
+    last_good_checkpoint,
+    unpack_step_output,
 )
-from distiq.util import suggest
+from distiq.util import option_hint, suggest
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +102,8 @@ def train(
             (replayed on resume; not split across processes).
         config: the :class:`TrainConfig`.
         run_dir: gets ``metrics.jsonl``, ``train_config.yaml``, ``checkpoints/last.pt`` and,
-            with ``config.best_metric``, ``checkpoints/best.pt``.
+            with ``config.best_metric``, ``checkpoints/best.pt``. Locked for the run (the main
+            process holds ``run_dir/.distiq.lock``; re-entrant for a caller that holds it).
         eval_fn: ``eval_fn(model) -> {metric: float}`` on the **validation** split, called on
             every process in eval mode under ``torch.no_grad()`` with the plain (unwrapped)
             model; the main process's result is used (see ``distiq.train.distributed`` for
@@ -98,10 +113,10 @@ def train(
             weight decay on those with ``ndim >= 2`` only).
         stateful: extra objects with ``state_dict``/``load_state_dict`` (a learned loss
             weighting, an EMA) saved in checkpoints and restored on resume.
-        resume: continue from ``checkpoints/last.pt``: model, optimizer, schedule, step, data
-            position, RNG states and best-so-far are restored, so the run ends exactly as an
-            uninterrupted one would.
-        overwrite: start over in a run directory that already holds a run.
+        resume: continue from ``checkpoints/last.pt`` (``--resume`` on the command line): model,
+            optimizer, schedule, step, data position, RNG states and best-so-far are restored,
+            so the run ends exactly as an uninterrupted one would.
+        overwrite: start over in a run directory that already holds a run (``--overwrite``).
         on_step: called with a :class:`StepInfo` after every step (main process only).
         on_eval: called with ``(step, metrics)`` after every evaluation (main process only).
 
@@ -109,10 +124,51 @@ def train(
         NonFiniteLossError: a term, the total or the gradient norm is NaN/Inf (names the step
             and the terms; the last checkpoint is left as it was).
         RunInterrupted: SIGTERM/SIGINT arrived; a checkpoint of the last finished step exists.
+        distiq.train.lock.RunDirectoryInUse: another process holds ``run_dir``'s lock.
+        OSError: the disk filled up while a checkpoint was written (``errno`` ``ENOSPC``; the
+            previous checkpoint is intact).
     """
     config.check()
     run_dir = Path(run_dir)
     ctx = setup_distributed(config)
+    _check_run_options(run_dir, resume=resume, overwrite=overwrite)
+    with locked_run_dir(run_dir, ctx):
+        return _train_locked(
+            model,
+            step_fn,
+            train_data,
+            config=config,
+            run_dir=run_dir,
+            ctx=ctx,
+            eval_fn=eval_fn,
+            collate_fn=collate_fn,
+            optimizer_params=optimizer_params,
+            stateful=stateful,
+            resume=resume,
+            overwrite=overwrite,
+            on_step=on_step,
+            on_eval=on_eval,
+        )
+
+
+def _train_locked(
+    model: nn.Module,
+    step_fn: StepFn,
+    train_data: Any,
+    *,
+    config: TrainConfig,
+    run_dir: Path,
+    ctx: DistContext,
+    eval_fn: EvalFn | None,
+    collate_fn: Callable[[list[Any]], Any] | None,
+    optimizer_params: Iterable[Any] | None,
+    stateful: Mapping[str, Any] | None,
+    resume: bool,
+    overwrite: bool,
+    on_step: Callable[[StepInfo], None] | None,
+    on_eval: Callable[[int, dict[str, float]], None] | None,
+) -> TrainResult:
+    """:func:`train`'s body, run while the run directory is locked."""
     last_path = run_dir / "checkpoints" / "last.pt"
     best_path = run_dir / "checkpoints" / "best.pt"
     _prepare_run_dir(run_dir, last_path, best_path, ctx, resume=resume, overwrite=overwrite)
@@ -161,11 +217,13 @@ def train(
     elif ctx.is_main:
         dump_yaml(config, run_dir / "train_config.yaml")
 
-    def save_last() -> Path:
+    def save_last() -> None:
+        nonlocal saved_at
         save_training_state(
             last_path, config, ctx, wrapped, optimizer, scheduler, batches, stateful, state
         )
-        return last_path
+        saved_at = state.step
+        timer.reset()
 
     def evaluate() -> None:
         assert eval_fn is not None
@@ -174,7 +232,7 @@ def train(
         with torch.no_grad(), autocast(ctx.device, precision):
             raw = eval_fn(ctx.unwrap(wrapped) if not ctx.is_fsdp else wrapped)
         wrapped.train()
-        metrics = broadcast_object(_float_metrics(raw))
+        metrics = broadcast_object(float_metrics(raw))
         is_best = False
         if config.best_metric is not None:
             if config.best_metric not in metrics:
@@ -212,19 +270,24 @@ def train(
     )
     last_log: dict[str, Any] | None = None
     saved_at: int | None = state.step if resume else None
+    timer = CheckpointTimer(config.checkpoint_minutes)
     wrapped.train()
     optimizer.zero_grad(set_to_none=True)
     iterator = iter(batches)
     try:
         with SignalGuard() as guard:
             while state.step < config.steps:
-                if ctx.any_true(guard.requested is not None):
-                    if saved_at != state.step:
-                        save_last()
+                # one collective for both: every process stops, or checkpoints, on the same step
+                signalled, on_time = _on_any_process(
+                    ctx, guard.requested is not None, ctx.is_main and timer.due()
+                )
+                if (signalled or on_time) and saved_at != state.step:
+                    save_last()
+                if signalled:
                     name = guard.requested or "a signal on another process"
                     raise RunInterrupted(
                         f"training stopped by {name} after step {state.step} of {config.steps}; "
-                        f"checkpoint written to {last_path}; continue with resume=True",
+                        f"checkpoint written to {last_path}; continue with {option_hint('resume')}",
                         step=state.step,
                         signal_name=name,
                         checkpoint=last_path,
@@ -237,8 +300,10 @@ def train(
                     with ctx.no_sync(wrapped, skip=not last_micro):
                         with autocast(ctx.device, precision):
                             output = step_fn(wrapped, batch, state.step)
-                        total, terms = _unpack(output)
-                        values = _checked_values(total, terms, state, config, ctx, micro, last_path)
+                        total, terms = unpack_step_output(output)
+                        values = checked_loss_values(
+                            total, terms, state, config, ctx, micro, last_path
+                        )
                         ctx.backward(total / config.grad_accum)
                     step_total += values[0] / config.grad_accum
                     for name, value in zip(terms, values[1:]):
@@ -248,7 +313,7 @@ def train(
                     raise NonFiniteLossError(
                         f"non-finite gradient norm ({grad_norm}) at step {state.step + 1} "
                         f"(step_fn step={state.step}) although every loss term was finite; "
-                        f"parameters were not updated. {_last_good(last_path)}",
+                        f"parameters were not updated. {last_good_checkpoint(last_path)}",
                         step=state.step + 1,
                         terms=["grad_norm"],
                     )
@@ -271,7 +336,6 @@ def train(
                     evaluate()
                 if config.checkpoint_every and state.step % config.checkpoint_every == 0:
                     save_last()
-                    saved_at = state.step
                 if on_step is not None and ctx.is_main:
                     on_step(
                         StepInfo(
@@ -315,6 +379,26 @@ def unwrap_model(model: Any) -> nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
+def _check_run_options(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """The checks that need no lock (so that a bad ``resume`` creates no directory)."""
+    if resume and overwrite:
+        raise ValueError(
+            f"{option_hint('resume')} and {option_hint('overwrite')} exclude each other: pick one"
+        )
+    last_path = run_dir / "checkpoints" / "last.pt"
+    if resume and not last_path.is_file():
+        raise FileNotFoundError(
+            f"cannot resume: there is no checkpoint at {last_path}; start the run without "
+            "--resume (resume=False in Python)"
+        )
+
+
+def _on_any_process(ctx: DistContext, *flags: bool) -> list[bool]:
+    """For each flag, whether it is true on any process (one all-reduce for all of them)."""
+    sums = ctx.mean_floats([1.0 if flag else 0.0 for flag in flags])
+    return [value > 0 for value in sums]
+
+
 def _prepare_run_dir(
     run_dir: Path,
     last_path: Path,
@@ -325,20 +409,19 @@ def _prepare_run_dir(
     overwrite: bool,
 ) -> None:
     """Refuse to clobber or to resume nothing, before any long work (every process checks the
-    same files before anything is deleted, so they all fail alike)."""
-    if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other: pick one")
+    same files before anything is deleted, so they all fail alike); remove the temporary files
+    of checkpoint writes a killed run left (the lock is held: nobody is writing them)."""
     if resume:
-        if not last_path.is_file():
-            raise FileNotFoundError(
-                f"cannot resume: there is no checkpoint at {last_path}; start without resume"
-            )
+        _check_run_options(run_dir, resume=resume, overwrite=overwrite)  # again, under the lock
+        if ctx.is_main:
+            remove_stale_temporaries(last_path.parent)
         return
     existing = [p for p in (last_path, best_path, run_dir / "metrics.jsonl") if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(
             f"{run_dir} already holds a run ({', '.join(p.name for p in existing)}); pass "
-            "resume=True to continue it, overwrite=True to start over, or use a new directory"
+            f"{option_hint('resume')} to continue it, {option_hint('overwrite')} to start over, "
+            "or use a new directory"
         )
     barrier()
     if ctx.is_main:
@@ -346,6 +429,7 @@ def _prepare_run_dir(
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OSError(f"cannot create the run directory {run_dir}: {exc}") from exc
+        remove_stale_temporaries(last_path.parent)
         if overwrite:
             for path in existing:
                 path.unlink()
@@ -373,86 +457,6 @@ def _param_groups(model: nn.Module, params: Iterable[Any] | None, weight_decay: 
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return [g for g in groups if g["params"]]
-
-
-def _unpack(output: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    if isinstance(output, LossOutputLike):
-        total, terms = output.total, dict(output.terms)
-    elif isinstance(output, torch.Tensor):
-        total, terms = output, {}
-    elif isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], Mapping):
-        total, terms = output[0], dict(output[1])
-    else:
-        raise TypeError(
-            f"step_fn returned {type(output).__name__}; return a LossOutput(total, terms), a "
-            "(total, terms) tuple or a 0-dim loss tensor"
-        )
-    if not isinstance(total, torch.Tensor) or total.numel() != 1:
-        raise TypeError(f"step_fn's total must be a one-element tensor, got {total!r:.80}")
-    if not total.requires_grad:
-        raise RuntimeError(
-            "step_fn's total does not require grad: no trainable parameter reaches the loss "
-            "(frozen model, or the loss computed under torch.no_grad())"
-        )
-    return total.reshape(()), terms
-
-
-def _checked_values(
-    total: torch.Tensor,
-    terms: dict[str, Any],
-    state: LoopState,
-    config: TrainConfig,
-    ctx: DistContext,
-    micro: int,
-    last_path: Path,
-) -> list[float]:
-    """``[total, *terms]`` as floats (one device sync); raise if any is NaN/Inf on any process."""
-    parts = [total.detach().float()]
-    for name, value in terms.items():
-        value = torch.as_tensor(value)
-        if value.numel() != 1:
-            raise ValueError(
-                f"loss term {name!r} has shape {tuple(value.shape)}; terms must be scalars"
-            )
-        parts.append(value.detach().float().reshape(()).to(parts[0].device))
-    values = torch.stack(parts).cpu().tolist()
-    bad = [name for name, v in zip(["total", *terms], values) if not math.isfinite(v)]
-    if not ctx.any_true(bool(bad)):
-        return values
-    everywhere = gather_objects(bad)
-    named = sorted({n for per_rank in everywhere for n in per_rank if n != "total"})
-    shown = ", ".join(f"{n}={v}" for n, v in zip(["total", *terms], values) if n in bad) or (
-        "finite here, non-finite on another process"
-    )
-    where = f" (process {ctx.rank} of {ctx.world_size})" if ctx.world_size > 1 else ""
-    raise NonFiniteLossError(
-        f"non-finite loss at step {state.step + 1} (step_fn step={state.step}, micro-batch "
-        f"{micro + 1} of {config.grad_accum}){where}: "
-        f"{'term(s) ' + ', '.join(repr(n) for n in named) if named else 'the total'} blew up "
-        f"[{shown}]; parameters were not updated. {_last_good(last_path)}",
-        step=state.step + 1,
-        terms=named or ["total"],
-    )
-
-
-def _last_good(last_path: Path) -> str:
-    if last_path.is_file():
-        return f"The last good checkpoint, {last_path}, is intact."
-    return "No checkpoint was written before it."
-
-
-def _float_metrics(raw: Mapping[str, Any]) -> dict[str, float]:
-    if not isinstance(raw, Mapping):
-        raise TypeError(
-            f"eval_fn must return a mapping of metric names to numbers, got {type(raw).__name__}"
-        )
-    metrics = {}
-    for name, value in raw.items():
-        try:
-            metrics[str(name)] = float(value)
-        except (TypeError, ValueError):
-            raise TypeError(f"eval_fn's metric {name!r} is not a number: {value!r:.80}") from None
-    return metrics
 
 
 def _log_line(state: LoopState, ctx: DistContext, lr: float, epoch: int) -> dict[str, Any]:

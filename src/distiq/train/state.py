@@ -1,5 +1,5 @@
-"""The loop's small types: what a step returns, what callbacks receive, the result, the errors,
-the running state saved in checkpoints, and the SIGTERM/SIGINT guard."""
+"""The loop's small types: what a step returns (and the checks of it), what callbacks receive,
+the result, the errors, the running state saved in checkpoints, and the SIGTERM/SIGINT guard."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+from distiq.train.config import TrainConfig
+from distiq.train.distributed import DistContext, gather_objects
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +40,7 @@ class NonFiniteLossError(FloatingPointError):
 
 class RunInterrupted(RuntimeError):
     """SIGTERM/SIGINT stopped the run after a checkpoint was written; resume it with
-    ``resume=True``."""
+    ``--resume`` (``resume=True`` in Python)."""
 
     def __init__(self, message: str, *, step: int, signal_name: str, checkpoint: Path) -> None:
         super().__init__(message)
@@ -173,3 +176,87 @@ class SignalGuard:
 
     def __exit__(self, *exc: object) -> None:
         self._restore()
+
+
+def unpack_step_output(output: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(total, terms)`` of what ``step_fn`` returned (a ``LossOutput``, a ``(total, terms)``
+    tuple or a bare loss tensor), ``total`` as a 0-dim tensor; a clear error for anything else."""
+    if isinstance(output, LossOutputLike):
+        total, terms = output.total, dict(output.terms)
+    elif isinstance(output, torch.Tensor):
+        total, terms = output, {}
+    elif isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], Mapping):
+        total, terms = output[0], dict(output[1])
+    else:
+        raise TypeError(
+            f"step_fn returned {type(output).__name__}; return a LossOutput(total, terms), a "
+            "(total, terms) tuple or a 0-dim loss tensor"
+        )
+    if not isinstance(total, torch.Tensor) or total.numel() != 1:
+        raise TypeError(f"step_fn's total must be a one-element tensor, got {total!r:.80}")
+    if not total.requires_grad:
+        raise RuntimeError(
+            "step_fn's total does not require grad: no trainable parameter reaches the loss "
+            "(frozen model, or the loss computed under torch.no_grad())"
+        )
+    return total.reshape(()), terms
+
+
+def checked_loss_values(
+    total: torch.Tensor,
+    terms: dict[str, Any],
+    state: LoopState,
+    config: TrainConfig,
+    ctx: DistContext,
+    micro: int,
+    last_path: Path,
+) -> list[float]:
+    """``[total, *terms]`` as floats (one device sync); raise if any is NaN/Inf on any process."""
+    parts = [total.detach().float()]
+    for name, value in terms.items():
+        value = torch.as_tensor(value)
+        if value.numel() != 1:
+            raise ValueError(
+                f"loss term {name!r} has shape {tuple(value.shape)}; terms must be scalars"
+            )
+        parts.append(value.detach().float().reshape(()).to(parts[0].device))
+    values = torch.stack(parts).cpu().tolist()
+    bad = [name for name, v in zip(["total", *terms], values) if not math.isfinite(v)]
+    if not ctx.any_true(bool(bad)):
+        return values
+    everywhere = gather_objects(bad)
+    named = sorted({n for per_rank in everywhere for n in per_rank if n != "total"})
+    shown = ", ".join(f"{n}={v}" for n, v in zip(["total", *terms], values) if n in bad) or (
+        "finite here, non-finite on another process"
+    )
+    where = f" (process {ctx.rank} of {ctx.world_size})" if ctx.world_size > 1 else ""
+    raise NonFiniteLossError(
+        f"non-finite loss at step {state.step + 1} (step_fn step={state.step}, micro-batch "
+        f"{micro + 1} of {config.grad_accum}){where}: "
+        f"{'term(s) ' + ', '.join(repr(n) for n in named) if named else 'the total'} blew up "
+        f"[{shown}]; parameters were not updated. {last_good_checkpoint(last_path)}",
+        step=state.step + 1,
+        terms=named or ["total"],
+    )
+
+
+def last_good_checkpoint(last_path: Path) -> str:
+    """The sentence of an error message that says whether a checkpoint to resume from exists."""
+    if last_path.is_file():
+        return f"The last good checkpoint, {last_path}, is intact."
+    return "No checkpoint was written before it."
+
+
+def float_metrics(raw: Mapping[str, Any]) -> dict[str, float]:
+    """``eval_fn``'s result as ``{name: float}``; a clear error for anything that is not."""
+    if not isinstance(raw, Mapping):
+        raise TypeError(
+            f"eval_fn must return a mapping of metric names to numbers, got {type(raw).__name__}"
+        )
+    metrics = {}
+    for name, value in raw.items():
+        try:
+            metrics[str(name)] = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"eval_fn's metric {name!r} is not a number: {value!r:.80}") from None
+    return metrics

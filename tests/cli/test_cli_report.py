@@ -24,12 +24,16 @@ def test_report_demo_dir(demo_report):
     assert f"report: {root / 'report.md'}\n" in result.stdout
     assert f"report: {root / 'report.html'}\n" in result.stdout
     assert "6 of 6 goals met." in result.stdout
-    assert "qad-w4a8" in result.stdout and "1.25 (onnxruntime-int8)" in result.stdout
+    assert "qad-w4a8" in result.stdout and "ort-int4, 2 threads" in result.stdout
+    assert "1.20× (faster, on ort-fp32)" in result.stdout
     names = {p.name for p in root.iterdir()}
     assert {"report.md", "report.html", "accuracy_vs_size.png", "curves_qad-w4a8.png"} <= names
     assert not [n for n in names if n.endswith(".tmp")]
     md = (root / "report.md").read_text()
-    assert "| qad-w2a16 | qad | 2/16 | 64 | 0.40 | 85.00 | 92.4 % | — |" in md
+    assert (
+        "| qad-w2a16 | qad | 2/16 | 64 | 0.40 | 85.00 | 92.4 % | 4.00 | ort-fp32, 2 threads |" in md
+    )
+    assert "Slower than the teacher on the same backend: qad-w2a16" in md
     assert "![training curves of rtn-w4a8](curves_rtn-w4a8.png)" in md
     html = (root / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4
@@ -59,7 +63,7 @@ def test_report_of_a_results_file_goes_next_to_it(runner, tmp_path):
     result = runner.invoke(app, ["report", str(results)])
     assert result.exit_code == 0, result.output
     assert (
-        "| rtn | rtn | 4/16 | per-channel | — | 7.50 | — | — |"
+        "| rtn | rtn | 4/16 | per-channel | — | 7.50 | — | — | — | — |"
         in (tmp_path / "report.md").read_text()
     )
 

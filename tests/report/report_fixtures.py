@@ -9,10 +9,24 @@ from pathlib import Path
 from distiq.results import ResultRecord, write_records
 
 MACHINE = {"cpu": "Test CPU", "cores": 2, "torch": "2.13.0"}
+UNAVAILABLE = {"available": False, "reason": "precision 'int4' needs quantized weights"}
+
+
+def bench_extra(threads: int = 2, **median_ms: float) -> dict:
+    """``extra["bench"]`` as distiq.bench.run writes it: the language model's timing on each
+    backend (keyword names with ``_`` for ``-``: ``ort_fp32=2.5``), the threads, the machine."""
+    per_backend = {
+        name.replace("_", "-"): {"available": True, "reason": None, "median_ms": ms, "repeats": 30}
+        for name, ms in median_ms.items()
+    }
+    per_backend.setdefault("ort-int4", UNAVAILABLE)
+    return {"threads": threads, "machine": MACHINE, "batch_size": 1, "language_model": per_backend}
 
 
 def demo_records() -> list[ResultRecord]:
-    """A teacher and the demo's methods at W4A8 and W2A16 (group 64), every goal met."""
+    """A teacher and the demo's methods at W4A8 and W2A16 (group 64), every goal met. Latency:
+    the teacher on ort-fp32; kd faster there; qad-w4a8 faster on ort-fp32 but deployed on
+    ort-int4, slower than the teacher; qad-w2a16 slower on ort-fp32."""
     return [
         ResultRecord(
             "teacher",
@@ -21,7 +35,7 @@ def demo_records() -> list[ResultRecord]:
             size_mb=4.4,
             value=92.0,
             latency_ms=3.0,
-            latency_backend="torch-fp32",
+            latency_backend="ort-fp32",
             extra={
                 "blind_baseline": {
                     "accuracy": 48.25,
@@ -29,9 +43,18 @@ def demo_records() -> list[ResultRecord]:
                 },
                 "machine": MACHINE,
                 "by_question_type": {"count": 90.0, "colour": 95.0},
+                "bench": bench_extra(pytorch_fp32=9.0, ort_fp32=3.0),
             },
         ),
-        ResultRecord("kd", "kd", size_mb=2.0, value=88.0),
+        ResultRecord(
+            "kd",
+            "kd",
+            size_mb=2.0,
+            value=88.0,
+            latency_ms=2.0,
+            latency_backend="ort-fp32",
+            extra={"bench": bench_extra(ort_fp32=2.0)},
+        ),
         ResultRecord("rtn-w4a8", "rtn", 4, 8, 64, size_mb=0.7, value=80.0),
         ResultRecord("gptq-w4a8", "gptq", 4, 8, 64, size_mb=0.7, value=85.0),
         ResultRecord("qat-w4a8", "qat", 4, 8, 64, size_mb=0.7, value=89.0),
@@ -43,16 +66,105 @@ def demo_records() -> list[ResultRecord]:
             64,
             size_mb=0.7,
             value=91.5,
-            latency_ms=1.25,
-            latency_backend="onnxruntime-int8",
+            latency_ms=3.75,
+            latency_backend="ort-int4",
             extra={
                 "machine": MACHINE,
                 "vqa_accuracy/question_type/count": 0.875,
                 "vqa_accuracy/question_type/colour": 0.9375,
+                "bench": bench_extra(ort_fp32=2.5, ort_int4=3.75),
             },
         ),
         ResultRecord("gptq-w2a16", "gptq", 2, 16, 64, size_mb=0.4, value=60.0),
-        ResultRecord("qad-w2a16", "qad", 2, 16, 64, size_mb=0.4, value=85.0),
+        ResultRecord(
+            "qad-w2a16",
+            "qad",
+            2,
+            16,
+            64,
+            size_mb=0.4,
+            value=85.0,
+            latency_ms=4.0,
+            latency_backend="ort-fp32",
+            extra={"bench": bench_extra(ort_fp32=4.0)},
+        ),
+    ]
+
+
+# name, method, w_bits, a_bits, group, size MB, accuracy, ms on the headline backend, on ort-fp32
+_CROWDED = [
+    ("teacher", "teacher", 16, 16, None, 3.74, 89.79, 2.50, 2.50),
+    ("kd-small", "kd", 16, 16, None, 2.61, 65.76, 1.59, 1.59),
+    ("rtn-w4a8", "rtn", 4, 8, None, 0.73, 89.59, 3.00, 2.21),
+    ("gptq-w4a8", "gptq", 4, 8, None, 0.73, 89.61, 3.27, 2.74),
+    ("qat-w4a8", "qat", 4, 8, None, 0.73, 89.43, 3.40, 2.85),
+    ("qad-w4a8", "qad", 4, 8, None, 0.73, 89.67, 3.41, 2.11),
+    ("rtn-w2a16-g64", "rtn", 2, 16, 64, 0.53, 81.92, 2.72, 2.72),
+    ("gptq-w2a16-g64", "gptq", 2, 16, 64, 0.53, 88.48, 2.57, 2.57),
+    ("qat-w2a16-g64", "qat", 2, 16, 64, 0.53, 88.88, 2.40, 2.40),
+    ("qad-w2a16-g64", "qad", 2, 16, 64, 0.53, 89.08, 2.52, 2.52),
+]
+
+
+def crowded_records() -> list[ResultRecord]:
+    """The full demo's records as one real run reported them (accuracies within a few tenths of
+    each other at each size), with the latencies distiq bench gave: points crowd together."""
+    records = []
+    for name, method, w, a, group, size, value, ms, fp32_ms in _CROWDED:
+        backend = "ort-int4" if w == 4 else "ort-fp32"
+        timings = {"ort_fp32": fp32_ms, **({"ort_int4": ms} if w == 4 else {})}
+        records.append(
+            ResultRecord(
+                name,
+                method,
+                w,
+                a,
+                group,
+                size_mb=size,
+                value=value,
+                latency_ms=ms,
+                latency_backend=backend,
+                extra={"bench": bench_extra(**timings)},
+            )
+        )
+    return records
+
+
+HOSTILE = {
+    "name": "<script>window.injected=1</script>$x^2$ \"q\" & 'a'",
+    "type": '<img src=x onerror="window.injected=2">',
+    "term": "<b>kd</b> $\\frac{a}{b}$ & co",
+    "machine": "</li><script>window.injected=3</script>",
+    "run_dir": "<svg onload=\"window.injected=4\"> $a$ & 'q'",
+}
+"""Untrusted strings that reach a report: a record name, a question type, an objective term, a
+machine description and a run directory's name, with HTML, quotes, ``&`` and mathtext."""
+
+
+def hostile_records() -> list[ResultRecord]:
+    """A teacher and one run whose name, question type and machine are :data:`HOSTILE`."""
+    return [
+        ResultRecord(
+            "teacher",
+            "teacher",
+            size_mb=4.0,
+            value=90.0,
+            latency_ms=2.0,
+            latency_backend="ort-fp32",
+            extra={"machine": HOSTILE["machine"], "by_question_type": {HOSTILE["type"]: 91.0}},
+        ),
+        ResultRecord(
+            HOSTILE["name"],
+            "qad",
+            4,
+            8,
+            64,
+            size_mb=1.0,
+            value=88.0,
+            latency_ms=2.5,
+            latency_backend="ort-fp32",
+            extra={"by_question_type": {HOSTILE["type"]: 87.5}},
+        ),
     ]
 
 
@@ -98,9 +210,21 @@ def write_metrics(path: Path, lines: list[dict], tail: str = "") -> Path:
 
 def write_demo_dir(root: Path, records: list[ResultRecord] | None = None) -> Path:
     """``root/results.json`` and ``root/runs/{qad-w4a8,rtn-w4a8}/metrics.jsonl``, as `distiq
-    demo --out root` leaves them."""
+    demo --out root` leaves them (rtn-w4a8 evaluated once)."""
     root.mkdir(parents=True, exist_ok=True)
     write_records(root / "results.json", demo_records() if records is None else records)
     write_metrics(root / "runs" / "qad-w4a8" / "metrics.jsonl", metrics_lines())
     write_metrics(root / "runs" / "rtn-w4a8" / "metrics.jsonl", metrics_lines(steps=3))
+    return root
+
+
+def write_hostile_dir(root: Path) -> Path:
+    """A demo directory whose run name, question type, term and machine are :data:`HOSTILE`."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_records(root / "results.json", hostile_records())
+    lines = metrics_lines(steps=4)
+    for line in lines:
+        if line["kind"] == "train":
+            line["terms"][HOSTILE["term"]] = line["terms"].pop("kd")
+    write_metrics(root / "runs" / HOSTILE["run_dir"] / "metrics.jsonl", lines)
     return root

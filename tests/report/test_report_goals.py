@@ -1,8 +1,16 @@
-"""distiq.report.goals: the issue 6 §5 goals decided from the numbers, losses shown."""
+"""distiq.report.goals: goals the caller passes (the demo's by default), decided from the numbers,
+losses shown."""
 
 import pytest
 
-from distiq.report import check_goals, goals_summary
+from distiq.report import (
+    DEFAULT_GOALS,
+    BeatsBaseline,
+    KeepsTeacherAccuracy,
+    Setting,
+    check_goals,
+    goals_summary,
+)
 from distiq.report.goals import WIDE_MARGIN
 from distiq.results import ResultRecord
 
@@ -78,3 +86,55 @@ def test_best_record_per_method_and_other_metrics_ignored():
     check = check_goals(records)[1]
     assert check.status == "met" and check.value == pytest.approx(89.2 - 88.0)
     assert "qad-efqat" in check.measured and "rtn-seed1" in check.measured
+
+
+def test_default_goals_in_words():
+    assert [g.describe() for g in DEFAULT_GOALS] == [
+        "W4A8: qad keeps ≥ 99 % of the teacher's VQA accuracy",
+        "W4A8: qad beats rtn",
+        "W4A8: qad beats gptq",
+        "W4A8: qad beats qat",
+        "W2A16, group 64: qad keeps ≥ 90 % of the teacher's VQA accuracy",
+        f"W2A16, group 64: qad beats gptq by ≥ {WIDE_MARGIN:g} points",
+    ]
+    assert check_goals([]) == check_goals([], DEFAULT_GOALS)
+
+
+def test_goals_of_the_caller_any_method_task_and_metric():
+    records = [
+        ResultRecord("t", "teacher", task="detection", metric="map", value=40.0),
+        ResultRecord("kd-a", "kd", task="detection", metric="map", value=38.0),
+        ResultRecord("kd-b", "kd", task="detection", metric="map", value=39.0),
+        ResultRecord("rtn-8", "rtn", 8, 8, task="detection", metric="map", value=37.0),
+        ResultRecord("vqa-kd", "kd", value=99.0),  # another task: never counted
+    ]
+    fp = Setting(16, 16)
+    goals = [
+        KeepsTeacherAccuracy("kd", fp, min_retention_percent=97.0, task="detection", metric="map"),
+        BeatsBaseline("kd", "rtn", fp, task="detection", metric="map"),
+        BeatsBaseline(
+            "kd", "qat", Setting(8, 8), min_margin_points=1.0, task="detection", metric="map"
+        ),
+    ]
+    checks = check_goals(records, goals)
+    assert [c.goal for c in checks] == [
+        "W16A16: kd keeps ≥ 97 % of the teacher's map",
+        "W16A16: kd beats rtn",
+        "W8A8: kd beats qat by ≥ 1 points",
+    ]
+    assert checks[0].status == "met" and checks[0].value == pytest.approx(97.5)
+    assert "kd-b: 39.00 vs the teacher (t): 40.00" in checks[0].measured  # the best kd record
+    assert checks[1].measured == "no rtn W16A16 record with map"  # rtn-8 is W8A8
+    assert checks[2].measured == "no kd W8A8 and no qat W8A8 record with map"
+    assert goals_summary(checks) == "1 of 3 goals met, 2 not measured."
+
+
+def test_bad_goals_are_clear_errors():
+    with pytest.raises(
+        TypeError, match=r"goals\[1\] is a str, not a goal; pass KeepsTeacherAccuracy"
+    ):
+        check_goals([], [DEFAULT_GOALS[0], "qad beats gptq"])
+    with pytest.raises(ValueError, match="min_retention_percent must be a finite number"):
+        KeepsTeacherAccuracy("qad", Setting(4, 8), min_retention_percent=float("nan"))
+    with pytest.raises(ValueError, match="BeatsBaseline.min_margin_points must be ≥ 0, got -1"):
+        BeatsBaseline("qad", "gptq", Setting(4, 8), min_margin_points=-1)

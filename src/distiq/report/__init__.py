@@ -6,8 +6,13 @@ Public API::
     from distiq.report import report, collect_inputs, write_report, render, check_goals
     files = report(["out/demo"], "out/demo")     # -> ReportFiles(markdown, html, images)
 
+    files = report(["out/run"], "out/run", goals=[KeepsTeacherAccuracy("qad", Setting(4, 8), 99.0)])
+
 What a report holds: per ``(task, metric)`` a table (name, method, bits W/A, group, size MB,
-accuracy, retention vs the teacher, latency with its backend); the goals of issue 6 §5 checked
+accuracy, retention vs the teacher, latency, the backend and threads it was timed on, and speed
+vs the teacher on the same backend and threads), with plain sentences naming every model slower
+than its teacher; every backend's latency when ``distiq bench`` timed several; the goals the
+caller passes (:mod:`distiq.report.goals`; :data:`DEFAULT_GOALS` when none are given) checked
 from the numbers (met / not met / not measured, with the numbers); per-question-type accuracy
 when records carry it in ``extra``; accuracy-vs-size and accuracy-vs-latency plots; the training
 curves of every objective term (and validation metric) of each run; the machine(s) the records
@@ -15,7 +20,16 @@ name in ``extra["machine"]``; the files it was rendered from. matplotlib is impo
 plot is drawn, so ``import distiq.report`` is light.
 """
 
-from distiq.report.goals import GoalCheck, check_goals, goals_summary
+from distiq.report.goals import (
+    DEFAULT_GOALS,
+    BeatsBaseline,
+    Goal,
+    GoalCheck,
+    KeepsTeacherAccuracy,
+    Setting,
+    check_goals,
+    goals_summary,
+)
 from distiq.report.inputs import ReportInputs, RunCurves, collect_inputs, read_curves
 from distiq.report.render import (
     REPORT_HTML,
@@ -30,7 +44,12 @@ from distiq.report.render import (
 from distiq.results import merge_records
 
 __all__ = [
+    "DEFAULT_GOALS",
+    "BeatsBaseline",
+    "Goal",
     "GoalCheck",
+    "KeepsTeacherAccuracy",
+    "Setting",
     "check_goals",
     "goals_summary",
     "ReportInputs",

@@ -3,20 +3,39 @@
 Figures are built with ``matplotlib.figure.Figure`` directly (no pyplot global state), so drawing
 is safe in any process and leaves no figure open. Each function returns ``None`` when the data
 needed for its plot is missing, and the report says so instead of drawing an empty plot.
+
+Every string that comes from the inputs (run names, term and metric names) goes through
+:func:`plain`, so matplotlib draws it as written: a ``$`` would otherwise start mathtext.
+Scatter-plot labels never overlap each other or a marker (:mod:`distiq.report.labels` places
+them from their measured sizes).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import math
 from typing import Any
 
+from distiq.report import labels
 from distiq.report.inputs import RunCurves
 from distiq.report.tables import METHOD_ORDER
 from distiq.results import ResultRecord
 
+logger = logging.getLogger(__name__)
+
 DPI = 100
 _MARKERS = {16: "o", 8: "s", 4: "D", 3: "^", 2: "v"}
+_LABEL_FONT = 7  # points
+_MARKER_AREA = 48  # points², the scatter markers
+_SCATTER_SIZE = (8.6, 4.8)  # inches: axes plus a legend column on the right
+_GROWTH, _TRIES = 1.4, 4  # a plot too crowded for its labels grows this much, this often
+
+
+def plain(text: str) -> str:
+    """``text`` as matplotlib draws it literally: every ``$`` escaped so that no mathtext is
+    parsed (``"run $x$"`` is drawn as ``run $x$``, not as math)."""
+    return str(text).replace("$", r"\$")
 
 
 def _figure(width: float, height: float) -> Any:
@@ -41,96 +60,165 @@ def _colour(method: str) -> str:
     return f"C{index % 10}"
 
 
-_LABEL_FONT = 7  # points
+def _legends(axes: Any, methods: list[str], bits: list[int]) -> None:
+    """Two legends right of the axes: colour = method, marker = weight bits."""
+    from matplotlib.lines import Line2D
+
+    def handle(colour: str, marker: str, label: str) -> Any:
+        return Line2D([], [], color=colour, marker=marker, linestyle="", markersize=7, label=label)
+
+    by_method = axes.legend(
+        handles=[handle(_colour(m), "o", plain(m)) for m in methods],
+        title="method",
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        borderaxespad=0.0,
+        fontsize=8,
+        title_fontsize=8,
+    )
+    axes.add_artist(by_method)
+    axes.legend(
+        handles=[handle("0.35", _MARKERS.get(b, "o"), f"{b}-bit") for b in bits],
+        title="weights",
+        loc="lower left",
+        bbox_to_anchor=(1.02, 0.0),
+        borderaxespad=0.0,
+        fontsize=8,
+        title_fontsize=8,
+    )
 
 
-def _place_labels(
-    anchors: list[tuple[float, float, str, bool]], dpi: float
-) -> list[tuple[float, float]]:
-    """Offsets (points) for point labels so that no two overlap: each label starts just above
-    its point (to the right, or to the left when ``right_half``) and moves down or up by one
-    line until its box is free. ``anchors`` are ``(x px, y px, text, right_half)``."""
-    px_per_pt = dpi / 72
-    line = _LABEL_FONT * 1.35 * px_per_pt
-    placed: list[tuple[float, float, float, float]] = []
-    offsets = []
-    for x, y, text, right_half in anchors:
-        width = len(text) * _LABEL_FONT * 0.58 * px_per_pt
-        dx = -5.0 if right_half else 5.0
-        left = x + dx * px_per_pt - (width if right_half else 0.0)
-        for step in (0, -1, 1, -2, 2, -3, 3, -4, 4):
-            bottom = y + 4 * px_per_pt + step * line
-            box = (left, bottom, left + width, bottom + line)
-            if all(
-                box[2] <= o[0] or box[0] >= o[2] or box[3] <= o[1] or box[1] >= o[3] for o in placed
-            ):
-                break
-        placed.append(box)
-        offsets.append((dx, 4.0 + step * line / px_per_pt))
-    return offsets
+def _label_text(group: list[tuple[float, ResultRecord]], label_of: Any) -> str:
+    if len(group) == 1:
+        return plain(label_of(group[0][1]))
+    # markers that touch: one label that tells them apart by their values
+    ordered = sorted(group, key=lambda point: -point[1].value)
+    return "\n".join(plain(f"{label_of(r)}: {r.value:.2f}") for _, r in ordered)
 
 
-def _scatter(
-    records: list[ResultRecord], x_of: Any, x_label: str, title: str, label_of: Any
-) -> bytes | None:
+def scatter_figure(
+    records: list[ResultRecord],
+    x_of: Any,
+    x_label: str,
+    title: str,
+    label_of: Any,
+    height: float = _SCATTER_SIZE[1],
+) -> Any | None:
+    """The accuracy-vs-``x`` figure (a matplotlib ``Figure``), labels placed so that none
+    overlaps; grows taller (up to :data:`_TRIES` times) while some label finds no free place.
+    ``None`` when no record has both a value and a positive finite ``x``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.ticker import NullFormatter
+
     points = [
-        (x_of(r), r)
+        (float(x_of(r)), r)
         for r in records
-        if r.value is not None and x_of(r) is not None and math.isfinite(x_of(r)) and x_of(r) > 0
+        if r.value is not None
+        and x_of(r) is not None
+        and math.isfinite(x_of(r))
+        and x_of(r) > 0
+        and math.isfinite(r.value)
     ]
     if not points:
         return None
-    figure = _figure(7.0, 4.5)
-    figure.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.92)
+    figure = _figure(_SCATTER_SIZE[0], height)
+    FigureCanvasAgg(figure)
+    figure.subplots_adjust(left=0.08, right=0.8, bottom=0.7 / height, top=1 - 0.45 / height)
     axes = figure.add_subplot()
     xs = [x for x, _ in points]
-    log_x = max(xs) / min(xs) > 20
-    if log_x:
+    if max(xs) / min(xs) > 20:
         axes.set_xscale("log")
-    seen: set[str] = set()
-    labels: dict[tuple[float, float], list[str]] = {}  # points at the same place share a label
+        axes.xaxis.set_minor_formatter(NullFormatter())
     for x, record in points:
-        label = record.method if record.method not in seen else None
-        seen.add(record.method)
         axes.scatter(
             x,
             record.value,
             color=_colour(record.method),
             marker=_MARKERS.get(record.w_bits, "o"),
-            s=48,
-            label=label,
+            s=_MARKER_AREA,
             zorder=3,
         )
-        labels.setdefault((x, record.value), []).append(label_of(record))
     teachers = [r for _, r in points if r.method == "teacher"]
     if teachers:
         axes.axhline(teachers[-1].value, color="grey", linestyle="--", linewidth=1, zorder=1)
-    axes.margins(x=0.08, y=0.08)
-    x_low, x_high = axes.get_xlim()  # fixes the limits, so data -> pixels is final
-    middle = (x_low * x_high) ** 0.5 if log_x else (x_low + x_high) / 2
-    order = sorted(labels, key=lambda point: (-point[1], point[0]))
-    anchors = []
-    for x, y in order:
-        px, py = axes.transData.transform((x, y))
-        anchors.append((px, py, ", ".join(labels[(x, y)]), x > middle))
-    for (x, y), (dx, dy), (_, _, text, right_half) in zip(
-        order, _place_labels(anchors, figure.dpi), anchors
-    ):
-        axes.annotate(
-            text,
-            (x, y),
-            textcoords="offset points",
-            xytext=(dx, dy),
-            ha="right" if right_half else "left",
-            fontsize=_LABEL_FONT,
-        )
+    axes.margins(x=0.12, y=0.12)
     metric = points[0][1].metric
     axes.set_xlabel(x_label)
-    axes.set_ylabel(f"{metric} (%)")
-    axes.set_title(title)
+    axes.set_ylabel(plain(f"{metric} (%)"))
+    axes.set_title(plain(title))
     axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8, title="method (marker: weight bits)", title_fontsize=8)
-    return _png(figure)
+    methods = sorted({r.method for _, r in points}, key=lambda m: (_colour(m), m))
+    _legends(axes, methods, sorted({r.w_bits for _, r in points}, reverse=True))
+    axes.get_xlim(), axes.get_ylim()  # fixes the limits, so data -> pixels is final
+    placed = _draw_labels(figure, axes, points, label_of)
+    if placed or height >= _SCATTER_SIZE[1] * _GROWTH ** (_TRIES - 1):
+        if not placed:
+            logger.warning("%s: some point labels overlap (too many points for the plot)", title)
+        return figure
+    return scatter_figure(records, x_of, x_label, title, label_of, height * _GROWTH)
+
+
+def _draw_labels(
+    figure: Any, axes: Any, points: list[tuple[float, ResultRecord]], label_of: Any
+) -> bool:
+    """Label every point (points whose markers touch share one label); ``False`` when some label
+    found no free place (it is then drawn at its point, overlapping)."""
+    renderer = figure.canvas.get_renderer()
+    pixels = [tuple(axes.transData.transform((x, r.value))) for x, r in points]
+    marker = math.sqrt(_MARKER_AREA) * DPI / 72 / 2 + 2  # marker radius in pixels, padded
+    groups = labels.cluster(pixels, radius=2 * marker - 2)
+    texts, anchors, sizes = [], [], []
+    ordered = sorted(groups, key=lambda g: (-max(pixels[i][1] for i in g), pixels[g[0]][0]))
+    for group in ordered:
+        text = _label_text([points[i] for i in group], label_of)
+        probe = axes.text(0, 0, text, fontsize=_LABEL_FONT)
+        extent = probe.get_window_extent(renderer)
+        probe.remove()
+        texts.append(text)
+        anchors.append(
+            (
+                sum(pixels[i][0] for i in group) / len(group),
+                sum(pixels[i][1] for i in group) / len(group),
+            )
+        )
+        sizes.append((extent.width, extent.height))
+    owners = [0] * len(pixels)
+    for label, group in enumerate(ordered):
+        for i in group:
+            owners[i] = label
+    box = axes.get_window_extent(renderer)
+    bounds = (box.x0 + 2, box.y0 + 2, box.x1 - 2, box.y1 - 2)
+    boxes = labels.place(anchors, sizes, pixels, owners, bounds, marker=marker)
+    for text, anchor, size, where in zip(texts, anchors, sizes, boxes):
+        if where is None:
+            where = (
+                anchor[0] + marker,
+                anchor[1],
+                anchor[0] + marker + size[0],
+                anchor[1] + size[1],
+            )
+        far = labels.distance(anchor, where) > marker + 3
+        axes.annotate(
+            text,
+            xy=axes.transData.inverted().transform(anchor),
+            xytext=(where[0], where[1]),
+            textcoords="figure pixels",
+            ha="left",
+            va="bottom",
+            fontsize=_LABEL_FONT,
+            arrowprops=dict(arrowstyle="-", color="0.45", linewidth=0.6, shrinkA=1, shrinkB=3)
+            if far
+            else None,
+            zorder=4,
+        )
+    return all(where is not None for where in boxes)
+
+
+def _scatter(
+    records: list[ResultRecord], x_of: Any, x_label: str, title: str, label_of: Any
+) -> bytes | None:
+    figure = scatter_figure(records, x_of, x_label, title, label_of)
+    return None if figure is None else _png(figure)
 
 
 def accuracy_vs_size(records: list[ResultRecord]) -> bytes | None:
@@ -178,10 +266,18 @@ def curve_panels(run: RunCurves) -> list[tuple[str, list[int], list[float]]]:
     return panels
 
 
-def training_curves(run: RunCurves) -> bytes | None:
-    """One panel per logged series of ``run`` (see :func:`curve_panels`), three per row. A panel
-    whose values are all positive and span more than 20× uses a log scale. ``None`` when the run
-    logged nothing finite."""
+def _flat_limits(value: float) -> tuple[float, float]:
+    """y limits for a series with one distinct value: from zero to a fifth beyond it, so the
+    point sits at a readable height instead of mid-way through a range of rounding noise."""
+    if value == 0:
+        return -1.0, 1.0
+    return (0.0, value * 1.2) if value > 0 else (value * 1.2, 0.0)
+
+
+def curves_figure(run: RunCurves) -> Any | None:
+    """The figure of :func:`training_curves` (a matplotlib ``Figure``), or ``None``."""
+    from matplotlib.ticker import MaxNLocator
+
     panels = curve_panels(run)
     if not panels:
         return None
@@ -197,15 +293,47 @@ def training_curves(run: RunCurves) -> bytes | None:
         wspace=0.42,
         hspace=0.9 / 2.4 + 0.1,
     )
-    figure.suptitle(f"Training curves: {run.name}", fontsize=10)
+    figure.suptitle(plain(f"Training curves: {run.name}"), fontsize=10)
+    # every panel spans the run's steps, so a lone evaluation sits where it happened
+    last_step = max(max(xs) for _, xs, _ in panels)
+    first_step = min(0, *(min(xs) for _, xs, _ in panels))
+    pad = max(0.5, 0.03 * (last_step - first_step))
     for index, (title, xs, ys) in enumerate(panels):
         axes = figure.add_subplot(rows, columns, index + 1)
         colour = "C2" if title.startswith("val:") else "C0"
-        axes.plot(xs, ys, color=colour, linewidth=1.2, marker="." if len(xs) < 30 else None)
-        if min(ys) > 0 and max(ys) / min(ys) > 20:
+        flat = min(ys) == max(ys)
+        marker = "o" if len(xs) < 30 else None
+        size = 6 if len(xs) == 1 else 3
+        axes.plot(xs, ys, color=colour, linewidth=1.2, marker=marker, markersize=size)
+        if len(xs) == 1:
+            title += " (one point)"
+            axes.annotate(
+                f"{ys[0]:.4g} at step {xs[0]}",
+                (xs[0], ys[0]),
+                textcoords="offset points",
+                xytext=(0, 7),
+                ha="right" if xs[0] > (first_step + last_step) / 2 else "left",
+                fontsize=7,
+                color=colour,
+            )
+        if flat:
+            axes.set_ylim(*_flat_limits(ys[0]))
+        elif min(ys) > 0 and max(ys) / min(ys) > 20:
             axes.set_yscale("log")
-        axes.set_title(title, fontsize=9)
+        axes.set_xlim(first_step - pad, last_step + pad)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_title(plain(title), fontsize=9)
         axes.set_xlabel("step", fontsize=8)
         axes.tick_params(labelsize=7)
         axes.grid(True, alpha=0.3)
-    return _png(figure)
+    return figure
+
+
+def training_curves(run: RunCurves) -> bytes | None:
+    """One panel per logged series of ``run`` (see :func:`curve_panels`), three per row, each over
+    the run's whole step range with whole-number steps. A panel whose values are all positive and
+    span more than 20× uses a log scale; a panel with one value (a single evaluation, a constant
+    term) shows it from zero, with the value written beside a lone point. ``None`` when the run
+    logged nothing finite."""
+    figure = curves_figure(run)
+    return None if figure is None else _png(figure)

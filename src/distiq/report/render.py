@@ -14,13 +14,14 @@ import html
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from distiq import __version__, config
 from distiq.config import atomic_write
-from distiq.report import plots
-from distiq.report.goals import WIDE_MARGIN, GoalCheck, check_goals, goals_summary
+from distiq.report import latency, plots
+from distiq.report.goals import DEFAULT_GOALS, Goal, GoalCheck, check_goals, goals_summary
 from distiq.report.inputs import ReportInputs, collect_inputs
 from distiq.report.tables import (
     Table,
@@ -98,18 +99,38 @@ def _slug(name: str) -> str:
 def _goal_blocks(checks: list[GoalCheck]) -> list[Block]:
     rows = [[c.goal, c.measured, c.status] for c in checks]
     return [
-        Heading("Goals (issue 6 §5)"),
+        Heading("Goals"),
         Paragraph(
-            f"{goals_summary(checks)} Checked from the VQA accuracy records above; where a "
-            "method has several records at one setting, its best is used (baselines and qad "
-            f'alike). "Wide margin" means ≥ {WIDE_MARGIN:g} points of accuracy.'
+            f"{goals_summary(checks)} Each goal is checked from the records of its task and "
+            "metric above; where a method has several records at one setting (seeds, variants), "
+            "its best is used, for the method under test and its baselines alike."
         ),
         TableBlock((["goal", "measured", "status"], rows), status_column=2),
     ]
 
 
-def build_blocks(inputs: ReportInputs) -> tuple[list[Block], dict[str, bytes]]:
-    """The report's content (blocks) and the PNG images it refers to, from ``inputs`` only."""
+def _results_notes(group: list) -> str:
+    teachers = [r for r in group if r.method == "teacher" and r.value is not None]
+    notes = []
+    if teachers:
+        notes.append(
+            f"Teacher accuracy: {fmt_number(teachers[-1].value)} (record "
+            f"{teachers[-1].name}); retention is each model's accuracy divided by the "
+            "teacher's."
+        )
+    else:
+        notes.append("No teacher record: retention cannot be computed.")
+    blind = blind_baseline(group)
+    if blind is not None:
+        notes.append(f"Blind-question baseline (question only, no image): {blind:.2f}.")
+    return " ".join(notes)
+
+
+def build_blocks(
+    inputs: ReportInputs, goals: Sequence[Goal] = DEFAULT_GOALS
+) -> tuple[list[Block], dict[str, bytes]]:
+    """The report's content (blocks) and the PNG images it refers to, from ``inputs`` only;
+    ``goals`` are checked and shown in a section of their own (none: no such section)."""
     records = inputs.records
     blocks: list[Block] = [
         Heading("distiq report", 1),
@@ -125,23 +146,24 @@ def build_blocks(inputs: ReportInputs) -> tuple[list[Block], dict[str, bytes]]:
         blocks.append(Paragraph("No result records were found: there is no results table."))
     for (task, metric), group in groups.items():
         blocks.append(Heading(f"Results: {task} ({metric})"))
-        teachers = [r for r in group if r.method == "teacher" and r.value is not None]
-        notes = []
-        if teachers:
-            notes.append(
-                f"Teacher accuracy: {fmt_number(teachers[-1].value)} (record "
-                f"{teachers[-1].name}); retention is each model's accuracy divided by the "
-                "teacher's."
-            )
-        else:
-            notes.append("No teacher record: retention cannot be computed.")
-        blind = blind_baseline(group)
-        if blind is not None:
-            notes.append(f"Blind-question baseline (question only, no image): {blind:.2f}.")
-        blocks.append(Paragraph(" ".join(notes)))
+        blocks.append(Paragraph(_results_notes(group)))
         blocks.append(TableBlock(results_table(group)))
+        blocks += [Paragraph(note) for note in latency.latency_notes(group)]
 
-    merges = merge_table([r for group in groups.values() for r in group])
+    every = [r for group in groups.values() for r in group]
+    per_backend = latency.backend_table(list({r.name: r for r in every}.values()))
+    if per_backend is not None:
+        blocks += [
+            Heading("Latency per backend"),
+            Paragraph(
+                "The language model at batch 1, median ms on every backend each model was "
+                "timed on; in brackets, its speed vs the teacher on that backend and threads "
+                "(the teacher's latency divided by the model's: above 1× the model is faster)."
+            ),
+            TableBlock(per_backend),
+        ]
+
+    merges = merge_table(every)
     if merges is not None:
         blocks += [
             Heading("Merging adapters and re-quantizing"),
@@ -153,9 +175,10 @@ def build_blocks(inputs: ReportInputs) -> tuple[list[Block], dict[str, bytes]]:
             TableBlock(merges),
         ]
 
-    blocks += _goal_blocks(check_goals(records))
+    if goals:
+        blocks += _goal_blocks(check_goals(records, goals))
 
-    per_type = question_type_table([r for group in groups.values() for r in group])
+    per_type = question_type_table(every)
     if per_type is not None:
         blocks += [Heading("Accuracy per question type"), TableBlock(per_type)]
 
@@ -175,6 +198,14 @@ def build_blocks(inputs: ReportInputs) -> tuple[list[Block], dict[str, bytes]]:
             drawn_any = True
         if not drawn_any:
             blocks.append(Paragraph(f"Not drawn: no record has both {missing} and accuracy."))
+        elif missing == "latency":
+            blocks.append(
+                Paragraph(
+                    "Each point is a model's headline latency, on the backend named in its label: "
+                    "points on different backends are not a speed comparison (the results "
+                    "table's speed column is)."
+                )
+            )
 
     blocks.append(Heading("Training curves"))
     if not inputs.curves:
@@ -206,20 +237,30 @@ def build_blocks(inputs: ReportInputs) -> tuple[list[Block], dict[str, bytes]]:
 
 
 # --------------------------------------------------------------------------- writers
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>&$])")
+
+
+def _md_text(text: str) -> str:
+    """``text`` as Markdown shows it literally: backslash-escaped where it could start markup,
+    an HTML tag, an entity or math (``<script>`` is shown, never run)."""
+    return _MD_SPECIAL.sub(r"\\\1", text)
+
+
 def _md_cell(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    return _md_text(text).replace("|", "\\|").replace("\n", " ")
 
 
 def to_markdown(blocks: list[Block]) -> str:
-    """GitHub-flavoured Markdown; images are linked as files next to the report."""
+    """GitHub-flavoured Markdown; images are linked as files next to the report. Text from the
+    inputs is escaped (:func:`_md_text`)."""
     out: list[str] = []
     for block in blocks:
         if isinstance(block, Heading):
-            out.append(f"{'#' * block.level} {block.text}")
+            out.append(f"{'#' * block.level} {_md_text(block.text)}")
         elif isinstance(block, Paragraph):
-            out.append(block.text)
+            out.append(_md_text(block.text))
         elif isinstance(block, Bullets):
-            out.append("\n".join(f"- {item}" for item in block.items))
+            out.append("\n".join(f"- {_md_text(item)}" for item in block.items))
         elif isinstance(block, TableBlock):
             header, rows = block.table
             lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |"]
@@ -231,7 +272,7 @@ def to_markdown(blocks: list[Block]) -> str:
                 lines.append("| " + " | ".join(cells) + " |")
             out.append("\n".join(lines))
         elif isinstance(block, Image):
-            out.append(f"![{block.alt}]({block.file})")
+            out.append(f"![{_md_text(block.alt)}]({block.file})")
     return "\n\n".join(out) + "\n"
 
 
@@ -284,9 +325,9 @@ def to_html(blocks: list[Block], images: dict[str, bytes]) -> str:
     )
 
 
-def render(inputs: ReportInputs) -> RenderedReport:
-    """Render ``inputs`` in memory (nothing is written)."""
-    blocks, images = build_blocks(inputs)
+def render(inputs: ReportInputs, goals: Sequence[Goal] = DEFAULT_GOALS) -> RenderedReport:
+    """Render ``inputs`` in memory (nothing is written), checking ``goals``."""
+    blocks, images = build_blocks(inputs, goals)
     return RenderedReport(to_markdown(blocks), to_html(blocks, images), images)
 
 
@@ -296,11 +337,13 @@ def check_writable(out_dir: str | os.PathLike) -> Path:
     return config.check_writable(out_dir, "the report", "choose a writable directory with --out")
 
 
-def write_report(inputs: ReportInputs, out_dir: str | os.PathLike) -> ReportFiles:
-    """Render ``inputs`` and write ``report.md``, ``report.html`` and the PNGs into ``out_dir``
-    (created if needed), each file atomically."""
+def write_report(
+    inputs: ReportInputs, out_dir: str | os.PathLike, goals: Sequence[Goal] = DEFAULT_GOALS
+) -> ReportFiles:
+    """Render ``inputs`` (checking ``goals``) and write ``report.md``, ``report.html`` and the
+    PNGs into ``out_dir`` (created if needed), each file atomically."""
     out = check_writable(out_dir)
-    rendered = render(inputs)
+    rendered = render(inputs, goals)
     image_paths = [atomic_write(out / name, png) for name, png in rendered.images.items()]
     markdown = atomic_write(out / REPORT_MD, rendered.markdown)
     page = atomic_write(out / REPORT_HTML, rendered.html)
@@ -308,8 +351,12 @@ def write_report(inputs: ReportInputs, out_dir: str | os.PathLike) -> ReportFile
     return ReportFiles(markdown=markdown, html=page, images=image_paths)
 
 
-def report(paths: list[str | os.PathLike], out_dir: str | os.PathLike) -> ReportFiles:
+def report(
+    paths: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    goals: Sequence[Goal] = DEFAULT_GOALS,
+) -> ReportFiles:
     """``distiq report``: collect the records and run metrics under ``paths`` and write the report
-    into ``out_dir``. Inputs are read first (a bad input creates nothing), then the output
-    directory is checked before anything is drawn."""
-    return write_report(collect_inputs(paths), out_dir)
+    (checking ``goals``) into ``out_dir``. Inputs are read first (a bad input creates nothing),
+    then the output directory is checked before anything is drawn."""
+    return write_report(collect_inputs(paths), out_dir, goals)

@@ -23,6 +23,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from distiq.report import latency
 from distiq.results import ResultRecord
 
 DASH = "—"
@@ -61,11 +62,12 @@ def fmt_group(record: ResultRecord) -> str:
     return "per-channel" if record.group_size is None else str(record.group_size)
 
 
-def fmt_latency(record: ResultRecord) -> str:
-    if record.latency_ms is None:
-        return DASH
-    backend = f" ({record.latency_backend})" if record.latency_backend else ""
-    return f"{fmt_number(record.latency_ms)}{backend}"
+def fmt_latency(record: ResultRecord) -> tuple[str, str]:
+    """``(latency ms, where it was timed)`` cells: ``("1.25", "ort-int8, 2 threads")``."""
+    timing = latency.headline(record)
+    if timing is None:
+        return DASH, DASH
+    return fmt_number(timing.ms), timing.where
 
 
 def sort_key(record: ResultRecord) -> tuple:
@@ -85,7 +87,8 @@ def group_by_metric(records: list[ResultRecord]) -> dict[tuple[str, str], list[R
 
 
 def results_table(records: list[ResultRecord]) -> Table:
-    """The main table: one row per record."""
+    """The main table: one row per record. Speed vs teacher compares each record with the teacher
+    of its task and metric on one backend and thread count (:mod:`distiq.report.latency`)."""
     header = [
         "name",
         "method",
@@ -94,8 +97,11 @@ def results_table(records: list[ResultRecord]) -> Table:
         "size MB",
         "accuracy",
         "retention",
-        "latency ms (backend)",
+        "latency ms",
+        "latency backend",
+        "speed vs teacher",
     ]
+    teachers = {key: latency.teacher_of(group) for key, group in group_by_metric(records).items()}
     rows = [
         [
             r.name,
@@ -105,7 +111,8 @@ def results_table(records: list[ResultRecord]) -> Table:
             fmt_size(r.size_mb),
             fmt_number(r.value),
             DASH if r.retention is None else f"{100 * r.retention:.1f} %",
-            fmt_latency(r),
+            *fmt_latency(r),
+            latency.speed_cell(r, teachers[(r.task, r.metric)]),
         ]
         for r in records
     ]

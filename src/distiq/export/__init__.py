@@ -11,6 +11,9 @@ Public API::
     from distiq.export.ort import OrtVLM                       # onnxruntime-only runner
     OrtVLM("out/onnx", threads=2).answer(image, "how many red squares are there")
 
+    from distiq.export import export_gguf                      # llama.cpp (pip: distiq[gguf])
+    export_gguf(model, "out/gguf", adapter=adapter)            # model.gguf + mmproj.gguf
+
     from distiq.export import export_run, load_run             # run directories (the CLI's)
     export_run("runs/qad-w8a8", "packed" | "onnx")             # -> run_dir/export/...
 
@@ -19,6 +22,7 @@ Modules: ``packed`` / ``manifest`` / ``unpack`` (the packed format), ``onnx`` / 
 (one view of every quantized layer kind; ``QuantizedConv2d``).
 """
 
+from distiq.export.gguf import export_gguf
 from distiq.export.layers import QuantizedConv2d
 from distiq.export.manifest import PackedCheckpointError, read_manifest
 from distiq.export.onnx import OnnxExport, export_module, export_onnx
@@ -35,6 +39,7 @@ __all__ = [
     "RunDirError",
     "SizeBreakdown",
     "check_parity",
+    "export_gguf",
     "export_module",
     "export_onnx",
     "export_run",

@@ -91,6 +91,11 @@ def make_run(root: Path, family: str, weight: QuantSpec, parts=("language_model"
             model, tokenizer, processor = family_module().build_family(family)
         if not word_level and family in LLAMA_CPP_SETTINGS:
             LLAMA_CPP_SETTINGS[family](model.config)
+        if family == "paligemma":  # its processor adds <locNNNN> / <segNNN>: give them rows
+            from transformers import PaliGemmaProcessor
+
+            PaliGemmaProcessor(image_processor=processor, tokenizer=tokenizer)
+            model.resize_token_embeddings(len(tokenizer))
         model.save_pretrained(base)
         tokenizer.save_pretrained(base)
         processor.save_pretrained(base)
@@ -383,11 +388,24 @@ def test_word_level_tokenizer_is_refused(root):
     assert not (root / "word-gguf").exists()
 
 
-def test_family_without_projector_writes_the_language_model(root):
-    run = make_run(root, "llava_next", Q4)
-    manifest = export(run, root / "next-gguf")
-    assert manifest["files"]["mmproj"] is None and "llava_next" in manifest["mmproj_missing_reason"]
-    assert sorted(p.name for p in (root / "next-gguf").iterdir()) == ["manifest.json", "model.gguf"]
+@pytest.mark.parametrize("family, arch", [("llava_next", "llama"), ("paligemma", "gemma")])
+def test_family_without_projector_writes_the_language_model(root, family, arch):
+    run = make_run(root, family, Q4)
+    out = root / f"{family}-lm-gguf"
+    manifest = export(run, out)
+    assert manifest["files"]["mmproj"] is None and family in manifest["mmproj_missing_reason"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.gguf"]
+    assert manifest["architecture"] == arch and manifest["summary"]["all_exact"]
+    from distiq.models import load
+
+    config = load(run)[0].config
+    weights = effective_weights(run)
+    _, tensors = read(out / "model.gguf")
+    assert "output.weight" not in tensors or not config.text_config.tie_word_embeddings
+    for name, tensor in tensors.items():
+        expected = reference(name, weights[manifest["tensors"][name]["source"]], manifest, config)
+        got = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        assert np.array_equal(got.reshape(expected.shape), expected.numpy()), name
 
 
 def test_settings_llama_cpp_hard_codes_are_checked(root):

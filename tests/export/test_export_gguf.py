@@ -77,13 +77,17 @@ LLAMA_CPP_SETTINGS = {
 
 
 def make_run(root: Path, family: str, weight: QuantSpec, parts=("language_model",), *,
-             word_level: bool = False, name: str | None = None, train=None) -> Path:  # fmt: skip
+             word_level: bool = False, name: str | None = None, train=None,
+             configure=None) -> Path:  # fmt: skip
     """A run directory of ``family`` with ``weight`` on the linear layers of ``parts``
-    (``train(model)``, if given, changes the fake-quant model before it is baked)."""
+    (``configure(config)`` changes the new model's config before it is saved; ``train(model)``
+    changes the fake-quant model before it is baked)."""
     import distiq.models
     from distiq.train.runs import bake_quantized, save_run_model
 
     base = root / f"{family}-{'word' if word_level else 'bpe'}-base"
+    if configure is not None:
+        base = base.with_name(f"{base.name}-{name}")
     if not base.is_dir():
         torch.manual_seed(0)
         builder = distiq.models.build_word_tokenizer if word_level else bpe_tokenizer
@@ -91,6 +95,8 @@ def make_run(root: Path, family: str, weight: QuantSpec, parts=("language_model"
             model, tokenizer, processor = family_module().build_family(family)
         if not word_level and family in LLAMA_CPP_SETTINGS:
             LLAMA_CPP_SETTINGS[family](model.config)
+        if configure is not None:
+            configure(model.config)
         if family == "paligemma":  # its processor adds <locNNNN> / <segNNN>: give them rows
             from transformers import PaliGemmaProcessor
 
@@ -386,6 +392,34 @@ def test_word_level_tokenizer_is_refused(root):
         export(run, root / "word-gguf")
     assert "no word-level vocabulary" in str(err.value)
     assert not (root / "word-gguf").exists()
+
+
+def test_llama3_rope_scaling_is_a_rope_freqs_tensor(root):
+    """Llama 3's RoPE scaling: llama.cpp divides each rotary frequency by rope_freqs[i]; the
+    run's model rotates by its rotary embedding's inv_freq."""
+    rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                high_freq_factor=4.0, original_max_position_embeddings=64)  # fmt: skip
+
+    def configure(config):
+        config.text_config.rope_parameters = rope
+
+    run = make_run(root, "llava", Q4, name="llava-llama3", configure=configure)
+    manifest = export(run, root / "llama3-gguf")
+    reader, tensors = read(root / "llama3-gguf" / "model.gguf")
+    factors = gguf.quants.dequantize(
+        tensors["rope_freqs.weight"].data, gguf.GGMLQuantizationType.F32
+    )
+    from distiq.models import load
+
+    model, _ = load(run)
+    text = model.config.text_config
+    inv_freq = model.model.language_model.rotary_emb.inv_freq.float().numpy()
+    dim = text.hidden_size // text.num_attention_heads
+    default = 1.0 / (500000.0 ** (np.arange(0, dim, 2) / dim))
+    np.testing.assert_allclose(default / factors, inv_freq, rtol=1e-6)
+    assert factors.max() == pytest.approx(8.0) and factors.min() == pytest.approx(1.0)
+    assert field(reader, "llama.rope.freq_base") == 500000.0
+    assert manifest["tensors"]["rope_freqs.weight"]["exact"]
 
 
 @pytest.mark.parametrize("family, arch", [("llava_next", "llama"), ("paligemma", "gemma")])

@@ -43,6 +43,7 @@ from distiq.export.gguf_mmproj import MMPROJ_FAMILIES, MmprojSpec
 from distiq.export.gguf_text import (
     Mapped,
     map_text_tensors,
+    rope_freq_factors,
     text_arch,
     text_config,
     write_text_metadata,
@@ -270,6 +271,10 @@ def export_gguf(
         vision_entries = mmproj.map_tensors(list(sources), shapes)
     errors: list[GridError] = []
     text = [_tensor(e, sources[e.source], fallback, float_type, errors) for e in text_entries]
+    factors = rope_freq_factors(config)
+    if factors is not None:  # computed, not a model tensor: exact by construction
+        text.append(Tensor("rope_freqs.weight", "rope_parameters (llama3)", "F32",
+                           factors.numpy(), factors, True))  # fmt: skip
     vision = [_tensor(e, sources[e.source], fallback, float_type, errors) for e in vision_entries]
     if errors:
         raise _grid_error(errors)

@@ -6,7 +6,8 @@ and what the conversion does to the tensors on the way (the conventions of llama
 
     llama, mistral (LLaVA, Idefics3, SmolVLM)   llama     q/k rows permuted from Hugging Face's
                                                           half-split RoPE layout to llama.cpp's
-                                                          interleaved one
+                                                          interleaved one; Llama 3 RoPE scaling
+                                                          as a rope_freqs tensor
     qwen2                                        qwen2
     qwen2_vl_text, qwen2_5_vl_text               qwen2vl   + rope.dimension_sections (M-RoPE)
     gemma3_text (Gemma 3)                        gemma3    RMSNorm weights + 1 (Gemma stores
@@ -83,7 +84,7 @@ def _write_rope_scaling(writer: Any, params: dict) -> None:
     import gguf
 
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type in (None, "default"):
+    if rope_type in (None, "default", "llama3"):  # llama3: the rope_freqs tensor
         return
     if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -153,6 +154,26 @@ def _gemma3_metadata(writer: Any, cfg: Any) -> None:
         writer.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])
         if sliding.get("rope_theta") is not None:
             writer.add_rope_freq_base_swa(float(sliding["rope_theta"]))
+
+
+def rope_freq_factors(config: Any) -> torch.Tensor | None:
+    """Llama 3's RoPE scaling as llama.cpp takes it: ``rope_freqs.weight``, one divisor per
+    rotary frequency (``theta_i / factor_i``), or None for other RoPE types. The factors are
+    read off transformers' own llama3 frequencies, so they are those the model was trained with:
+    ``default_inv_freq / llama3_inv_freq``."""
+    cfg = text_config(config)
+    rope = _rope(cfg)
+    if rope.get("rope_type", rope.get("type")) != "llama3":
+        return None
+    if text_arch(config).gguf_name != "llama":
+        raise ArchitectureError("llama3 RoPE scaling is written for llama architectures only")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    dim = head_dim(cfg)
+    theta = float(rope["rope_theta"])
+    default = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return (default / scaled.float()).to(torch.float32)
 
 
 def permute_rows(rows: int, n_head: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 onnxruntime (logits and answers), the fused kernels onnxruntime runs, heads, and bad input."""
 
 import collections
+import json
 
 import numpy as np
 import onnx
@@ -280,3 +281,23 @@ def test_uncalibrated_and_other_models(deploy, tmp_path):
         export_onnx(model, tmp_path / "full", adapter=adapter, precision="fp32")
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+
+
+def test_manifest_graph_files_must_stay_inside(tmp_path):
+    from distiq.export.onnx import ONNX_FORMAT, ONNX_VERSION, read_onnx_manifest
+
+    (tmp_path / "outside.onnx").write_bytes(b"not read")
+    export = tmp_path / "onnx"
+    export.mkdir()
+    names = ("embed_tokens", "vision", "projector", "language_model")
+    graphs = {name: {"file": f"{name}.onnx"} for name in names}
+    for name in names:
+        (export / f"{name}.onnx").write_bytes(b"")
+    manifest = {"format": ONNX_FORMAT, "format_version": ONNX_VERSION, "graphs": graphs, "vlm": {}}
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    assert read_onnx_manifest(export)["graphs"] == graphs
+    for bad in ("../outside.onnx", str(tmp_path / "outside.onnx"), "sub/x.onnx", None):
+        graphs["vision"] = {"file": bad}
+        (export / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(ValueError, match="graphs\\['vision'\\].file"):
+            read_onnx_manifest(export)

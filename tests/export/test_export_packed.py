@@ -145,7 +145,7 @@ def test_size_accounting_and_ratio(tmp_path):
     assert sizes.scale_bytes == 4 * n // 64
     assert sizes.zero_point_bytes == 0 and sizes.fp_bytes == 0
     assert sizes.fp32_bytes == 4 * n
-    on_disk = (tmp_path / "p/model.safetensors").stat().st_size
+    on_disk = (tmp_path / "p/packed.safetensors").stat().st_size
     on_disk += (tmp_path / "p/manifest.json").stat().st_size
     assert sizes.total_bytes == on_disk
     assert sizes.ratio <= 0.16
@@ -319,7 +319,7 @@ def test_corrupt_manifest_is_a_clear_error(packed_dir, edit, message):
 
 
 def test_corrupt_or_mismatched_weights(packed_dir, tmp_path):
-    weights = packed_dir / "model.safetensors"
+    weights = packed_dir / "packed.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
@@ -341,3 +341,88 @@ def test_model_that_does_not_match(packed_dir):
         load_packed(packed_dir, model=Other())
     with pytest.raises(PackedCheckpointError, match="not in the model"):
         load_packed(packed_dir, model=nn.Sequential(nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../outside/x.safetensors",
+        "/etc/passwd",
+        "../../../../etc/passwd",
+        "sub/w.safetensors",
+        "..",
+        "",
+    ],
+)
+def test_weights_file_must_be_a_plain_name_inside(packed_dir, tmp_path, monkeypatch, name):
+    """A manifest naming a file outside the checkpoint is refused before anything is opened
+    (the weights are neither hashed nor read)."""
+    import distiq.export.packed as packed
+
+    outside = tmp_path / "outside"
+    outside.mkdir(exist_ok=True)
+    (outside / "x.safetensors").write_bytes((packed_dir / "packed.safetensors").read_bytes())
+    file = packed_dir / "manifest.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), "weights_file": name}))
+
+    def never(path):
+        raise AssertionError(f"{path} was hashed")
+
+    monkeypatch.setattr(packed, "sha256_file", never)
+    with pytest.raises(PackedCheckpointError, match="weights_file"):
+        load_packed(packed_dir, model=Toy())
+
+
+def test_weights_file_link_leading_outside_is_refused(packed_dir, tmp_path):
+    weights = packed_dir / "packed.safetensors"
+    moved = tmp_path / "elsewhere.safetensors"
+    moved.write_bytes(weights.read_bytes())
+    weights.unlink()
+    weights.symlink_to(moved)
+    with pytest.raises(PackedCheckpointError, match="leads outside"):
+        load_packed(packed_dir, model=Toy())
+
+
+def test_overwrite_replaces_only_a_distiq_export(packed_dir, tmp_path):
+    model = _prepared(QuantSpec(bits=4, granularity=PerGroup(32)), None, torch.randn(2, 3, 8, 8))
+    save_packed(model, packed_dir, overwrite=True)  # an earlier export
+    folder = tmp_path / "user"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("keep")
+    with pytest.raises(FileExistsError, match="not a distiq export"):
+        save_packed(model, folder, overwrite=True)
+    assert [p.name for p in folder.iterdir()] == ["thesis.tex"]
+
+
+def test_plain_transformers_refuses_a_packed_checkpoint(deploy, tmp_path):
+    """transformers' from_pretrained on a packed folder raises (it used to load random
+    language-model weights), naming load_packed and the compressed-tensors export."""
+    import transformers
+
+    model, adapter = deploy.tiny_vlm()
+    student = deploy.quantized(model, adapter, deploy.W4G32)
+    save_packed(student, tmp_path / "p", adapter=adapter)
+    with pytest.raises(ValueError, match="distiq.export.load_packed") as info:
+        transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "p")
+    assert "--format compressed-tensors" in str(info.value)
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "p")
+    batch = adapter.build_inputs(deploy.samples(2))
+    with torch.no_grad():  # distiq still reads it, exactly
+        torch.testing.assert_close(
+            load_packed(tmp_path / "p")(**batch).logits, student(**batch).logits, atol=0, rtol=0
+        )
+
+
+def test_unpack_does_not_import_packed():
+    """The loading half imports the manifest module, not the saving half (no import cycle)."""
+    import ast
+    import inspect
+
+    import distiq.export.unpack as unpack
+
+    tree = ast.parse(inspect.getsource(unpack))
+    imported = {
+        node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert "distiq.export.packed" not in imported and "distiq.export.manifest" in imported

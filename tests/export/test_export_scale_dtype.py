@@ -43,7 +43,7 @@ WEIGHTS = {
 
 
 def _stored_scale_dtypes(path) -> set:
-    tensors = load_file(str(path / "model.safetensors"))
+    tensors = load_file(str(path / "packed.safetensors"))
     return {value.dtype for key, value in tensors.items() if key.endswith(".scales")}
 
 

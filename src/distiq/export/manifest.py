@@ -1,10 +1,10 @@
 """The packed checkpoint's JSON manifest: what it holds, and the checks made before loading.
 
-``manifest.json`` (format ``distiq.packed``, version 1)::
+``manifest.json`` (format ``distiq.packed``, version 2)::
 
     {
-      "format": "distiq.packed", "format_version": 1, "distiq_version": "0.1.0",
-      "weights_file": "model.safetensors", "weights_sha256": "<hex>",
+      "format": "distiq.packed", "format_version": 2, "distiq_version": "0.1.0",
+      "weights_file": "packed.safetensors", "weights_sha256": "<hex>",
       "scale_dtype": "float32", "leftover_dtype": "float32",
       "specs": [{QuantSpec fields}, ...],        # each distinct spec once
       "model": {"kind": "hf" | "hf+heads" | "module", "class": "LlavaForConditionalGeneration",
@@ -27,7 +27,15 @@
     }
 
 ``bits`` … ``signed`` repeat the weight spec's fields for readers that do not parse QuantSpec;
-the spec in ``specs`` is authoritative. ``fake_linear`` / ``fake_conv2d`` are layers with only their
+the spec in ``specs`` is authoritative. ``weights_file`` must be a plain file name inside the
+checkpoint (``distiq.export.files.member_file``), checked before anything is opened.
+
+Version 2 keeps a Hugging Face model's configuration in ``hf_config.json`` and writes a guard
+``config.json`` (:func:`guard_config`) whose ``model_type`` no transformers release knows, and
+its weights under a name transformers does not look for: plain
+``AutoModelForImageTextToText.from_pretrained`` on the folder raises (with a message naming
+``distiq.export.load_packed`` and the compressed-tensors export) instead of loading a model with
+random weights. Version 1 (``config.json`` + ``model.safetensors``) is still read. ``fake_linear`` / ``fake_conv2d`` are layers with only their
 activations quantized (the float weight is stored as a full-precision tensor).
 
 Tensors in the safetensors file, for a quantized layer ``m`` (``pack``'s little-endian bit-stream
@@ -48,12 +56,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+from distiq.export.files import EXPORT_MANIFEST, UnsafeFileError, member_file
 from distiq.quant.spec import QuantSpec
 
 PACKED_FORMAT = "distiq.packed"
-PACKED_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-WEIGHTS_FILE = "model.safetensors"
+PACKED_VERSION = 2
+MANIFEST_FILE = EXPORT_MANIFEST
+WEIGHTS_FILE = "packed.safetensors"
+HF_CONFIG_FILE = "hf_config.json"
+"""Where version 2 keeps the Hugging Face config (``config.json`` is the guard)."""
+GUARD_MODEL_TYPE = (
+    "distiq.packed (a distiq packed checkpoint: transformers cannot read its packed weights; "
+    "load it with distiq.export.load_packed, or export the run with "
+    "'distiq export RUN_DIR --format compressed-tensors' for transformers and vLLM)"
+)
 MODULE_TYPES = ("linear", "conv2d", "fake_linear", "fake_conv2d")
 MODEL_KINDS = ("hf", "hf+heads", "module")
 ZERO_POINT_MODES = ("implicit", "packed", "float32")
@@ -62,6 +78,27 @@ SCALE_DTYPES = ("float32", "float16", "bfloat16")
 
 class PackedCheckpointError(ValueError):
     """A packed checkpoint that cannot be read: missing, corrupt or inconsistent."""
+
+
+def guard_config(model_class: str) -> dict:
+    """The ``config.json`` of a version-2 packed checkpoint: a ``model_type`` transformers'
+    ``AutoConfig`` refuses (its error quotes it, so the reader learns what to do instead) and
+    no architecture to instantiate. ``model_class`` is recorded for people reading the file."""
+    return {
+        "model_type": GUARD_MODEL_TYPE,
+        "distiq_packed_model_class": model_class,
+        "architectures": [],
+    }
+
+
+def implied_zero_point(spec: QuantSpec) -> float | None:
+    """The zero-point every group has under ``spec`` when the spec fixes it (symmetric specs,
+    and formats without one), else None (asymmetric: stored per group)."""
+    if spec.format != "int":
+        return 0.0
+    if spec.symmetric:
+        return 0.0 if spec.is_signed else float((spec.quant_max + spec.quant_min + 1) // 2)
+    return None
 
 
 def _check_module(name: str, entry: Any, n_specs: int) -> list[str]:
@@ -123,6 +160,11 @@ def validate_manifest(manifest: Any, source: str = MANIFEST_FILE) -> dict:
     for key in ("weights_file", "weights_sha256", "distiq_version"):
         if not isinstance(manifest.get(key), str) or not manifest.get(key):
             errors.append(f"{key} must be a non-empty string")
+    if isinstance(manifest.get("weights_file"), str) and manifest.get("weights_file"):
+        try:
+            member_file(Path(source).parent, manifest["weights_file"], "weights_file")
+        except UnsafeFileError as exc:
+            errors.append(str(exc))
     for key in ("scale_dtype", "leftover_dtype"):
         if manifest.get(key) not in SCALE_DTYPES:
             errors.append(f"{key} must be one of {', '.join(SCALE_DTYPES)}")

@@ -45,6 +45,12 @@ import torch
 from torch import nn
 
 import distiq
+from distiq.export.files import (
+    UnsafeFileError,
+    check_destination,
+    member_file,
+    replace_directory,
+)
 from distiq.export.onnx_parts import (
     DetectionGraph,
     EmbedGraph,
@@ -61,7 +67,6 @@ from distiq.export.onnx_quant import (
     plan_model,
     swapped_layers,
 )
-from distiq.export.packed import replace_directory
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +216,8 @@ def export_onnx(
             opset-21 INT4) or ``fp32`` (dequantized float weights); activation quantization is
             kept as QDQ in all three (see ``distiq.export.onnx_quant``).
         int8_weights: ``auto`` / ``int8`` / ``uint8`` (see ``distiq.export.onnx_quant``).
-        overwrite: replace an existing non-empty ``path``.
+        overwrite: replace an earlier distiq export in ``path`` (a folder holding anything else
+            is never replaced: ``distiq.export.files.check_destination``).
         exporter: ``torchscript`` (default: fast) or ``dynamo`` (``torch.export``-based, the
             exporter PyTorch is moving to; same graphs, ~10x slower to export here).
 
@@ -226,8 +232,7 @@ def export_onnx(
     vlm, adapter, heads = resolve_vlm(model, adapter)
     _check_exporter(exporter)
     plans = plan_model(model, precision, int8_weights)
-    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not overwrite)):
-        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
+    check_destination(path, overwrite=overwrite)
     facts = vlm_image_facts(vlm, adapter)
     names = adapter.module_names()
     text = vlm.config.get_text_config()
@@ -376,9 +381,18 @@ def read_onnx_manifest(path: str | os.PathLike) -> dict:
         problems.append("graphs must be a mapping")
     else:
         for name in ("embed_tokens", "vision", "projector", "language_model"):
-            entry = graphs.get(name)
-            if not isinstance(entry, dict) or not (path / str(entry.get("file"))).is_file():
-                problems.append(f"graph {name!r} is missing (file not found)")
+            if not isinstance(graphs.get(name), dict):
+                problems.append(f"graph {name!r} is missing")
+        for name, entry in graphs.items():
+            if not isinstance(entry, dict):
+                continue
+            try:  # a plain name inside the export, checked before anything is opened
+                graph = member_file(path, entry.get("file"), f"graphs[{name!r}].file")
+            except UnsafeFileError as exc:
+                problems.append(str(exc))
+                continue
+            if not graph.is_file():
+                problems.append(f"graph {name!r} is missing (no file {graph.name})")
     if not isinstance(manifest.get("vlm"), dict):
         problems.append("vlm facts are missing")
     if problems:

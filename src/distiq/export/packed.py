@@ -40,12 +40,10 @@ qparams, fp leftovers and header bytes against the fp32 size of the same model.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +51,14 @@ import torch
 from torch import nn
 
 import distiq
+from distiq.export.files import (
+    UnsafeFileError,
+    check_destination,
+    member_file,
+    replace_directory,
+    sha256_file,
+    staging_dir,
+)
 from distiq.export.layers import (
     QuantizedConv2d,
     activation_quantizer,
@@ -61,11 +67,14 @@ from distiq.export.layers import (
     uncalibrated,
 )
 from distiq.export.manifest import (
+    HF_CONFIG_FILE,
     MANIFEST_FILE,
     PACKED_FORMAT,
     PACKED_VERSION,
     WEIGHTS_FILE,
     PackedCheckpointError,
+    guard_config,
+    implied_zero_point,
     read_manifest,
 )
 from distiq.export.scales import common_scale_dtype, stored_scales
@@ -78,18 +87,9 @@ log = logging.getLogger(__name__)
 
 
 # -- saving ---------------------------------------------------------------------------------------
-def _implied_zero(spec: QuantSpec) -> float | None:
-    """The zero-point every group has under ``spec`` when it is fixed by the spec, else None."""
-    if spec.format != "int":
-        return 0.0
-    if spec.symmetric:
-        return 0.0 if spec.is_signed else float((spec.quant_max + spec.quant_min + 1) // 2)
-    return None
-
-
 def _zero_points(qw, spec: QuantSpec, where: str) -> tuple[str, dict[str, torch.Tensor]]:
     zero = qw.zero_point.to(torch.float32)
-    implied = _implied_zero(spec)
+    implied = implied_zero_point(spec)
     if implied is not None and bool((zero == implied).all()):
         return "implicit", {}
     integral = bool((zero == torch.round(zero)).all())
@@ -198,30 +198,13 @@ def _unique(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _prepare_destination(path: Path, overwrite: bool) -> None:
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} is not empty; pass overwrite=True to replace it")
-
-
-def replace_directory(tmp: Path, path: Path) -> None:
-    """Move the finished directory ``tmp`` to ``path`` (replacing an old one only at the end)."""
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _save_hf_config(vlm: nn.Module, folder: Path) -> None:
+    """The model's config as ``hf_config.json`` beside a guard ``config.json`` (see
+    ``distiq.export.manifest``), and its generation config."""
+    vlm.config.to_json_file(folder / HF_CONFIG_FILE)
+    (folder / "config.json").write_text(json.dumps(guard_config(type(vlm).__name__), indent=2))
+    if getattr(vlm, "generation_config", None) is not None:
+        vlm.generation_config.save_pretrained(folder)
 
 
 def save_packed(
@@ -251,7 +234,8 @@ def save_packed(
             unquantized layers): ``float32`` (exact) or ``float16`` / ``bfloat16`` (half the
             bytes; those tensors are then rounded to 16 bits, relative error ``2⁻¹¹`` /
             ``2⁻⁸``, and the loaded model is no longer identical).
-        overwrite: replace an existing non-empty directory.
+        overwrite: replace an earlier export in ``path`` (a folder holding anything else is
+            never replaced: ``distiq.export.files.check_destination``).
 
     Returns:
         The ``SizeBreakdown`` (also logged).
@@ -259,6 +243,8 @@ def save_packed(
     Raises:
         ValueError: nothing to pack, static activation scales never calibrated, scales that do
             not fit ``scale_dtype``, token-importance layers — all before anything is written.
+        FileExistsError: ``path`` is not empty and ``overwrite`` is off, or holds something
+            other than a distiq export.
     """
     from safetensors.torch import save_file
 
@@ -281,7 +267,7 @@ def save_packed(
             f"calibrated (activation scales missing), e.g. {', '.join(missing[:3])}: run "
             "`with distiq.quant.calibration(model): model(batch)` on calibration data first"
         )
-    _prepare_destination(path, overwrite)
+    check_destination(path, overwrite=overwrite)
 
     manifest_modules: dict[str, dict] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -336,14 +322,11 @@ def save_packed(
             sizes.fp_params += value.numel()
 
     model_info, vlm, adapter = _model_info(model, adapter)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    tmp = staging_dir(path)
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": PACKED_FORMAT})
         if vlm is not None:
-            vlm.config.save_pretrained(tmp)
-            if getattr(vlm, "generation_config", None) is not None:
-                vlm.generation_config.save_pretrained(tmp)
+            _save_hf_config(vlm, tmp)
         if model_info["kind"] == "hf+heads":
             from distiq.models.multitask import HEADS_CONFIG
 
@@ -426,7 +409,10 @@ def load_packed(
             f"{path} holds a plain nn.Module ({manifest['model'].get('class')}); pass a model of "
             "that architecture: load_packed(path, model=...)"
         )
-    weights = path / manifest["weights_file"]
+    try:
+        weights = member_file(path, manifest["weights_file"], f"{MANIFEST_FILE} weights_file")
+    except UnsafeFileError as exc:
+        raise PackedCheckpointError(str(exc)) from None
     if not weights.is_file():
         raise PackedCheckpointError(
             f"{path} has no {manifest['weights_file']} (the manifest names it)"

@@ -15,11 +15,37 @@ from typing import Any
 import torch
 from torch import nn
 
+from distiq.export.files import UnsafeFileError, member_file
 from distiq.export.layers import QuantizedConv2d
-from distiq.export.manifest import PackedCheckpointError, module_specs
+from distiq.export.manifest import (
+    HF_CONFIG_FILE,
+    PackedCheckpointError,
+    implied_zero_point,
+    module_specs,
+)
 from distiq.quant import FakeQuantConv2d, FakeQuantLinear, QuantizedLinear, QuantSpec
 from distiq.quant.packing import packed_numel, unpack
 from distiq.quant.quantizers import ActivationQuantizer
+
+
+def _member(path: Path, name: str, what: str) -> Path:
+    try:
+        file = member_file(path, name, what)
+    except UnsafeFileError as exc:
+        raise PackedCheckpointError(str(exc)) from None
+    if not file.is_file():
+        raise PackedCheckpointError(f"{path} has no {name} ({what}); the checkpoint is incomplete")
+    return file
+
+
+def _hf_config(path: Path, manifest: dict) -> Any:
+    """The saved Hugging Face config: ``hf_config.json`` (format version 2, where
+    ``config.json`` is the guard that stops transformers) or ``config.json`` (version 1)."""
+    from transformers import AutoConfig
+
+    name = HF_CONFIG_FILE if manifest["format_version"] >= 2 else "config.json"
+    file = _member(path, name, "the model's Hugging Face config")
+    return AutoConfig.from_pretrained(str(file), local_files_only=True)
 
 
 def build_model(path: Path, manifest: dict) -> nn.Module:
@@ -30,9 +56,9 @@ def build_model(path: Path, manifest: dict) -> nn.Module:
             f"{path} holds a plain nn.Module ({info.get('class')}); pass a model of that "
             "architecture: load_packed(path, model=...)"
         )
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config = _hf_config(path, manifest)
     kwargs = {}
     if info.get("attn_implementation"):
         kwargs["attn_implementation"] = info["attn_implementation"]
@@ -42,7 +68,7 @@ def build_model(path: Path, manifest: dict) -> nn.Module:
     from distiq.models import VLMWithHeads, adapter_class
     from distiq.models.multitask import HEADS_CONFIG
 
-    settings = json.loads((path / HEADS_CONFIG).read_text())
+    settings = json.loads(_member(path, HEADS_CONFIG, "the heads' settings").read_text())
     adapter = adapter_class(config).from_pretrained(path, vlm.config)
     det, seg = settings.get("detection_head"), settings.get("segmentation_head")
 
@@ -117,9 +143,7 @@ def _activation(spec: QuantSpec | None, tensors: dict, name: str, features: int,
 def _zero_point(entry: dict, spec: QuantSpec, tensors: dict, name: str, shape) -> torch.Tensor:
     mode = entry["zero_point"]
     if mode == "implicit":
-        from distiq.export.packed import _implied_zero
-
-        implied = _implied_zero(spec)
+        implied = implied_zero_point(spec)
         if implied is None:
             raise PackedCheckpointError(
                 f"layer {name!r}: zero_point 'implicit' is impossible for an asymmetric spec"

@@ -73,8 +73,8 @@ def test_bad_run_dirs(deploy, tmp_path, w8a8_run):
     with pytest.raises(RunDirError, match="holds no model"):
         export_run(tmp_path / "empty", "onnx")
     assert list((tmp_path / "empty").iterdir()) == []
-    with pytest.raises(ValueError, match="format must be"):
-        export_run(w8a8_run[0], "gguf")
+    with pytest.raises(ValueError, match="format must be one of"):
+        export_run(w8a8_run[0], "tflite")
     broken = tmp_path / "broken"
     _write_run(deploy, broken, deploy.W8)
     (broken / "quantization.json").write_text("{ truncated")
@@ -99,3 +99,68 @@ def test_three_bit_run_to_onnx_is_refused_before_writing(deploy, tmp_path):
     assert export_run(path, "onnx", precision="fp32").name == "onnx-fp32"  # asked for: fine
     packed = export_run(path, "packed")  # the packed format holds 3-bit codes
     assert json.loads((packed / "manifest.json").read_text())["modules"]
+
+
+def test_out_replaces_only_an_earlier_export(w8a8_run, tmp_path):
+    """--out never deletes a user's folder, the run, or a folder holding the run; it replaces
+    an earlier distiq export, and only once the new one is complete and verified."""
+    path = w8a8_run[0]
+    run_files = sorted(p.name for p in path.iterdir())
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a distiq export"):
+        export_run(path, "packed", out=mine)
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    for out, what in ((path, "the run directory itself"), (path.parent, "a parent of the run")):
+        with pytest.raises(ValueError, match=what):
+            export_run(path, "packed", out=out)
+    assert sorted(p.name for p in path.iterdir()) == run_files
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        export_run(path, "packed", out=tmp_path / "a-file")
+    out = export_run(path, "packed", out=tmp_path / "exports" / "p")
+    first = (out / "manifest.json").read_bytes()
+    assert export_run(path, "packed", out=out) == out  # an earlier export: replaced
+    assert (out / "manifest.json").read_bytes() == first  # (the same model, the same bytes)
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == ["p"]  # no leftovers
+
+
+def test_failed_export_leaves_the_previous_one(w8a8_run, tmp_path, monkeypatch):
+    import distiq.export.run_export as run_export
+
+    path = w8a8_run[0]
+    out = export_run(path, "packed", out=tmp_path / "p")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("verification failed")
+
+    monkeypatch.setattr(run_export, "_verify_packed", broken)
+    with pytest.raises(RuntimeError, match="verification failed"):
+        export_run(path, "packed", out=out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # the staging folder is gone
+    with pytest.raises(RuntimeError):
+        export_run(path, "packed", out=tmp_path / "new" / "deeper")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]  # folders made for it: gone
+
+
+def test_run_files_must_stay_inside_the_run(deploy, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    path = tmp_path / "run"
+    _write_run(deploy, path, deploy.W8)
+    state = path / "quant_state.safetensors"
+    (outside / "state.safetensors").write_bytes(state.read_bytes())
+    state.unlink()
+    state.symlink_to(outside / "state.safetensors")
+    with pytest.raises(RunDirError, match="leads outside"):
+        load_run(path)
+    state.unlink()
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a.weight": "../outside/model.safetensors"}})
+    )
+    with pytest.raises(RunDirError, match="plain name"):
+        export_run(path, "packed")
+    assert not (path / "export").exists()

@@ -150,6 +150,19 @@ def float_layer(module: nn.Module) -> nn.Module:
     return out
 
 
+def float_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every quantized layer replaced by a float layer holding its
+    dequantized weight (activation quantization dropped): the same network in fp32, the speed
+    baseline of the benchmark."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    for name, module in [(n, m) for n, m in twin.named_modules() if is_quantized(m)]:
+        parent, _, child = name.rpartition(".")
+        setattr(twin.get_submodule(parent) if parent else twin, child, float_layer(module))
+    return twin.eval()
+
+
 class QuantizedConv2d(nn.Module):
     """A convolution with packed weight codes (see the module docstring).
 

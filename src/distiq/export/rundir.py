@@ -1,4 +1,4 @@
-"""Run directories -> exportable models, and ``export_run`` (what ``distiq export`` calls).
+"""Run directories -> exportable models (``load_run``).
 
 A run directory is what ``distiq.train`` writes (``distiq.train.runs``)::
 
@@ -20,13 +20,12 @@ packed / ONNX model computes what was evaluated. A layer without stored qparams 
 PTQ layers) gets them from ``choose_qparams(Ŵ)`` and the same check; if that check fails the
 layer cannot be exported exactly and ``load_run`` says which.
 
-``export_run(run_dir, format)`` writes ``run_dir/export/packed`` or
-``run_dir/export/onnx-<precision>`` (replacing an earlier export there), then verifies it on a few
-synthetic questions (random images, questions drawn from the tokenizer's words): the packed
-checkpoint is reloaded from its directory and its logits compared with the run's model (they
-must be identical with the exact storage options, else it raises), the ONNX graphs go through
-``check_parity`` (logits and greedy answers). The result is stored under ``"verification"`` in
-the export's ``manifest.json``.
+Every file of the run that is read is checked first to be a plain name resolving inside the run
+directory (``distiq.export.files.member_file``): the fixed names above, and the shard names a
+``model.safetensors.index.json`` lists.
+
+Exporting a run (``export_run``, what ``distiq export`` calls) lives in
+``distiq.export.run_export``.
 """
 
 from __future__ import annotations
@@ -41,7 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from distiq.export.layers import QuantizedConv2d
+from distiq.export.files import UnsafeFileError, member_file
+from distiq.export.layers import QuantizedConv2d, float_twin  # noqa: F401  (bench imports it here)
 from distiq.quant import (
     FakeQuantConv2d,
     FakeQuantLinear,
@@ -87,22 +87,53 @@ class LoadedRun:
         return bool(self.modules)
 
 
+def run_file(path: Path, name: str) -> Path:
+    """``path / name`` after ``member_file``'s check (a link leading out is a ``RunDirError``)."""
+    try:
+        return member_file(path, name, f"the run's {name}")
+    except UnsafeFileError as exc:
+        raise RunDirError(str(exc)) from None
+
+
+def _check_weight_files(path: Path) -> None:
+    """The model's weight files, and the shard names of a safetensors index, are members."""
+    from distiq.models.multitask import HEADS_CONFIG, HEADS_WEIGHTS
+
+    for name in ("model.safetensors", HEADS_CONFIG, HEADS_WEIGHTS):
+        run_file(path, name)
+    index = run_file(path, "model.safetensors.index.json")
+    if not index.is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise RunDirError(f"{index} is not a valid safetensors index ({exc})") from None
+    if not isinstance(weight_map, dict):
+        raise RunDirError(f"{index}: weight_map must be a mapping")
+    for shard in set(weight_map.values()):
+        try:
+            member_file(path, shard, f"{index.name} shard")
+        except UnsafeFileError as exc:
+            raise RunDirError(str(exc)) from None
+
+
 def check_run_dir(run_dir: str | os.PathLike) -> Path:
     """The run directory as a Path; raises ``RunDirError`` when it holds no model."""
     path = Path(run_dir)
     if not path.is_dir():
         raise RunDirError(f"run directory {path} does not exist (or is not a directory)")
-    if not (path / "config.json").is_file():
+    if not run_file(path, "config.json").is_file():
         raise RunDirError(
             f"{path} holds no model (no config.json): point to a run directory written by "
             "`distiq teacher` / `distiq compress` (or any save_pretrained directory)"
         )
+    _check_weight_files(path)
     return path
 
 
 def read_quant_manifest(path: Path) -> dict[str, dict]:
     """``quantization.json``'s modules ({} when absent), every entry checked."""
-    file = path / QUANT_MANIFEST
+    file = run_file(path, QUANT_MANIFEST)
     if not file.is_file():
         return {}
     try:
@@ -226,14 +257,15 @@ def load_run(run_dir: str | os.PathLike) -> LoadedRun:
     path = check_run_dir(run_dir)
     modules = read_quant_manifest(path)
     state: dict[str, torch.Tensor] = {}
-    if (path / QUANT_STATE).is_file():
+    state_file = run_file(path, QUANT_STATE)
+    if state_file.is_file():
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
-            state = load_file(str(path / QUANT_STATE))
+            state = load_file(str(state_file))
         except (SafetensorError, OSError) as exc:
-            raise RunDirError(f"cannot read {path / QUANT_STATE}: {exc}") from None
+            raise RunDirError(f"cannot read {state_file}: {exc}") from None
     elif any(e.get("activation") or e.get("weight") for e in modules.values()):
         log.info("%s has no %s: weight qparams are recomputed", path, QUANT_STATE)
     model, adapter = _load_model(path)
@@ -243,168 +275,3 @@ def load_run(run_dir: str | os.PathLike) -> LoadedRun:
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     model.eval()
     return LoadedRun(model, adapter, modules, path)
-
-
-def float_twin(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every quantized layer replaced by a float layer holding its
-    dequantized weight (activation quantization dropped): the same network in fp32, the speed
-    baseline of the benchmark."""
-    import copy
-
-    from distiq.export.layers import float_layer, is_quantized
-
-    twin = copy.deepcopy(model)
-    for name, module in [(n, m) for n, m in twin.named_modules() if is_quantized(m)]:
-        parent, _, child = name.rpartition(".")
-        setattr(twin.get_submodule(parent) if parent else twin, child, float_layer(module))
-    return twin.eval()
-
-
-def auto_precision(model: nn.Module) -> str:
-    """The ONNX precision that holds the model's quantized weights: ``int8`` if every layer fits
-    it, else ``int4``; ``fp32`` for a model without quantized weights. Weights that neither
-    holds (2/3/5/6-bit, nf4, fp8, mixed widths) raise: silently writing them as float32 would
-    hide that the file is not low-bit — ask for ``precision="fp32"`` explicitly."""
-    from distiq.export.layers import is_quantized, quantized_weight
-    from distiq.export.onnx_quant import plan_model
-
-    quantized = [m for m in model.modules() if is_quantized(m) and quantized_weight(m) is not None]
-    if not quantized:
-        return "fp32"
-    problems = []
-    for precision in ("int8", "int4"):
-        try:
-            plan_model(model, precision)
-        except ValueError as exc:
-            lines = str(exc).splitlines()  # a header line, then one line per layer
-            problems.append(lines[min(1, len(lines) - 1)].strip())
-            continue
-        return precision
-    raise ValueError(
-        "the model's quantized weights fit neither ONNX int8 nor int4 ("
-        + "; ".join(problems)
-        + "); export with precision='fp32' (dequantized float weights, exact) or the packed "
-        "format (2-8 bits)"
-    )
-
-
-def synthetic_samples(adapter: Any, n: int = 4, seed: int = 0) -> list[dict]:
-    """``n`` VQA samples: noise images and 5-word questions from the tokenizer's plain words."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    special = set(getattr(adapter.tokenizer, "all_special_tokens", []))
-    words = sorted(w for w in adapter.tokenizer.get_vocab() if w.isalnum() and w not in special)
-    if not words:
-        raise ValueError("the tokenizer has no plain words to build verification questions from")
-    size = 64
-    return [
-        {
-            "image": Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)),
-            "question": " ".join(rng.choice(words, size=5)),
-        }
-        for _ in range(n)
-    ]
-
-
-def _verify_packed(run: LoadedRun, path: Path, samples: list[dict], exact: bool) -> dict:
-    from distiq.export.packed import load_packed
-
-    batch = run.adapter.build_inputs(samples, with_answers=False)
-    loaded = load_packed(path)
-    with torch.no_grad():
-        expected = run.model(**batch)
-        got = loaded(**batch)
-    expected = getattr(expected, "logits", expected)
-    got = getattr(got, "logits", got)
-    gap = float((got - expected).abs().max())
-    if exact and gap != 0.0:
-        raise RuntimeError(
-            f"the packed checkpoint at {path} reloads with logits {gap:.3g} away from the run's "
-            "model; this is a bug in distiq's packing, please report it"
-        )
-    return {"samples": len(samples), "max_abs_logit_diff": gap, "identical": gap == 0.0}
-
-
-def _record(path: Path, verification: dict) -> None:
-    from distiq.config import atomic_write
-
-    file = path / "manifest.json"
-    manifest = json.loads(file.read_text())
-    manifest["verification"] = verification
-    atomic_write(file, json.dumps(manifest, separators=(",", ":")))
-
-
-def export_run(
-    run_dir: str | os.PathLike,
-    format: str = "packed",
-    *,
-    out: str | os.PathLike | None = None,
-    precision: str = "auto",
-    scale_dtype: str | None = None,
-    leftover_dtype: str = "float32",
-    int8_weights: str = "auto",
-    verify: bool = True,
-) -> Path:
-    """Export a run's model; what ``distiq export RUN_DIR --format packed|onnx`` calls.
-
-    Args:
-        run_dir: a run directory (see the module docstring).
-        format: ``packed`` (``save_packed``) or ``onnx`` (``export_onnx``).
-        out: output directory (default ``run_dir/export/packed`` or
-            ``run_dir/export/onnx-<precision>``); replaced if it exists.
-        precision: ONNX only: ``int8``, ``int4``, ``fp32`` or ``auto`` (int8 if every
-            quantized layer fits it, else int4, else fp32).
-        scale_dtype, leftover_dtype: packed only (see ``save_packed``; the default ``None``
-            stores each layer's scales in its spec's ``scale_dtype``: exact).
-        int8_weights: ONNX int8 only (see ``distiq.export.onnx_quant``).
-        verify: check the export on synthetic questions and record it (module docstring).
-
-    Returns:
-        The output directory.
-
-    Raises:
-        RunDirError: no model / a corrupt quantization record; ValueError: what the format
-            cannot hold (e.g. 3-bit weights to ONNX) — all before anything is written.
-    """
-    from distiq.export.onnx import export_onnx
-    from distiq.export.packed import save_packed
-
-    if format not in ("packed", "onnx"):
-        raise ValueError(f"format must be 'packed' or 'onnx', got {format!r}")
-    run = load_run(run_dir)
-    base = Path(run_dir) / EXPORT_DIR
-    if format == "packed":
-        if not run.quantized:
-            raise ValueError(
-                f"{run_dir} holds a float model (no {QUANT_MANIFEST}): there are no low-bit "
-                "codes to pack; export it with --format onnx"
-            )
-        target = Path(out) if out is not None else base / "packed"
-        sizes = save_packed(
-            run.model, target, adapter=run.adapter, scale_dtype=scale_dtype,
-            leftover_dtype=leftover_dtype, overwrite=True,
-        )  # fmt: skip
-        log.info("packed checkpoint %s\n%s", target, sizes.table())
-        if verify:
-            exact = scale_dtype in (None, "float32") and leftover_dtype == "float32"
-            result = _verify_packed(run, target, synthetic_samples(run.adapter), exact)
-            _record(target, result)
-            log.info("verified %s: %s", target, result)
-        return target
-    if precision == "auto":
-        precision = auto_precision(run.model)
-    target = Path(out) if out is not None else base / f"onnx-{precision}"
-    export_onnx(
-        run.model, target, adapter=run.adapter, precision=precision,
-        int8_weights=int8_weights, overwrite=True,
-    )  # fmt: skip
-    if verify:
-        from distiq.export.parity import check_parity
-
-        samples = synthetic_samples(run.adapter)
-        report = check_parity(run.model, target, samples, adapter=run.adapter, max_new_tokens=4)
-        _record(target, report.to_dict())
-        log.info("verified %s against the run's model: %s", target, report.to_dict())
-    return target

@@ -157,7 +157,7 @@ def test_a_recipe_with_a_huge_seed_names_the_key(tmp_path):
     from distiq.train.recipe import load_recipe
 
     path = tmp_path / "recipe.yaml"
-    path.write_text("method: teacher\nseed: 1180591620717411303424\ndata:\n  scenes: data\n")
+    path.write_text("method: qad\nseed: 1180591620717411303424\ndata:\n  scenes: data\n")
     with pytest.raises(ConfigError, match=r"seed: 1180591620717411303424 is out of range"):
         load_recipe(path)
 

@@ -117,6 +117,9 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             return value
         try:
             return tp._from_config(value)
+        except ConfigError as exc:  # a nested from_dict: its errors carry their locations
+            errors.extend(exc.errors)
+            return value
         except (ValueError, TypeError) as exc:
             errors.append(f"{where}: {exc}")
             return value

@@ -42,8 +42,8 @@ def fake_train(monkeypatch, tmp_path):
         )
         return recipe.output
 
-    def evaluate(run_dir, *, test_questions=-1):
-        calls["evaluate"] = (run_dir, test_questions)
+    def evaluate(run_dir, *, test_questions=-1, recipe=None, out=None):
+        calls["evaluate"] = (run_dir, test_questions, recipe, out)
         return [ResultRecord("qad-w4a8", "qad", 4, 8, 64, value=87.25)]
 
     def check_recipe(recipe, *, overwrite=False, resume=False):
@@ -69,15 +69,24 @@ def test_compress(runner, recipe, fake_train, tmp_path):
     assert "━" in result.stderr and "2/2" in result.stderr  # the progress bar
 
 
-def test_teacher_refuses_other_methods(runner, recipe, fake_train):
+def test_teacher_refuses_other_methods(runner, recipe, fake_train, monkeypatch):
+    import distiq.demo.teacher
+
     result = runner.invoke(app, ["teacher", str(recipe)])
     assert result.exit_code == 1
-    assert "is a 'qad' recipe; `distiq teacher` trains teachers" in result.stderr
+    assert "a 'qad' recipe compresses a model: run it with `distiq compress RECIPE`" in (
+        result.stderr
+    )
     assert "compress" not in fake_train
-    recipe.write_text("method: teacher\n")
+    calls = []
+    monkeypatch.setattr(
+        distiq.demo.teacher, "train_teacher", lambda recipe, **kw: calls.append(kw) or tmp_out
+    )
+    tmp_out = recipe.parent
+    recipe.write_text("method: teacher\ndata: {scenes: somewhere}\n")
     result = runner.invoke(app, ["teacher", str(recipe), "--overwrite"])
     assert result.exit_code == 0, result.output
-    assert fake_train["compress"]["overwrite"] is True
+    assert calls[0]["overwrite"] is True
 
 
 def test_engine_input_errors_are_user_errors(runner, recipe, monkeypatch):
@@ -110,10 +119,14 @@ def test_eval(runner, fake_train, tmp_path):
         app, ["eval", str(tmp_path), "--questions", "50"], env={"COLUMNS": "200"}
     )
     assert result.exit_code == 0, result.output
-    assert fake_train["evaluate"] == (tmp_path, 50)
+    assert fake_train["evaluate"] == (tmp_path, 50, None, None)
     assert "87.25" in result.stdout
     runner.invoke(app, ["eval", str(tmp_path)])
-    assert fake_train["evaluate"] == (tmp_path, -1)  # the recipe's own limit
+    assert fake_train["evaluate"] == (tmp_path, -1, None, None)  # the recipe's own limit
+    recipe, out = tmp_path / "r.yaml", tmp_path / "results"
+    result = runner.invoke(app, ["eval", str(tmp_path), "--recipe", str(recipe), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert fake_train["evaluate"] == (tmp_path, -1, recipe, out)  # a model directory
 
 
 def test_export(runner, monkeypatch, tmp_path):
@@ -145,4 +158,4 @@ def test_bench(runner, monkeypatch, tmp_path):
     result = runner.invoke(app, ["bench", str(tmp_path), "--repeats", "5"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert calls == [(tmp_path, 5, 2)]
-    assert "1.50 (ort-int8)" in result.stdout
+    assert "1.50" in result.stdout and "ort-int8" in result.stdout

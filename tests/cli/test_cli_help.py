@@ -13,7 +13,7 @@ VERBS = {
     "demo": ["--quick", "--out"],
     "teacher": ["RECIPE", "--out", "--overwrite", "--resume"],
     "compress": ["RECIPE", "--out", "--overwrite", "--resume"],
-    "eval": ["RUN_DIR"],
+    "eval": ["DIR", "--recipe", "--out"],
     "export": ["RUN_DIR", "--format", "packed|onnx"],
     "bench": ["RUN_DIR"],
     "report": ["RUN_DIR...", "--out"],

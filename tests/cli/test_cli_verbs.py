@@ -97,20 +97,6 @@ def test_interrupt_exits_130_and_bugs_keep_their_traceback():
     assert isinstance(result.exception, ModuleNotFoundError)
 
 
-def test_engine_function_not_built_yet_exits_2(capsys):
-    with pytest.raises(typer.Exit) as info:
-        _common.engine_function("compress", "distiq.no_such_part", "compress")
-    assert info.value.exit_code == 2
-    assert "distiq.no_such_part is not built yet" in capsys.readouterr().err
-    with pytest.raises(typer.Exit):
-        _common.engine_function("report", "distiq.results", "no_such_function")
-    assert "distiq.results.no_such_function does not exist yet" in capsys.readouterr().err
-    assert (
-        _common.engine_function("report", "distiq.results", "read_records").__name__
-        == "read_records"
-    )
-
-
 def test_progress_callbacks(capsys):
     class Info:
         def __init__(self, step):

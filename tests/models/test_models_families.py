@@ -193,21 +193,16 @@ def test_a_recipe_with_every_part_quantizes_each_layer_by_its_own_part(family, l
     """Parts exclude by name within themselves: the vision part's embeddings are still the
     patch_embedding part's and Qwen2-VL's merger (inside the vision tower) the projector's."""
     from distiq.models import PARTS
-    from distiq.train.methods import merged_quant_config
-    from distiq.train.modeling import part_quant_configs
-    from distiq.train.recipe import QuantizationConfig
+    from distiq.train.quant_plan import QuantizationConfig, plan_quantization
 
     model, adapter = loaded
     targets = adapter.quant_targets()
     parts = tuple(p for p in PARTS if targets[p].include)
     bits = {part: 8 - i for i, part in enumerate(parts)}  # a different width per part
     overrides = {part: {"weight": {"bits": bits[part]}} for part in parts}
-    recipe = QuantizationConfig(parts=parts, part_overrides=overrides)
+    plan = plan_quantization(model, adapter, QuantizationConfig(targets=parts, overrides=overrides))
     student = copy.deepcopy(model)
-    configs = part_quant_configs(recipe, student, adapter)
-    report = quantize_(
-        student, merged_quant_config(configs, student, weights=True, activations=False)
-    )
+    report = quantize_(student, plan.config(weights=True, activations=False))
     changed = {c.name: c.weight for c in report.changes}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear | nn.Conv2d):
@@ -217,6 +212,26 @@ def test_a_recipe_with_every_part_quantizes_each_layer_by_its_own_part(family, l
             assert name not in changed, name
         else:
             assert changed[name].startswith(f"int{bits[owner]}"), (name, owner, changed[name])
+            assert plan.owner[name] == owner
+
+
+def test_a_target_that_keeps_no_layer_names_the_layers_and_why(family, loaded):
+    """A group that divides no layer's width is an error listing each layer and why, not a
+    run that quantizes nothing."""
+    from distiq.train.quant_plan import QuantizationConfig, plan_quantization
+
+    model, adapter = loaded
+    spec = QuantSpec(bits=4, granularity=PerGroup(48))  # the tiny models' widths: 32 and 64
+    config = QuantizationConfig(weight=spec, targets=("language_model",))
+    with pytest.raises(ValueError, match="'language_model' keeps no layer.*not a multiple of"):
+        plan_quantization(model, adapter, config)
+    default = plan_quantization(model, adapter, QuantizationConfig())
+    assert default.layers and set(default.owner.values()) <= {
+        "vision", "projector", "language_model"
+    }  # fmt: skip
+    if "projector" in adapter.unquantizable:  # Gemma 3: left out of the defaults, named if asked
+        with pytest.raises(ValueError, match="'projector' has no quantizable layer"):
+            plan_quantization(model, adapter, QuantizationConfig(targets=("projector",)))
 
 
 def test_feature_points_capture_hidden_states_and_attention(family, loaded, make_samples):

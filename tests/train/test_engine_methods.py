@@ -1,5 +1,6 @@
-"""``compress`` end to end on a tiny edge VLM and a tiny scene set: every method runs, leaves a
-loadable run directory whose saved model *is* the evaluated one, and records its accuracy."""
+"""``compress`` end to end on a tiny edge VLM (the demo's teacher, trained for a few steps) and a
+tiny scene set: every method runs, leaves a loadable run directory whose saved model *is* the
+evaluated one, and records its accuracy. Every supported family: test_engine_families.py."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import pytest
 import torch
 
 from distiq.data import generate_scenes
+from distiq.demo.recipe import teacher_recipe_from_dict
+from distiq.demo.teacher import train_teacher
 from distiq.models import VLMWithHeads, load
 from distiq.quant import FakeQuantLinear, QuantSpec, dequantize, quantize
 from distiq.results import read_records
 from distiq.train import read_metrics
 from distiq.train.methods import compress, evaluate
-from distiq.train.recipe import load_recipe, recipe_from_dict, recipe_to_dict
+from distiq.train.recipe import recipe_from_dict
 from distiq.train.runs import load_compressed
 
 TINY = dict(
@@ -44,7 +47,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
     scenes = generate_scenes(root / "data", count=48, image_size=32, workers=1).root
     base = {"data": {"scenes": str(scenes), "val_questions": 9, "test_questions": 12}}
-    teacher = recipe_from_dict(
+    teacher = teacher_recipe_from_dict(
         {
             **base,
             "method": "teacher",
@@ -53,7 +56,7 @@ def world(tmp_path_factory):
             "train": {**TRAIN, "steps": 4, "eval_every": 2, "best_metric": "vqa_accuracy"},
         }
     )
-    compress(teacher)
+    train_teacher(teacher)
     return root, base
 
 
@@ -69,88 +72,6 @@ def _run(world, name: str, **recipe) -> tuple:
     }
     run_dir = compress(recipe_from_dict(data))
     return run_dir, read_records(run_dir / "results.json")[0]
-
-
-def test_teacher_directory(world):
-    root, _ = world
-    teacher = root / "teacher"
-    model, _ = load(teacher)  # a plain Hugging Face directory
-    assert type(model).__name__ == "LlavaForConditionalGeneration"
-    heads = VLMWithHeads.from_pretrained(teacher)
-    assert heads.detection_head is not None and heads.segmentation_head is not None
-    (record,) = read_records(teacher / "results.json")
-    assert record.method == "teacher" and 0 <= record.value <= 100
-    assert load_recipe(teacher / "recipe.yaml").method == "teacher"  # written once, by compress
-    assert record.extra["blind_baseline"]["accuracy"] >= 0
-    assert set(record.extra["by_question_type"]) <= {
-        "count", "color", "identity", "position", "relation", "exist", "compare",
-    }  # fmt: skip
-    terms = {t for line in read_metrics(teacher / "metrics.jsonl") for t in line.get("terms", {})}
-    assert {"vqa", "detection", "segmentation", "grounding", "centres"} <= terms
-
-
-def test_teacher_counts_weight_adds_the_scene_count_term(world):
-    """``teacher.weights.counts > 0`` trains the scene-count head on the image tokens."""
-    root, base = world
-    recipe = recipe_from_dict(
-        {
-            **base,
-            "method": "teacher",
-            "output": str(root / "teacher-counts"),
-            "teacher": {"preset": "tiny", "model": TINY, "weights": {"counts": 0.5}},
-            "train": {**TRAIN, "steps": 2},
-        }
-    )
-    run_dir = compress(recipe)
-    lines = [line for line in read_metrics(run_dir / "metrics.jsonl") if line.get("terms")]
-    assert all(line["terms"]["counts"] > 0 for line in lines if "vqa" in line["terms"])
-    assert any("vqa" in line["terms"] for line in lines)
-
-
-@pytest.mark.parametrize("side_target", [False, True])
-def test_teacher_side_target_reaches_the_grounding_heads(world, side_target):
-    """``teacher.side_target`` (on in the shipped recipe) is what the grounding heads use."""
-    from distiq.train.teacher import _grounding_heads
-    from distiq.train.vlm import EngineModel
-
-    root, base = world
-    teacher = {"preset": "tiny", "model": TINY, "side_target": side_target}
-    recipe = recipe_from_dict(
-        {**base, "method": "teacher", "output": str(root / "t"), "teacher": teacher}
-    )
-    model, adapter = load(root / "teacher")
-    heads = _grounding_heads(recipe, EngineModel(model), adapter)
-    assert heads is not None and heads.side_target is side_target
-
-
-def test_teacher_side_layer_trains_a_separate_side_head(world):
-    """``teacher.side_layer``: the side target's own head reads that layer in a real run; a
-    layer the model does not have is refused before training."""
-    root, base = world
-    teacher = {"preset": "tiny", "model": TINY, "side_layer": -1}
-    recipe = recipe_from_dict(
-        {
-            **base,
-            "method": "teacher",
-            "output": str(root / "teacher-side"),
-            "teacher": {**teacher, "vision_steps": 0},
-            "train": {**TRAIN, "steps": 2},
-        }
-    )
-    run_dir = compress(recipe)
-    lines = [line for line in read_metrics(run_dir / "metrics.jsonl") if line.get("terms")]
-    assert lines and all(line["terms"]["grounding"] > 0 for line in lines)
-    bad = recipe_from_dict(
-        {
-            **base,
-            "method": "teacher",
-            "output": str(root / "teacher-side-bad"),
-            "teacher": {**teacher, "side_layer": 7},
-        }
-    )
-    with pytest.raises(ValueError, match="teacher.side_layer 7 is out of range"):
-        compress(bad)
-    assert not (root / "teacher-side-bad" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
@@ -182,7 +103,7 @@ def test_every_weight_matrix_can_be_quantized_patch_projection_and_lm_head_too(w
     from distiq.models import PARTS
     from distiq.quant import QuantizedLinear
 
-    quantization = {"weight": {"bits": 4}, "parts": list(PARTS)}
+    quantization = {"weight": {"bits": 4}, "targets": list(PARTS)}
     run_dir, record = _run(world, "gptq-every", method="gptq", quantization=quantization)
     names = json.loads((run_dir / "quantization.json").read_text())["modules"]
     patch = "vlm.model.vision_tower.embeddings.patch_embedding"
@@ -216,7 +137,7 @@ def test_qat_trains_with_the_task_loss_only(world):
 def test_qat_may_start_from_gptq_and_runs_may_share_loaded_data(world):
     # qat from a GPTQ solution (the same start qad may take) with splits loaded beforehand,
     # as distiq demo hands them to its workers: the same result as loading them in the run.
-    from distiq.train import load_teacher_data
+    from distiq.train import run_data
 
     root, base = world
     quantization = {"weight": {"bits": 4, "learnable": True}}
@@ -233,60 +154,11 @@ def test_qat_may_start_from_gptq_and_runs_may_share_loaded_data(world):
             "quantization": quantization,
         }
     )
-    data = load_teacher_data(recipe)
+    data = run_data(recipe)
     shared = read_records(compress(recipe, data=data) / "results.json")[0]
     assert shared.value == plain.value and shared.steps == plain.steps == TRAIN["steps"]
-    assert shared.extra["blind_baseline"] == plain.extra["blind_baseline"]
     lines = [line for line in read_metrics(plain_dir / "metrics.jsonl") if line["kind"] == "train"]
     assert set(lines[0]["terms"]) == {"task"}
-
-
-def test_teacher_data_loaded_once_serves_teacher_and_runs(world):
-    # distiq demo loads the teacher's splits before forking its processes, and hands them,
-    # without the heads' targets, to the runs on that teacher: the same numbers as loading them
-    from distiq.train import load_teacher_data, load_teacher_training_data
-
-    root, base = world
-    teacher = load_recipe(root / "teacher" / "recipe.yaml")
-    teacher = recipe_from_dict({**recipe_to_dict(teacher), "output": str(root / "teacher-2")})
-    data = load_teacher_training_data(teacher)
-    assert data.train.has_detection and data.train.has_segmentation
-    with pytest.raises(ValueError, match="no detection or segmentation targets"):
-        compress(teacher, data=data.without_heads())  # the splits of a run, not a teacher's
-    assert not (root / "teacher-2" / "recipe.yaml").exists()  # refused before writing
-    again = read_records(compress(teacher, data=data) / "results.json")[0]
-    first = read_records(root / "teacher" / "results.json")[0]
-    assert (
-        again.value == first.value
-        and again.extra["best_val_accuracy"] == first.extra["best_val_accuracy"]
-    )
-    recipe = recipe_from_dict(
-        {**base, "method": "rtn", "quantization": W4A8, "teacher": str(root / "teacher"),
-         "output": str(root / "r")}
-    )  # fmt: skip
-    assert len(data.val._cache) > 0  # the teacher, trained in this process, cached its images
-    shared, loaded = data.without_heads(), load_teacher_data(recipe)
-    assert shared.val._cache is None  # the runs read images as load_teacher_data's splits do
-    assert not shared.train.has_detection and not shared.train.has_segmentation
-    assert data.train.has_detection  # the teacher's own splits keep their targets
-    assert shared.blind_baseline == loaded.blind_baseline
-    ours, saved = shared.train.adapter.tokenizer, loaded.train.adapter.tokenizer
-    assert ours.get_vocab() == saved.get_vocab()
-    assert (ours.pad_token_id, ours.eos_token_id) == (saved.pad_token_id, saved.eos_token_id)
-    for split in ("train", "val", "test"):
-        a, b = getattr(shared, split), getattr(loaded, split)
-        assert a.images == b.images and a.rows == b.rows and a.size == b.size
-        assert a.tokens.suffix == b.tokens.suffix
-        assert a.tokens.prompt_lengths == b.tokens.prompt_lengths
-        assert torch.equal(a.tokens.prefix_ids, b.tokens.prefix_ids)
-        count = min(4, len(a))
-        items = [a[i] for i in range(count)], [b[i] for i in range(count)]
-        for answers in (True, False):
-            x, y = (s.collate(i, with_answers=answers) for s, i in zip((a, b), items))
-            assert x.keys() == y.keys()
-            for key in x:
-                same = torch.equal(x[key], y[key]) if torch.is_tensor(x[key]) else x[key] == y[key]
-                assert same, (split, key)
 
 
 def test_qad_with_gptq_init_logs_every_term(world):

@@ -1,6 +1,7 @@
-"""The engine's VLM glue: image-grouped data, the shared-prefix forward, greedy decoding and the
-VQA evaluation, each checked against the plain Hugging Face path (``adapter.build_inputs``,
-``model(...)``, ``adapter.generate_answers``)."""
+"""The engine's forward paths on the built-in VLM: image-grouped data, the shared-prefix forward,
+greedy decoding and the VQA evaluation, each checked against the plain Hugging Face path
+(``adapter.build_inputs``, ``model(...)``, ``adapter.generate_answers``) — which is the generic
+path, so the two paths are checked against each other too."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 from distiq.data import generate_scenes
 from distiq.models import VLMWithHeads, build_edge_vlm
 from distiq.tasks.vqa import vqa_accuracy
-from distiq.train.vlm import EngineModel, evaluate_vqa, greedy_answers
-from distiq.train.vqa_data import load_scene_split, tokenize_questions
+from distiq.train.engines import GenericEngine, SharedPrefixEngine, engine_class, evaluate_vqa
+from distiq.train.prefix_engine import tokenize_questions
+from distiq.train.vqa_data import load_scene_split
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,37 @@ def _samples(dataset, items):
     return out
 
 
+def test_the_built_in_vlm_takes_the_shared_prefix_path(model_and_data):
+    _, adapter, train = model_and_data
+    assert engine_class(adapter) is SharedPrefixEngine and train.path is SharedPrefixEngine
+
+
+def test_the_generic_path_gives_the_prefix_paths_answers_and_scores(model_and_data):
+    """The same model on the generic path (one sequence per question, the model's own forward
+    and generate): the answer logits and the evaluation equal the shared-prefix path's."""
+    model, adapter, train = model_and_data
+    subset = train.subset(range(5))
+    generic = subset.for_adapter(adapter)
+    assert generic is subset  # the same processing: the dataset itself
+    view = __import__("copy").copy(subset)
+    view.path = GenericEngine
+    items = [subset[i] for i in range(len(subset))]
+    prefix_engine, generic_engine = (
+        SharedPrefixEngine(model, adapter),
+        GenericEngine(model, adapter),
+    )
+    with torch.no_grad():
+        fast = prefix_engine(subset.collate(items), heads=False)
+        slow = generic_engine(view.collate(items))
+    from distiq.train.teacher_outputs import answer_logits
+
+    for a, b in zip(
+        answer_logits(fast.logits, fast.labels), answer_logits(slow.logits, slow.labels)
+    ):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert evaluate_vqa(prefix_engine, subset) == evaluate_vqa(generic_engine, view)
+
+
 def test_tokens_match_build_inputs(model_and_data):
     _, adapter, train = model_and_data
     items = [train[i] for i in range(3)]
@@ -66,7 +99,7 @@ def test_tokens_match_build_inputs(model_and_data):
 def test_pixel_values_match_the_image_processor(model_and_data):
     _, adapter, train = model_and_data
     items = [train[i] for i in range(4)]
-    fast = train.pixel_values([item["image"] for item in items])
+    fast = SharedPrefixEngine.pixel_values(train, [item["image"] for item in items])
     slow, _ = adapter.image_inputs([item["image"] for item in items])
     torch.testing.assert_close(fast, slow["pixel_values"], atol=1e-6, rtol=0)
 
@@ -81,7 +114,7 @@ def test_shared_prefix_forward_equals_full_forward(model_and_data):
     model, adapter, train = model_and_data
     items = [train[i] for i in range(4)]
     samples = _samples(train, items)
-    engine = EngineModel(model).eval()
+    engine = SharedPrefixEngine(model, adapter).eval()
     batch = train.collate(items)
     with torch.no_grad():
         out = engine(batch)
@@ -106,7 +139,7 @@ def test_shared_prefix_forward_gradients_match(model_and_data):
     model, adapter, train = model_and_data
     items = [train[i] for i in range(3)]
     samples = _samples(train, items)
-    engine = EngineModel(model).train()
+    engine = SharedPrefixEngine(model, adapter).train()
     batch = train.collate(items)
     model.zero_grad()
     loss = answer_token_loss(engine(batch, heads=False).logits, batch["labels"])
@@ -128,8 +161,8 @@ def test_greedy_answers_equal_generate(model_and_data):
     model, adapter, train = model_and_data
     items = [train[i] for i in range(5)]
     samples = _samples(train, items)
-    engine = EngineModel(model)
-    answers = greedy_answers(engine, train.generation_collate(items), adapter.tokenizer)
+    engine = SharedPrefixEngine(model, adapter)
+    answers = engine.answers(train.generation_collate(items))
     reference = adapter.generate_answers(model.vlm, samples, max_new_tokens=4)
     assert answers == reference
     assert len(set(answers)) > 1  # not a degenerate constant answer
@@ -138,10 +171,10 @@ def test_greedy_answers_equal_generate(model_and_data):
 def test_evaluate_vqa_scores_the_generated_answers(model_and_data):
     model, adapter, train = model_and_data
     subset = train.subset(range(6))
-    engine = EngineModel(model)
+    engine = SharedPrefixEngine(model, adapter)
     metrics = evaluate_vqa(engine, subset, batch_images=4)
     items = [subset[i] for i in range(len(subset))]
-    answers = greedy_answers(engine, subset.generation_collate(items), adapter.tokenizer)
+    answers = engine.answers(subset.generation_collate(items))
     records = [subset.questions[r] for item in items for r in item["rows"]]
     expected = sum(vqa_accuracy(a, r["answers"]) for a, r in zip(answers, records)) / len(records)
     assert metrics["vqa_accuracy"] == pytest.approx(expected)
@@ -174,14 +207,16 @@ def test_sharded_evaluation_equals_the_whole(model_and_data, tmp_path):
     import json
     import multiprocessing
 
-    from distiq.cli.demo_jobs import Job, run_distributed
+    from distiq.demo.jobs import Job, run_distributed
 
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("needs fork")
-    model, _, train = model_and_data
+    model, adapter, train = model_and_data
     out = tmp_path / "metrics.json"
     subset = train.subset(range(9))
-    job = Job("eval", _sharded_eval_job, (EngineModel(model), subset, str(out)), "run")
+    job = Job(
+        "eval", _sharded_eval_job, (SharedPrefixEngine(model, adapter), subset, str(out)), "run"
+    )
     run_distributed(job, world_size=2)
     record = json.loads(out.read_text())
     assert record["world"] == 2

@@ -2,8 +2,9 @@
 rich progress bars and consoles.
 
 Exit codes: 0 success; 1 a user error (bad config, missing or corrupt file, unwritable output,
-missing optional package) — one clear message, no traceback; 2 a usage error (typer's) or a verb
-whose engine is not built yet; 130 interrupted (Ctrl-C or SIGTERM; the run can be resumed).
+missing optional package, a run directory another process is using) — one clear message, no
+traceback; 2 a usage error (typer's); 130 interrupted (Ctrl-C or SIGTERM; the run can be
+resumed).
 Anything else is a bug in distiq and keeps its traceback.
 
 Only typer, rich and the standard library are imported here, so ``distiq --help`` stays fast.
@@ -12,24 +13,21 @@ Only typer, rich and the standard library are imported here, so ``distiq --help`
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from distiq import __version__
+from distiq.progress import console, step_progress
 
 logger = logging.getLogger("distiq.cli")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_USER_ERROR = 1
-EXIT_NOT_AVAILABLE = 2
 EXIT_INTERRUPTED = 130
 
 # Arguments and options shared by several verbs.
@@ -62,17 +60,6 @@ def fail(message: str, code: int = EXIT_USER_ERROR) -> NoReturn:
     raise typer.Exit(code=code)
 
 
-def not_available(verb: str, missing: str) -> NoReturn:
-    """Exit 2 with a message saying that ``distiq verb`` cannot run yet and why."""
-    typer.secho(
-        f"`distiq {verb}` is not available yet in distiq {__version__}: {missing}. "
-        "Use the Python API (distiq.quant, distiq.ptq, distiq.train) meanwhile.",
-        err=True,
-        fg="yellow",
-    )
-    raise typer.Exit(code=EXIT_NOT_AVAILABLE)
-
-
 def _os_message(exc: OSError) -> str:
     if exc.strerror and exc.filename:
         return f"{exc.strerror}: {exc.filename}"
@@ -84,6 +71,14 @@ def _interrupted_message(exc: BaseException) -> str | None:
     distiq.train unless it is already imported: only then can the error come from it)."""
     train = sys.modules.get("distiq.train.state")
     if train is not None and isinstance(exc, train.RunInterrupted):
+        return f"{exc}"
+    return None
+
+
+def _in_use_message(exc: BaseException) -> str | None:
+    """The message for a run directory another process holds (``RunDirectoryInUse``)."""
+    lock = sys.modules.get("distiq.train.lock")
+    if lock is not None and isinstance(exc, lock.RunDirectoryInUse):
         return f"{exc}"
     return None
 
@@ -109,6 +104,9 @@ def _user_message(exc: Exception) -> tuple[str, int] | None:
     interrupted = _interrupted_message(exc)
     if interrupted is not None:
         return interrupted, EXIT_INTERRUPTED
+    in_use = _in_use_message(exc)
+    if in_use is not None:
+        return in_use, EXIT_USER_ERROR
     return None
 
 
@@ -135,78 +133,6 @@ def user_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def engine_function(verb: str, module: str, name: str) -> Callable[..., Any]:
-    """``module.name`` if that part of distiq is built, else exit 2 with "not available yet".
-
-    Only a missing ``module`` itself counts as "not built"; any other import error propagates."""
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and (module == exc.name or module.startswith(exc.name + ".")):
-            not_available(verb, f"{module} is not built yet")
-        raise
-    func = getattr(mod, name, None)
-    if func is None:
-        not_available(verb, f"{module}.{name} does not exist yet")
-    return func
-
-
-class RunProgress:
-    """Callbacks for a training run, drawing a rich progress bar: ``on_step(info)`` takes
-    :class:`distiq.train.StepInfo`-like objects (``step``, ``steps``, ``total``),
-    ``on_eval(step, metrics)`` prints the validation metrics above the bar."""
-
-    def __init__(self, progress: Any, task: Any) -> None:
-        self.progress = progress
-        self.task = task
-
-    def on_step(self, info: Any) -> None:
-        loss = getattr(info, "total", None)
-        self.progress.update(
-            self.task,
-            completed=getattr(info, "step", 0),
-            total=getattr(info, "steps", None),
-            loss="—" if loss is None else f"{loss:.4g}",
-        )
-
-    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "/" not in k)
-        self.progress.console.print(f"step {step}: validation {shown}")
-
-
-def run_progress_bar() -> Any:
-    """A rich ``Progress`` for training runs (name, bar, step m/n, loss, elapsed, remaining),
-    drawn on stderr; tasks carry a ``loss`` field."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console(stderr=True),
-    )
-
-
-@contextmanager
-def step_progress(description: str) -> Iterator[RunProgress]:
-    """A rich progress bar for a training run (a pulsing bar for work without steps); yields
-    the :class:`RunProgress` whose callbacks drive it."""
-    progress = run_progress_bar()
-    task = progress.add_task(description, total=None, loss="—")
-    with progress:
-        yield RunProgress(progress, task)
-
-
 def records_table(records: list[Any], title: str | None = None) -> Any:
     """A rich table of result records (the report's main columns)."""
     from rich.table import Table
@@ -220,16 +146,6 @@ def records_table(records: list[Any], title: str | None = None) -> Any:
     for row in rows:
         table.add_row(*row)
     return table
-
-
-def console(stderr: bool = False) -> Any:
-    """A rich console writing to the current ``sys.stdout`` / ``sys.stderr``."""
-    from rich.console import Console
-
-    stream = sys.stderr if stderr else sys.stdout
-    # a pipe or a file gets wide lines rather than tables folded to 80 columns
-    width = None if getattr(stream, "isatty", lambda: False)() else 160
-    return Console(stderr=stderr, highlight=False, width=width)
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -257,26 +173,27 @@ def run_recipe(
     verb: str, recipe_path: Path, *, out: Path | None, overwrite: bool, resume: bool
 ) -> Path:
     """``distiq teacher`` / ``distiq compress``: check the recipe file, load and validate it
-    (``--out`` replaces its ``output``), run ``distiq.train.compress`` with a progress bar and
-    print the run directory and its result records. Bad input fails before any long work (the
-    engine checks teacher, data and output directory first)."""
+    (``--out`` replaces its ``output``), run it with a progress bar and print the run directory
+    and its result records. Bad input fails before any long work (teacher, data and output
+    directory are checked first)."""
     if overwrite and resume:
         raise ValueError("--overwrite and --resume exclude each other: choose one")
     check_recipe(recipe_path)
-    load_recipe = engine_function(verb, "distiq.train", "load_recipe")
-    compress = engine_function(verb, "distiq.train", "compress")
-    recipe = load_recipe(recipe_path, **({"output": out} if out is not None else {}))
-    if verb == "teacher" and recipe.method != "teacher":
-        raise ValueError(
-            f"{recipe_path} is a {recipe.method!r} recipe; `distiq teacher` trains teachers "
-            "(method: teacher); run it with `distiq compress`"
-        )
-    # teacher directory, data, output directory: clear errors before the progress bar starts
-    engine_function(verb, "distiq.train", "check_recipe")(
-        recipe, overwrite=overwrite, resume=resume
-    )
+    changes = {"output": out} if out is not None else {}
+    if verb == "teacher":
+        from distiq.demo.recipe import load_teacher_recipe
+        from distiq.demo.teacher import train_teacher as run
+
+        recipe = load_teacher_recipe(recipe_path, **changes)
+    else:
+        from distiq.train import check_recipe as check_run
+        from distiq.train import compress as run
+        from distiq.train import load_recipe
+
+        recipe = load_recipe(recipe_path, **changes)
+        check_run(recipe, overwrite=overwrite, resume=resume)
     with step_progress(f"{recipe.method} {recipe.run_name}") as progress:
-        run_dir = compress(
+        run_dir = run(
             recipe,
             overwrite=overwrite,
             resume=resume,

@@ -10,7 +10,6 @@ from distiq.cli._common import (
     RunDirArgument,
     check_run_dir,
     console,
-    engine_function,
     records_table,
     user_errors,
 )
@@ -24,7 +23,8 @@ def command(
 ) -> None:
     """Measure a run's model: size, latency, memory (merged into its results.json)."""
     check_run_dir(run_dir)
-    bench_run = engine_function("bench", "distiq.bench", "bench_run")
+    from distiq.bench import bench_run
+
     with console(stderr=True).status(f"Measuring {run_dir}…"):
         records = bench_run(run_dir, repeats=repeats, threads=threads)
     console().print(records_table(records, title=f"{run_dir} (bench)"))

@@ -1,4 +1,5 @@
-"""``distiq teacher RECIPE``: train a full-precision teacher (a ``method: teacher`` recipe)."""
+"""``distiq teacher RECIPE``: train the demo's built-in teacher (a ``method: teacher`` recipe,
+:mod:`distiq.demo.recipe`)."""
 
 from __future__ import annotations
 
@@ -19,5 +20,5 @@ def command(
     overwrite: OverwriteOption = False,
     resume: ResumeOption = False,
 ) -> None:
-    """Train a full-precision teacher from a recipe (method: teacher)."""
+    """Train the built-in edge VLM teacher on generated scenes (method: teacher)."""
     run_recipe("teacher", recipe, out=out, overwrite=overwrite, resume=resume)

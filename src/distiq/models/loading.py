@@ -77,14 +77,6 @@ def adapter_class(config_or_model: Any) -> type[VLMAdapter]:
     )
 
 
-def adapter_for(
-    model_or_config: Any, tokenizer: Any, image_processor: Any, **kwargs: Any
-) -> VLMAdapter:
-    """An adapter for an in-memory model/config and its tokenizer and image processor."""
-    config = getattr(model_or_config, "config", model_or_config)
-    return adapter_class(config)(config, tokenizer, image_processor, **kwargs)
-
-
 class LoadedVLM(NamedTuple):
     """A model and its adapter, as ``load`` returns them."""
 

@@ -42,6 +42,3 @@ class UncertaintyWeighting(nn.Module):
         s = s.to(loss.dtype) if s.dtype != loss.dtype else s
         factor = torch.exp(-s)
         return weight * (factor * loss + s), weight * factor.detach()
-
-    def log_variances(self) -> dict[str, float]:
-        return {n: float(p.detach()) for n, p in self.log_vars.items()}

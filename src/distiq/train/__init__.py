@@ -54,18 +54,19 @@ back to DDP on CPU, with a warning); it was checked on one GPU, not in CPU CI.
 Compression engine (imported lazily, on first use)::
 
     from distiq.train import compress, evaluate, load_recipe, recipe_from_dict, Recipe
-    from distiq.train import check_recipe, load_compressed, train_teacher, load_teacher_data
-    from distiq.train import load_teacher_training_data
+    from distiq.train import check_recipe, load_compressed, run_data
 
-``compress(recipe) -> run_dir`` runs a recipe (teacher | rtn | gptq | qat | kd | qad | qlora-kd,
-see :mod:`distiq.train.methods`); ``evaluate(run_dir)`` re-scores a run on its test split;
-``load_compressed(run_dir)`` gives back the evaluated model (:mod:`distiq.train.runs`). Recipes:
-:mod:`distiq.train.recipe`.
+``compress(recipe) -> run_dir`` runs a recipe (rtn | gptq | qat | kd | qad | qlora-kd, see
+:mod:`distiq.train.methods`); ``evaluate(run_dir)`` re-scores a run (or any model directory) on
+a test split; ``load_compressed(run_dir)`` gives back the evaluated model
+(:mod:`distiq.train.runs`). Recipes: :mod:`distiq.train.recipe`; what a recipe quantizes:
+:mod:`distiq.train.quant_plan`; how a model runs on the data: :mod:`distiq.train.engines`.
+``distiq.compress`` (:mod:`distiq.train.api`) takes models and data held in memory too.
 
 Teacher cache: ``cache_teacher_outputs(teacher_fn, batches, path, top_k=8)`` runs the teacher
 once and stores its top-k log-probabilities per sample id; ``TeacherCache(path).get_batch(ids)``
 gives ``(log_probs, indices)`` for a student's batch, for
-``distiq.distill.sparse.topk_kl_divergence``.
+``distiq.distill.sparse.topk_kl_divergence``; a recipe's ``teacher: {cache: ...}`` uses it.
 """
 
 from distiq.train.batches import ReplayBatches, ResumableBatches, move_to_device
@@ -86,14 +87,12 @@ _LAZY = {
     "compress": "distiq.train.methods",
     "evaluate": "distiq.train.methods",
     "check_recipe": "distiq.train.methods",
+    "run_data": "distiq.train.methods",
     "load_recipe": "distiq.train.recipe",
     "recipe_from_dict": "distiq.train.recipe",
     "recipe_to_dict": "distiq.train.recipe",
     "Recipe": "distiq.train.recipe",
     "load_compressed": "distiq.train.runs",
-    "train_teacher": "distiq.train.teacher",
-    "load_teacher_data": "distiq.train.data_setup",
-    "load_teacher_training_data": "distiq.train.teacher",
 }
 
 

@@ -108,13 +108,6 @@ class ResumableBatches:
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         return torch.randperm(len(self.dataset), generator=generator)
 
-    def local_indices(self, epoch: int, position: int) -> list[int]:
-        """This process's dataset indices of global batch ``position`` of ``epoch``."""
-        order = self.epoch_order(epoch)
-        per_rank = self.batch_size // self.world_size
-        start = position * self.batch_size + self.rank * per_rank
-        return order[start : start + per_rank].tolist()
-
     def _epoch_index_lists(self, epoch: int, first: int) -> list[list[int]]:
         order = self.epoch_order(epoch)
         per_rank = self.batch_size // self.world_size

@@ -1,9 +1,16 @@
-"""The data of a recipe: train / val / test splits for a model adapter, and the blind baseline."""
+"""The data of a recipe: train / val / test splits prepared for one model's processing.
+
+Sources (``recipe.data``, exactly one): a generated scene set (``scenes``), VQA v2 files
+(``vqa``) or a Hugging Face ``datasets`` folder (``hf``); in Python also a list of VQA samples
+(:func:`samples_split`). The images of VQA v2 and ``datasets`` splits are checked up front
+(every file opens and is not too large), so a bad test image fails the run before training,
+not after; a generated scene set was written and checked by distiq itself.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,31 +28,29 @@ class EngineData:
         train: the training images (all of them).
         val: validation images, limited to about ``data.val_questions`` questions.
         test: test images, limited to about ``data.test_questions`` questions (all by default).
-        blind_baseline: ``{"accuracy": %, "by_question_type": {type: %}}`` of the question-only
-            oracle (``distiq.data.blind_baseline_accuracy``, trained on the train split) on the
-            evaluated test questions.
     """
 
     train: ImageQuestions
     val: ImageQuestions
     test: ImageQuestions
-    blind_baseline: dict[str, Any]
 
     def without_heads(self) -> EngineData:
         """The splits without the train split's detection and segmentation targets and without
-        image caches: what :func:`load_data` gives without ``heads`` (a teacher trained in this
-        process cached its train and val images, resized the cached way, whose pixels can differ
-        in the last bit from the processor's)."""
+        image caches: what :func:`load_data` gives without ``heads`` (a model trained in this
+        process may have cached its train and val images, resized the cached way, whose pixels
+        can differ in the last bit from the processor's)."""
         return EngineData(
-            self.train.without_heads(),
-            self.val.without_heads(),
-            self.test.without_heads(),
-            self.blind_baseline,
+            self.train.without_heads(), self.val.without_heads(), self.test.without_heads()
         )
 
 
 def check_data(data: Any) -> None:
     """Fail fast on a missing or empty data path (before any long work)."""
+    if data.scenes is None and data.vqa is None and data.hf is None:
+        raise ValueError(
+            "the recipe names no data: set data.scenes, data.vqa or data.hf (or pass the data "
+            "in memory: distiq.compress(data=...))"
+        )
     if data.scenes is not None:
         root = Path(data.scenes)
         if not root.is_dir():
@@ -58,6 +63,10 @@ def check_data(data: Any) -> None:
                 "folder distiq.data.generate_scenes returned (edge-scenes-s...)"
             )
         return
+    if data.hf is not None:
+        if not Path(data.hf.path).is_dir():
+            raise FileNotFoundError(f"data.hf.path: {data.hf.path} does not exist")
+        return
     for split, files in (data.vqa or {}).items():
         for kind in ("questions", "annotations", "images"):
             path = Path(getattr(files, kind))
@@ -67,77 +76,87 @@ def check_data(data: Any) -> None:
                 raise FileNotFoundError(f"data.vqa.{split}.{kind}: {path} is empty")
 
 
-def scene_vocabulary(data: Any) -> list[str]:
-    """The word list of the recipe's data: a scene set's ``meta.json`` vocabulary, or every
-    word of the VQA train questions and answers."""
-    if data.scenes is not None:
-        meta = json.loads((Path(data.scenes) / "meta.json").read_text())
-        if "vocabulary" in meta:
-            return list(meta["vocabulary"])
-        from distiq.data import vocabulary
-
-        return vocabulary()
-    from distiq.data.scenes import split_words
-    from distiq.data.vqa import load_vqa_v2
-
-    files = data.vqa[data.train_split]
-    dataset = load_vqa_v2(files.questions, files.annotations, files.images, check_images=False)
-    words: set[str] = set()
-    for record in dataset.records:
-        words.update(split_words(record["question"].lower()))
-        for answer in record["answers"]:
-            words.update(split_words(answer.lower()))
-    return sorted(words)
-
-
 def load_split(
     data: Any, split: str, adapter: Any, *, heads: bool = False, target: str = "category"
 ) -> ImageQuestions:
-    """One split of the recipe's data, tokenized for ``adapter``."""
+    """One split of the recipe's data, prepared for ``adapter``."""
     if data.scenes is not None:
         return load_scene_split(
             data.scenes, split, adapter, heads=heads, segmentation_target=target
         )
+    if data.hf is not None:
+        from dataclasses import asdict
+
+        from distiq.data.hf_vqa import load_hf_vqa
+
+        records = load_hf_vqa(
+            data.hf.path, split, asdict(data.hf.columns), on_bad_record=data.on_bad_record
+        )
+        if not records:
+            raise ValueError(f"the {split!r} split of data.hf ({data.hf.path}) has no questions")
+        return samples_split(records, adapter)
     files = data.vqa[split]
-    return load_vqa_files(files.questions, files.annotations, files.images, adapter)
+    dataset = load_vqa_files(
+        files.questions, files.annotations, files.images, adapter, on_bad_record=data.on_bad_record
+    )
+    from distiq.data.records import verify_images
+
+    verify_images(
+        [path for path, _ in dataset.images],
+        f"data.vqa.{split} ({files.images})",
+    )
+    return dataset
+
+
+def samples_split(samples: Sequence[dict], adapter: Any) -> ImageQuestions:
+    """A split from VQA records in memory: each a dict with ``image`` (a PIL image, a path, or
+    a function returning one), ``question``, ``answers`` (human answers; or one ``answer``)
+    and optionally ``answer``, ``question_id``, ``image_id``, ``question_type``. Samples that
+    share an ``image_id`` are one image with several questions."""
+    from distiq.data.vqa import canonical_answer
+
+    records = []
+    for index, sample in enumerate(samples):
+        if not isinstance(sample, dict) or "image" not in sample or "question" not in sample:
+            raise ValueError(
+                f"sample {index}: a VQA sample is a dict with image, question and answers"
+            )
+        answers = sample.get("answers") or ([sample["answer"]] if sample.get("answer") else None)
+        if not answers:
+            raise ValueError(f"sample {index}: no answers (give answers or answer)")
+        records.append(
+            {
+                "question": sample["question"],
+                "answers": list(answers),
+                "answer": sample.get("answer") or canonical_answer(list(answers)),
+                "question_type": str(sample.get("question_type", "")),
+                "question_id": int(sample.get("question_id", index)),
+                "image_id": int(sample.get("image_id", index)),
+                "image": sample["image"],
+            }
+        )
+    ids = [r["question_id"] for r in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError("two samples share a question_id; ids must be unique")
+    images: dict[int, Any] = {}
+    for record in records:
+        images.setdefault(record["image_id"], record["image"])
+    return ImageQuestions([(image, i) for i, image in images.items()], records, adapter)
 
 
 def load_data(recipe: Any, adapter: Any, *, heads: bool = False) -> EngineData:
     """Train / val / test of ``recipe.data`` for ``adapter`` (train with detection and
     segmentation targets when ``heads`` and the data has them)."""
-    from distiq.data import blind_baseline_accuracy, blind_baseline_by_type
-
     data = recipe.data
     target = getattr(recipe.teacher, "segmentation_target", "category")
     train = load_split(data, data.train_split, adapter, heads=heads, target=target)
     val = load_split(data, data.val_split, adapter).limit_questions(data.val_questions)
     test = load_split(data, data.test_split, adapter).limit_questions(data.test_questions)
-    test_records = [test.questions[r] for rows in test.rows for r in rows]
-    blind = {
-        "accuracy": 100.0 * blind_baseline_accuracy(train.questions, test_records),
-        "by_question_type": {
-            k: 100.0 * v for k, v in blind_baseline_by_type(train.questions, test_records).items()
-        },
-    }
     logger.info(
-        "data: %d train images (%d questions), %d val / %d test questions; blind baseline %.1f %%",
+        "data: %d train images (%d questions), %d val / %d test questions",
         len(train),
         train.num_questions,
         val.question_count(),
-        len(test_records),
-        blind["accuracy"],
+        test.question_count(),
     )
-    return EngineData(train, val, test, blind)
-
-
-def load_teacher_data(recipe: Any) -> EngineData:
-    """The splits ``compress(recipe)`` loads (for its teacher's adapter), read without loading
-    any weights, so that several runs on the same data and teacher can share one copy:
-    ``compress(recipe, data=load_teacher_data(recipe))``. ``distiq demo`` loads them once before
-    its worker processes fork (each run used to re-read and tokenize the 25,000 scenes' questions:
-    ``benchmarks/demo_setup_costs.py``)."""
-    from distiq.models import load_adapter
-    from distiq.train.modeling import resolve_model_dir
-
-    check_data(recipe.data)
-    return load_data(recipe, load_adapter(resolve_model_dir(recipe.teacher.path)))
+    return EngineData(train, val, test)

@@ -1,13 +1,13 @@
-"""Building the models a recipe names: the teacher, the student, and per-part quant configs.
+"""Building the models a recipe names: the teacher and the student.
 
 - :func:`resolve_model_dir` — a teacher / run directory -> the Hugging Face directory in it.
 - :func:`load_vlm` — a saved model (with heads when it has them) and its adapter.
-- :func:`build_student` — a copy of the teacher, or a (smaller) edge VLM from a preset whose
-  layers start from the teacher's where the shapes allow (evenly spaced layers when the depths
-  differ, as DistilBERT initialises its student).
-- :func:`part_quant_configs` — the recipe's quantization section as one
-  ``distiq.quant.QuantConfig`` per part, using the adapter's part names and default exclusions
-  (embeddings stay in full precision; layers narrower than a weight group are excluded).
+- :func:`build_student` — a copy of the teacher (optionally with layers dropped, for any
+  family: :mod:`distiq.models.depth`), a smaller checkpoint of any supported family with the
+  teacher's tokenizer, or a built-in edge VLM from a preset whose layers start from the
+  teacher's where the shapes allow (evenly spaced layers when the depths differ, as DistilBERT
+  initialises its student).
+- :func:`same_processing` — whether two adapters turn a question into the same tokens.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from distiq.models import VLMWithHeads, build_edge_vlm, edge_vlm_config, load
+from distiq.models.depth import evenly_spaced, keep_layers, layer_count
 from distiq.models.multitask import HEADS_CONFIG
-from distiq.quant import QuantConfig
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ def _edge_config_of(vlm: nn.Module) -> dict[str, Any]:
 
 
 def _layer_map(student_layers: int, teacher_layers: int) -> list[int]:
-    """Teacher layer for each student layer: evenly spaced, first and last kept."""
+    """Teacher layer for each student layer: evenly spaced, first and last kept (a preset
+    deeper than the teacher repeats layers)."""
     if student_layers == 1:
         return [teacher_layers - 1]
     step = (teacher_layers - 1) / (student_layers - 1)
@@ -123,14 +124,88 @@ def build_student(
 ) -> tuple[nn.Module, Any]:
     """The student of a recipe (``StudentConfig``) as ``(model, adapter)``.
 
-    ``init: teacher`` deep-copies the teacher (heads included). ``init: preset`` builds an edge
-    VLM from ``preset`` (default: the teacher's sizes) with ``model`` overrides and the
-    teacher's tokenizer; with ``copy_teacher_layers`` every tensor whose shape matches is copied
-    from the teacher, decoder / encoder layers from evenly spaced teacher layers.
+    ``init: teacher`` deep-copies the teacher (heads included) and drops the layers
+    ``depth`` / ``keep_layers`` (``vision_depth`` / ``vision_keep_layers``) leave out.
+    ``init: checkpoint`` loads ``path`` (any supported family; its tokenizer must be the
+    teacher's, because distillation compares the two models' outputs token by token).
+    ``init: preset`` builds an edge VLM from ``preset`` (default: the teacher's sizes) with
+    ``model`` overrides and the teacher's tokenizer; with ``copy_teacher_layers`` every tensor
+    whose shape matches is copied from the teacher, decoder / encoder layers from evenly spaced
+    teacher layers.
+
+    Raises:
+        ValueError: the student's tokenizer differs from the teacher's; bad layer choices.
     """
     if student_config.init == "teacher":
-        return copy.deepcopy(teacher), teacher_adapter
+        student = copy.deepcopy(teacher)
+        for part, depth, keep in (
+            ("language_model", student_config.depth, student_config.keep_layers),
+            ("vision", student_config.vision_depth, student_config.vision_keep_layers),
+        ):
+            if depth is None and keep is None:
+                continue
+            adapter = _part_adapter(student, teacher_adapter)
+            if keep is None:
+                keep = evenly_spaced(depth, layer_count(student, adapter, part))
+            student = keep_layers(student, adapter, keep, part=part)
+        student.train()
+        return student, teacher_adapter
+    if student_config.init == "checkpoint":
+        student, adapter = load_vlm(student_config.path)
+        check_same_tokenizer(adapter, teacher_adapter, f"the student {student_config.path}")
+        student.train()
+        return student, adapter
+    return _preset_student(teacher, teacher_adapter, student_config, vocabulary, seed)
+
+
+def _part_adapter(model: nn.Module, adapter: Any) -> Any:
+    """The adapter whose module names are ``model``'s (prefixed ``vlm.`` for heads)."""
+    return model.adapter if isinstance(model, VLMWithHeads) else adapter
+
+
+def check_same_tokenizer(adapter: Any, teacher_adapter: Any, what: str) -> None:
+    """Raise unless ``adapter``'s tokenizer has the teacher's vocabulary (same ids)."""
+    if adapter.tokenizer.get_vocab() != teacher_adapter.tokenizer.get_vocab():
+        raise ValueError(
+            f"{what} has another tokenizer than the teacher; distillation compares logits "
+            "token by token, so teacher and student need the same vocabulary (the same ids)"
+        )
+
+
+def same_processing(adapter: Any, other: Any) -> bool:
+    """Whether ``adapter`` and ``other`` turn a question and an image into the same model
+    inputs: the same family, tokenizer vocabulary, image processing and prompt format."""
+    if adapter is other:
+        return True
+    if type(adapter) is not type(other):
+        return False
+    processors = [a.image_processor for a in (adapter, other)]
+    return (
+        adapter.tokenizer.get_vocab() == other.tokenizer.get_vocab()
+        and type(processors[0]) is type(processors[1])
+        and processors[0].to_dict() == processors[1].to_dict()
+        and adapter.format_prompt("?") == other.format_prompt("?")
+        and adapter.image_inputs.__func__ is other.image_inputs.__func__
+        and adapter.config.to_dict().get("image_token_id")
+        == other.config.to_dict().get("image_token_id")
+    )
+
+
+def _preset_student(
+    teacher: nn.Module,
+    teacher_adapter: Any,
+    student_config: Any,
+    vocabulary: list[str] | None,
+    seed: int,
+) -> tuple[nn.Module, Any]:
+    """``init: preset``: a built-in edge VLM (see :func:`build_student`)."""
     teacher_vlm = vlm_of(teacher)
+    if not hasattr(teacher_vlm.config, "vision_feature_layer"):
+        raise ValueError(
+            "student.init: preset builds the built-in edge VLM (LLaVA architecture); the teacher "
+            f"is a {type(teacher_vlm).__name__}: use student.depth / keep_layers or a student "
+            "checkpoint instead"
+        )
     sizes = _edge_config_of(teacher_vlm)
     if student_config.preset is not None:
         preset = edge_vlm_config(student_config.preset).to_dict()
@@ -189,48 +264,3 @@ def _tokenizer_words(adapter: Any) -> list[str]:
     vocab = adapter.tokenizer.get_vocab()
     skip = set(SPECIAL_TOKENS) | set(PROMPT_WORDS)
     return [w for w, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if w not in skip]
-
-
-def part_quant_configs(quantization: Any, model: nn.Module, adapter: Any) -> dict[str, QuantConfig]:
-    """``{part: QuantConfig}`` for the recipe's ``QuantizationConfig`` on ``model`` (a
-    ``VLMWithHeads`` — names prefixed ``vlm.`` — or a bare Hugging Face VLM)."""
-    if isinstance(model, VLMWithHeads):
-        targets = model.quant_targets()
-        part_adapter = model.adapter
-    else:
-        targets = adapter.quant_targets()
-        part_adapter = adapter
-    configs = {}
-    for part in quantization.parts:
-        weight = quantization.spec(part, "weight")
-        activation = quantization.spec(part, "activation")
-        if weight is None and activation is None:
-            continue
-        if part not in targets or not targets[part].include:
-            raise ValueError(
-                f"quantization part {part!r} does not exist in this model (parts: "
-                f"{', '.join(p for p in targets if targets[p].include)})"
-            )
-        if part == "heads":
-            configs[part] = QuantConfig(
-                weight=weight,
-                activation=activation,
-                include=targets[part].include,
-                exclude=tuple(quantization.exclude),
-            )
-            continue
-        extra = [p for p in quantization.exclude if _any_match(model, p, targets[part])]
-        configs[part] = part_adapter.quant_config(
-            part, weight=weight, activation=activation, model=model, exclude=extra
-        )
-    return configs
-
-
-def _any_match(model: nn.Module, pattern: str, target: Any) -> bool:
-    """Whether ``pattern`` names a module of ``target``'s part (so it can be excluded there)."""
-    import fnmatch
-
-    return any(
-        fnmatch.fnmatchcase(name, pattern) and target.selects(name)
-        for name, _ in model.named_modules()
-    )

@@ -5,51 +5,48 @@ problem (unknown keys with "did you mean", wrong types, bad values, inconsistent
 reported in one :class:`distiq.config.ConfigError`. ``check_recipe(recipe, ...)`` then checks the
 file system (teacher directory, data, output) before any long work starts.
 
-Schema (every key but ``method`` optional; defaults shown)::
+Schema (every key but ``method`` and ``teacher`` optional; defaults shown)::
 
     name: null                   # run name in results (default: the output folder's name)
-    method: qad                  # teacher | rtn | gptq | qat | kd | qad | qlora-kd
+    method: qad                  # rtn | gptq | qat | kd | qad | qlora-kd
     seed: 0
     output: runs/qad-w4a8        # the run directory (refused if it holds a run, unless
                                  # overwrite / resume)
-    teacher: runs/teacher        # a teacher directory (a Hugging Face directory written by
-                                 # `method: teacher`), or a section:
-    #   path: runs/teacher       #   where it is (compression) -- for `method: teacher` the
-    #                            #   output is the teacher directory
-    #   preset: tiny             #   edge VLM preset to train (tiny | small | base)
-    #   model: {}                #   EdgeVLMConfig overrides, e.g. {text_layers: 4}
-    #   heads: true              #   detection + segmentation heads (dense supervision)
-    #   segmentation_target: category   # category | colour
-    #   weights: {vqa: 1.0, detection: 1.0, segmentation: 1.0, grounding: 1.0, centres: 1.0}
-    #   grounding_layer: null    #   language-model layer whose output the grounding head reads
-    #                            #   (null: the second to last)
-    #   side_target: true        #   also train "left or right of the previous reference" at the
-    #                            #   question words (distiq.train.grounding)
-    #   side_layer: null         #   language-model layer whose output that target is read
-    #                            #   from, with its own head (null: grounding_layer's)
-    #   pca_stem: true           #   start the ViT patch embedding as the PCA whitening of
-    #                            #   training patches (a better-conditioned vision stem)
-    student:
-      init: teacher              # teacher: a copy of the teacher | preset: a smaller edge VLM
-      preset: null               # (init: preset) tiny | small | base
-      model: {}                  # EdgeVLMConfig overrides, e.g. {text_layers: 2}
-      copy_teacher_layers: true  # (init: preset) start from the teacher's layers where the
-                                 # shapes allow (evenly spaced layers when depths differ)
-    quantization:                # null for kd / teacher
+    teacher: path/to/model       # a Hugging Face model directory (any supported family), or:
+    #   path: path/to/model
+    #   cache: {path: runs/teacher-cache, top_k: 16}   # run the teacher once over the train
+    #                            # split and distil from its stored top-k log-probabilities
+    student: teacher             # teacher: a copy of the teacher (default), or a section:
+    #   init: teacher            #   teacher | checkpoint | preset
+    #   depth: null              #   keep this many decoder layers, evenly spaced (first and
+    #   keep_layers: null        #   last kept), or exactly these ([0, 2, 5])
+    #   vision_depth: null       #   the same for the vision encoder
+    #   vision_keep_layers: null
+    #   path: null               #   init: checkpoint -- a smaller Hugging Face model of any
+    #                            #   supported family with the teacher's tokenizer
+    #   preset: null             #   init: preset -- a built-in edge VLM (tiny | small | base)
+    #   model: {}                #     with EdgeVLMConfig overrides, e.g. {text_layers: 2}
+    #   copy_teacher_layers: true  #   starting from the teacher's layers where shapes allow
+    quantization:                # null for kd; distiq.train.quant_plan has the details
+      scheme: null               # W4A16 | W4A8 | W8A8 | W8A16 | W2A16-g64 | NF4 | Q4_0 | Q8_0
       weight: {bits: 4, granularity: per_channel}      # distiq.quant.QuantSpec fields
       activation: {bits: 8, granularity: per_token, dynamic: true}   # or null (A16)
-      parts: [vision, projector, language_model]      # + heads, lm_head, patch_embedding
-      part_overrides: {}         # {part: {weight: {fields} | null, activation: ...}}
-      exclude: []                # more module globs kept in full precision
+      targets: null              # parts (vision, projector, language_model, lm_head,
+                                 # patch_embedding, heads) or module globs; null: the family's
+                                 # vision tower, projector and language model
+      overrides: {}              # {part or glob: {weight: {fields} | null, activation: ...}}
+      ignore: []                 # module globs kept in floating point
     objective: {terms: {task: {}}}   # distiq.objective's schema
-    data:
-      scenes: data/edge-scenes-s0-n25000-64px-xxxxxxxx   # a generated scene set, or
-      vqa: null                  # {split: {questions, annotations, images}} (real VQA v2)
+    data:                        # exactly one of scenes / vqa / hf
+      scenes: data/edge-scenes-s0-n25000-64px-xxxxxxxx   # a generated scene set
+      vqa: null                  # {split: {questions, annotations, images}} (VQA v2 files)
+      hf: null                   # a datasets folder (save_to_disk): {path, columns: {...}}
       train_split: train
       val_split: val
       test_split: test
       val_questions: 600         # validation questions during training (null: all)
       test_questions: null       # test questions in the final evaluation (null: all)
+      on_bad_record: error       # error | skip: what a malformed record does
     train: {steps: 300, lr: 1.0e-4, batch_size: 32, ...}   # distiq.train.TrainConfig;
                                  # batch_size counts images (each with all its questions)
     calibration: {samples: 256, batch_size: 32}   # images from the train split
@@ -57,7 +54,8 @@ Schema (every key but ``method`` optional; defaults shown)::
     init: none                   # qad, qat: none | rtn | gptq (initialise weights by PTQ first)
     selective: null              # qad, EfQAT-style: {fraction: 0.25, samples: 64}
     qlora: {rank: 8, alpha: 16, dropout: 0.0}      # qlora-kd
-    eval: {max_new_tokens: 4, batch_images: 64}
+    eval: {max_new_tokens: 4, batch_images: 64, teacher: true}   # teacher: measure the
+                                 # teacher's accuracy when its directory records none
 """
 
 from __future__ import annotations
@@ -70,61 +68,39 @@ from typing import Any, Literal
 
 from distiq.config import ConfigError, from_dict, load_yaml, to_dict
 from distiq.objective.config import ObjectiveConfig
-from distiq.quant.spec import QuantSpec
 from distiq.train.config import TrainConfig
+from distiq.train.quant_plan import QuantizationConfig
 from distiq.util import suggest
 
-Method = Literal["teacher", "rtn", "gptq", "qat", "kd", "qad", "qlora-kd"]
-METHODS: tuple[str, ...] = ("teacher", "rtn", "gptq", "qat", "kd", "qad", "qlora-kd")
-TRAINED_METHODS: tuple[str, ...] = ("teacher", "qat", "kd", "qad", "qlora-kd")
+Method = Literal["rtn", "gptq", "qat", "kd", "qad", "qlora-kd"]
+METHODS: tuple[str, ...] = ("rtn", "gptq", "qat", "kd", "qad", "qlora-kd")
+TRAINED_METHODS: tuple[str, ...] = ("qat", "kd", "qad", "qlora-kd")
 DISTILLED_METHODS: tuple[str, ...] = ("kd", "qad", "qlora-kd")
-QuantPart = Literal["vision", "projector", "language_model", "lm_head", "patch_embedding", "heads"]
-QUANT_PARTS: tuple[str, ...] = (
-    "vision",
-    "projector",
-    "language_model",
-    "lm_head",
-    "patch_embedding",
-    "heads",
-)
 EDGE_PRESET_NAMES: tuple[str, ...] = ("tiny", "small", "base")
+MAX_CALIBRATION_SAMPLES = 100_000
 
 
 @dataclass(frozen=True)
-class TeacherWeights:
-    """Weights of the teacher's training losses (each a mean over its own elements):
-    ``vqa`` answer tokens, the ``detection`` and ``segmentation`` heads, and the grounded
-    auxiliary heads of :mod:`distiq.train.grounding` (``grounding``: question words,
-    ``centres``: object centres, ``counts``: scene counts in every image token; synthetic
-    scenes only, 0 turns them off)."""
+class TeacherCacheConfig:
+    """Distil from the teacher's stored outputs: its top-k log-probabilities at the answer
+    tokens of every train question, computed once into ``path`` (reused while the teacher, the
+    data and these settings are the same), so that the teacher need not run beside the
+    student."""
 
-    vqa: float = 1.0
-    detection: float = 1.0
-    segmentation: float = 1.0
-    grounding: float = 1.0
-    centres: float = 1.0
-    counts: float = 0.0
+    path: Path
+    top_k: int = 16
 
     def _validate(self) -> list[str]:
-        return [f"{k} must be >= 0" for k, v in dataclasses.asdict(self).items() if v < 0]
+        return [] if self.top_k >= 1 else [f"top_k must be >= 1, got {self.top_k}"]
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """Where the teacher is, and how to train it (``method: teacher``)."""
+    """Where the teacher is (a Hugging Face model directory), and whether to run it from a
+    cache of its outputs."""
 
     path: Path | None = None
-    preset: str = "tiny"
-    model: dict[str, Any] = field(default_factory=dict)
-    heads: bool = True
-    segmentation_target: Literal["category", "colour"] = "category"
-    weights: TeacherWeights = field(default_factory=TeacherWeights)
-    grounding_layer: int | None = None
-    side_target: bool = True
-    side_layer: int | None = None
-    pca_stem: bool = True
-    # steps that train the vision side alone first (None: 20 % of train.steps; 0: none)
-    vision_steps: int | None = None
+    cache: TeacherCacheConfig | None = None
 
     @classmethod
     def _from_config(cls, value: object) -> TeacherConfig:
@@ -139,31 +115,56 @@ class TeacherConfig:
     def _to_config(self) -> dict:
         return {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
-    def _validate(self) -> list[str]:
-        errors = []
-        if self.preset not in EDGE_PRESET_NAMES:
-            errors.append(
-                f"preset {self.preset!r} is unknown{suggest(self.preset, EDGE_PRESET_NAMES)}; "
-                f"choose {', '.join(EDGE_PRESET_NAMES)}"
-            )
-        if self.vision_steps is not None and self.vision_steps < 0:
-            errors.append(f"vision_steps must be >= 0 (or left out), got {self.vision_steps}")
-        if self.side_layer is not None and not self.side_target:
-            errors.append("side_layer reads the side target: leave it out with side_target: false")
-        return errors
-
 
 @dataclass(frozen=True)
 class StudentConfig:
-    """The student: a copy of the teacher, or a (smaller) edge VLM built from a preset."""
+    """The student: a copy of the teacher (optionally with layers dropped), a smaller
+    checkpoint, or a built-in edge VLM from a preset."""
 
-    init: Literal["teacher", "preset"] = "teacher"
+    init: Literal["teacher", "checkpoint", "preset"] = "teacher"
+    path: Path | None = None
+    depth: int | None = None
+    keep_layers: tuple[int, ...] | None = None
+    vision_depth: int | None = None
+    vision_keep_layers: tuple[int, ...] | None = None
     preset: str | None = None
     model: dict[str, Any] = field(default_factory=dict)
     copy_teacher_layers: bool = True
 
+    @classmethod
+    def _from_config(cls, value: object) -> StudentConfig:
+        if value == "teacher":
+            return cls()
+        if isinstance(value, str | os.PathLike):
+            return cls(init="checkpoint", path=Path(value))
+        if isinstance(value, dict):
+            return from_dict(cls, value, where="student")
+        raise ValueError(
+            f"expected 'teacher', a model directory or a student section, got {value!r}"
+        )
+
+    def _to_config(self) -> dict:
+        return {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @property
+    def shallower(self) -> bool:
+        """Whether layers of the teacher's copy are dropped."""
+        return any(
+            v is not None
+            for v in (self.depth, self.keep_layers, self.vision_depth, self.vision_keep_layers)
+        )
+
+    @property
+    def is_teacher_copy(self) -> bool:
+        """A full copy of the teacher (what rtn / gptq / qlora-kd compress)."""
+        return self.init == "teacher" and not self.shallower
+
     def _validate(self) -> list[str]:
         errors = []
+        if self.init == "checkpoint" and self.path is None:
+            errors.append("init: checkpoint needs path: the student's model directory")
+        if self.init != "checkpoint" and self.path is not None:
+            errors.append("path applies to init: checkpoint")
         if self.init == "preset" and self.preset is None and not self.model:
             errors.append("init: preset needs preset (tiny | small | base) and/or model overrides")
         if self.preset is not None and self.preset not in EDGE_PRESET_NAMES:
@@ -171,90 +172,19 @@ class StudentConfig:
                 f"preset {self.preset!r} is unknown{suggest(self.preset, EDGE_PRESET_NAMES)}; "
                 f"choose {', '.join(EDGE_PRESET_NAMES)}"
             )
-        if self.init == "teacher" and (self.preset is not None or self.model):
-            errors.append(
-                "preset / model apply to init: preset (a copy of the teacher has its sizes)"
-            )
+        if self.init != "preset" and (self.preset is not None or self.model):
+            errors.append("preset / model apply to init: preset (the built-in edge VLM)")
+        if self.init != "teacher" and self.shallower:
+            errors.append("depth / keep_layers drop layers of the teacher's copy (init: teacher)")
+        for depth, keep in (
+            ("depth", "keep_layers"),
+            ("vision_depth", "vision_keep_layers"),
+        ):
+            if getattr(self, depth) is not None and getattr(self, keep) is not None:
+                errors.append(f"give {depth} or {keep}, not both")
+            if getattr(self, depth) is not None and getattr(self, depth) < 1:
+                errors.append(f"{depth} must be >= 1, got {getattr(self, depth)}")
         return errors
-
-
-@dataclass(frozen=True)
-class QuantizationConfig:
-    """Per-part quantization (parts are the model adapter's: vision, projector,
-    language_model, lm_head, patch_embedding, and the heads), turned into one ``QuantConfig``
-    per part."""
-
-    weight: QuantSpec | None = field(default_factory=QuantSpec)
-    activation: QuantSpec | None = None
-    parts: tuple[QuantPart, ...] = ("vision", "projector", "language_model")
-    part_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    exclude: tuple[str, ...] = ()
-
-    def _validate(self) -> list[str]:
-        errors = []
-        if not self.parts:
-            errors.append("parts is empty: name at least one part to quantize")
-        for part, change in self.part_overrides.items():
-            if part not in self.parts:
-                errors.append(
-                    f"part_overrides: {part!r} is not among parts ({', '.join(self.parts)})"
-                    f"{suggest(part, list(self.parts))}"
-                )
-            if not isinstance(change, dict) or set(change) - {"weight", "activation"}:
-                errors.append(
-                    f"part_overrides.{part} must be a mapping with keys weight and/or activation"
-                )
-                continue
-            for key, fields in change.items():
-                try:
-                    self.spec(part, key)
-                except (ValueError, ConfigError) as exc:
-                    errors.append(f"part_overrides.{part}.{key}: {exc}")
-                if fields is not None and not isinstance(fields, dict):
-                    errors.append(f"part_overrides.{part}.{key} must be a mapping or null")
-        if all(self.spec(p, "weight") is None and self.spec(p, "activation") is None
-               for p in self.parts if p in QUANT_PARTS):  # fmt: skip
-            errors.append("neither weight nor activation is quantized in any part")
-        return errors
-
-    def spec(self, part: str, kind: str) -> QuantSpec | None:
-        """The ``weight`` / ``activation`` spec of ``part`` after ``part_overrides``."""
-        base = getattr(self, kind)
-        change = self.part_overrides.get(part, {})
-        if not isinstance(change, dict) or kind not in change:
-            return base
-        fields = change[kind]
-        if fields is None:
-            return None
-        if not isinstance(fields, dict):
-            return base
-        merged = {**(to_dict(base) if base is not None else {}), **fields}
-        return from_dict(QuantSpec, merged, where=f"part_overrides.{part}.{kind}")
-
-    @property
-    def w_bits(self) -> int:
-        """Weight bits of the first quantized part (for result records); 16 when none."""
-        for part in self.parts:
-            spec = self.spec(part, "weight")
-            if spec is not None:
-                return spec.bits
-        return 16
-
-    @property
-    def a_bits(self) -> int:
-        for part in self.parts:
-            spec = self.spec(part, "activation")
-            if spec is not None:
-                return spec.bits
-        return 16
-
-    @property
-    def group_size(self) -> int | None:
-        for part in self.parts:
-            spec = self.spec(part, "weight")
-            if spec is not None:
-                return spec.group_size
-        return None
 
 
 @dataclass(frozen=True)
@@ -267,22 +197,51 @@ class VQAFiles:
 
 
 @dataclass(frozen=True)
+class HFColumns:
+    """Column names of a Hugging Face ``datasets`` VQA table. ``answers``: a list of human
+    answers (strings, or VQA v2's ``{"answer": ...}`` dicts) or one string; ``answer``: the
+    answer to train on (default: the most frequent of ``answers``); the ids default to row
+    numbers, ``question_type`` to none."""
+
+    image: str = "image"
+    question: str = "question"
+    answers: str = "answers"
+    answer: str | None = None
+    question_id: str | None = None
+    image_id: str | None = None
+    question_type: str | None = None
+
+
+@dataclass(frozen=True)
+class HFDataConfig:
+    """A folder written by ``datasets.DatasetDict.save_to_disk`` (or ``Dataset.save_to_disk``
+    for one split: then ``split_column`` or all three splits point at it)."""
+
+    path: Path
+    columns: HFColumns = field(default_factory=HFColumns)
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    """Where the data is (a generated scene set, or real VQA v2 files) and which splits."""
+    """Where the data is (a generated scene set, VQA v2 files or a ``datasets`` folder) and
+    which splits."""
 
     scenes: Path | None = None
     vqa: dict[str, VQAFiles] | None = None
+    hf: HFDataConfig | None = None
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
     val_questions: int | None = 600
     test_questions: int | None = None
+    on_bad_record: Literal["error", "skip"] = "error"
 
     def _validate(self) -> list[str]:
         errors = []
-        if (self.scenes is None) == (self.vqa is None):
+        if sum(x is not None for x in (self.scenes, self.vqa, self.hf)) > 1:
             errors.append(
-                "give exactly one of scenes (a generated scene set) and vqa (VQA v2 files)"
+                "give one of scenes (a generated scene set), vqa (VQA v2 files) and hf "
+                "(a datasets folder), not several"
             )
         if self.vqa is not None:
             for split in (self.train_split, self.val_split, self.test_split):
@@ -308,6 +267,11 @@ class CalibrationConfig:
     def _validate(self) -> list[str]:
         if self.samples < 1 or self.batch_size < 1:
             return ["samples and batch_size must be >= 1"]
+        if self.samples > MAX_CALIBRATION_SAMPLES:
+            return [
+                f"samples {self.samples} is more than {MAX_CALIBRATION_SAMPLES:,} images; "
+                "a few hundred calibrate well"
+            ]
         return []
 
 
@@ -352,10 +316,12 @@ class QLoRAConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Generation settings of the VQA evaluation."""
+    """The VQA evaluation: generation settings, and whether to measure the teacher on the test
+    split when its directory holds no result for it (its accuracy gives the retention)."""
 
     max_new_tokens: int = 4
     batch_images: int = 64
+    teacher: bool = True
 
 
 def _default_train() -> TrainConfig:
@@ -394,13 +360,13 @@ class Recipe:
     def _validate(self) -> list[str]:
         errors = []
         method = self.method
+        if self.seed < 0:
+            errors.append(f"seed must be >= 0, got {self.seed}")
         quantized = method in ("rtn", "gptq", "qat", "qad", "qlora-kd")
         if quantized and self.quantization is None:
             errors.append(f"method {method} needs a quantization section")
-        if method in ("teacher", "kd") and self.quantization is not None:
-            errors.append(f"method {method} trains a full-precision model: remove quantization")
-        if method != "teacher" and self.teacher.path is None:
-            errors.append(f"method {method} needs teacher: the teacher's directory")
+        if method == "kd" and self.quantization is not None:
+            errors.append("method kd trains a full-precision student: remove quantization")
         terms = self.objective.terms.active()
         if method == "qat" and set(terms) != {"task"}:
             errors.append(
@@ -414,14 +380,27 @@ class Recipe:
                 f"{method}: pd / rounding / qk_entropy act on fake-quantized layers, which this "
                 "method does not train"
             )
+        if self.teacher.cache is not None:
+            if method not in DISTILLED_METHODS:
+                errors.append(f"teacher.cache serves distillation; method {method} does not distil")
+            if {"feat", "attn"} & set(terms):
+                errors.append(
+                    "teacher.cache holds the teacher's output distribution only: the feat / attn "
+                    "terms need the teacher itself (drop teacher.cache or those terms)"
+                )
         if self.init != "none" and method not in ("qad", "qat"):
             errors.append(f"init: {self.init} applies to methods qad and qat only")
         if self.selective is not None and method != "qad":
             errors.append("selective applies to method qad only")
-        if method == "kd" and self.student.init != "preset":
-            errors.append("kd trains a smaller full-precision student: set student.init: preset")
-        if method in ("rtn", "gptq", "qlora-kd", "qat") and self.student.init != "teacher":
-            errors.append(f"{method} compresses the teacher itself: student.init must be teacher")
+        if method == "kd" and self.student.is_teacher_copy:
+            errors.append(
+                "kd trains a smaller full-precision student: give student.depth / keep_layers, "
+                "a student checkpoint (student.init: checkpoint) or a preset"
+            )
+        if method in ("rtn", "gptq", "qlora-kd") and not self.student.is_teacher_copy:
+            errors.append(
+                f"{method} compresses the teacher itself: leave student out (a copy of the teacher)"
+            )
         if method == "qlora-kd" and self.quantization is not None:
             weight = self.quantization.weight
             if weight is None or weight.format not in ("nf4", "int"):
@@ -435,6 +414,12 @@ class Recipe:
 
 def recipe_from_dict(data: dict, *, source: str | None = None) -> Recipe:
     """Build and validate a :class:`Recipe` from a plain mapping (every problem at once)."""
+    if isinstance(data, dict) and data.get("method") == "teacher":
+        raise ConfigError(
+            "method: teacher trains the demo's built-in teacher; run it with "
+            "`distiq teacher RECIPE` (distiq.demo.train_teacher in Python)",
+            source,
+        )
     return from_dict(Recipe, data, source=source)
 
 

@@ -42,8 +42,8 @@ from torch import nn
 from distiq import config
 from distiq.config import atomic_write, to_dict
 from distiq.quant import QuantConfig, QuantSpec, fake_quant_modules, quantize_
-from distiq.quant.functional import choose_qparams
 from distiq.train.distributed import launched_rank
+from distiq.util import option_hint
 
 logger = logging.getLogger(__name__)
 
@@ -104,20 +104,6 @@ def bake_quantized(model: nn.Module, *, method: str) -> dict[str, Any]:
     return {"modules": modules, "state": state}
 
 
-def add_ptq_entries(
-    manifest: dict[str, Any], model: nn.Module, specs: dict[str, QuantSpec], method: str
-) -> None:
-    """Record layers whose weights a PTQ method already replaced by dequantized values
-    (``specs``: module name -> weight spec): their scale / zero-point are recomputed from the
-    dequantized weight only when exact (see :func:`grid_qparams`)."""
-    for name, spec in specs.items():
-        entry = manifest["modules"].setdefault(
-            name, {"type": "Linear", "weight": None, "activation": None}
-        )
-        entry["weight"] = to_dict(spec)
-        entry["weights_from"] = method
-
-
 def save_run_model(run_dir: str | Path, model: nn.Module, adapter: Any, manifest: dict) -> None:
     """Save the (baked) model as a Hugging Face directory in ``run_dir`` with its quantization
     manifest and state (see the module docstring)."""
@@ -134,6 +120,8 @@ def save_run_model(run_dir: str | Path, model: nn.Module, adapter: Any, manifest
     state = {k: v.contiguous() for k, v in manifest.get("state", {}).items()}
     save_file(state, str(run_dir / QUANT_STATE))
     body = {"version": MANIFEST_VERSION, "modules": manifest.get("modules", {})}
+    if manifest.get("skipped"):
+        body["skipped"] = manifest["skipped"]
     atomic_write(run_dir / MANIFEST, json.dumps(body, indent=1) + "\n")
 
 
@@ -144,10 +132,7 @@ def _float_copy_for_saving(model: nn.Module) -> nn.Module:
 
     clone = copy.deepcopy(model)
     for name, module in fake_quant_modules(clone):
-        parent_name, _, child = name.rpartition(".")
-        parent = clone.get_submodule(parent_name) if parent_name else clone
-        floating = module.to_float()
-        setattr(parent, child, floating)
+        clone.set_submodule(name, module.to_float())
     return clone
 
 
@@ -180,18 +165,19 @@ def load_compressed(run_dir: str | Path) -> tuple[nn.Module, Any, dict[str, Any]
     return model, adapter, manifest
 
 
-def grid_qparams(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """``choose_qparams`` of a 2-D weight view (helper for manifests of PTQ layers)."""
-    return choose_qparams(weight.detach().float(), spec)
-
-
-def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
+def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool, empty: bool = True) -> None:
     """Refuse to clobber a run: a directory that holds files is an error unless ``overwrite``
-    (a distiq run's directory is emptied) or ``resume``; check that it can be written.
+    (a distiq run's directory is emptied) or ``resume``; check that it can be written. A run
+    that stopped before its first checkpoint (``recipe.yaml``, no result, no checkpoint) holds
+    nothing to lose: it is started again without ``overwrite``, and the log says what was
+    there.
 
-    Data-parallel (every launched process calls this): only rank 0 (``RANK``) empties the
-    directory, and it does so by renaming it aside first, so another rank sees either the old
-    run whole (and reaches the same verdict) or an empty directory, never a half-deleted one."""
+    Take the directory's ``RunLock`` first (``compress`` does): the directory is then emptied
+    without ever letting the lock go. ``empty=False`` gives the verdict only (an early check
+    outside the lock; a directory another process holds is refused then too). Data-parallel
+    (every launched process calls this): only rank 0 (``RANK``) empties the directory, renaming
+    it aside first, so another rank sees either the old run whole (and reaches the same verdict)
+    or an empty directory."""
     if overwrite and resume:
         raise ValueError("overwrite and resume exclude each other: pick one")
     if run_dir.exists() and not run_dir.is_dir():
@@ -201,24 +187,97 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
             if not (run_dir / "checkpoints" / "last.pt").is_file():
                 raise FileNotFoundError(
                     f"cannot resume {run_dir}: it has no checkpoints/last.pt; start it anew with "
-                    "overwrite"
+                    f"{option_hint('overwrite')}"
                 )
+            if not empty:
+                _check_not_in_use(run_dir)
             return
-        if not overwrite:
-            raise FileExistsError(
-                f"{run_dir} already holds a run; pass overwrite=True (--overwrite) to replace it, "
-                "resume=True (--resume) to continue it, or choose another output"
-            )
         if not (run_dir / RECIPE_FILE).is_file():
             raise FileExistsError(
                 f"{run_dir} is not empty and holds no distiq run ({RECIPE_FILE} missing); "
                 "refusing to delete it: choose another output"
             )
-        if launched_rank() == 0:
+        if not overwrite:
+            if not _stopped_early(run_dir):
+                raise FileExistsError(
+                    f"{run_dir} already holds a run; pass {option_hint('overwrite')} to replace "
+                    f"it, {option_hint('resume')} to continue it, or choose another output"
+                )
+            logger.warning(
+                "%s holds a run that stopped before its first checkpoint (%s): starting it again",
+                run_dir,
+                ", ".join(sorted(_names(run_dir))),
+            )
+        if not empty:
+            _check_not_in_use(run_dir)
+        elif launched_rank() == 0:
             _empty_run_dir(run_dir)
     elif resume:
         raise FileNotFoundError(f"cannot resume {run_dir}: there is no run there")
     check_writable(run_dir)
+
+
+def _check_not_in_use(run_dir: Path) -> None:
+    """Raise ``RunDirectoryInUse`` when another process holds ``run_dir``'s lock."""
+    from distiq.train.lock import RunLock
+
+    with RunLock(run_dir):
+        pass
+
+
+# What a run writes before its first checkpoint: a directory holding only these has nothing
+# to lose.
+_EARLY_FILES = frozenset({RECIPE_FILE, "metrics.jsonl", "train_config.yaml", "tensorboard"})
+
+
+def _stopped_early(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that stopped before its first checkpoint: nothing but
+    what such a run writes (no result, no checkpoint, no model, no file of anyone else's)."""
+    names = set(_names(run_dir))
+    checkpoints = run_dir / "checkpoints"
+    if "checkpoints" in names:
+        if any(not config.is_atomic_temp(p.name) for p in checkpoints.iterdir()):
+            return False
+        names.discard("checkpoints")
+    return names <= _EARLY_FILES
+
+
+def _names(run_dir: Path) -> list[str]:
+    """What ``run_dir`` holds (files being written atomically and the run lock not counted)."""
+    from distiq.train.lock import LOCK_FILE
+
+    return [
+        p.name
+        for p in run_dir.iterdir()
+        if not config.is_atomic_temp(p.name) and p.name != LOCK_FILE
+    ]
+
+
+def check_resumable(run_dir: Path, recipe: Any) -> None:
+    """Resuming continues the same run: every recipe setting but ``output`` and the training
+    loop's own (``distiq.train`` compares those: more steps are fine) must equal the one the
+    run started with.
+
+    Raises:
+        ValueError: the settings that differ, and what to do.
+    """
+    from distiq.config import load_yaml, to_dict
+
+    saved = load_yaml(run_dir / RECIPE_FILE)
+    current = to_dict(recipe)
+    if isinstance(saved, dict) and saved.get("method") == "teacher":
+        return  # the demo's teacher recipe: its own schema, compared by its trainer
+    differences = [
+        key
+        for key in sorted(set(saved) | set(current))
+        if key not in ("output", "train") and saved.get(key) != current.get(key)
+    ]
+    if differences:
+        raise ValueError(
+            f"cannot resume {run_dir} with a changed recipe: {', '.join(differences)} differ from "
+            f"the run's {RECIPE_FILE}; resume with the same recipe, or start anew with "
+            f"{option_hint('overwrite')}"
+        )
 
 
 def _holds_files(run_dir: Path, resume: bool) -> bool:
@@ -228,14 +287,21 @@ def _holds_files(run_dir: Path, resume: bool) -> bool:
     run's recipe right after its own check, so another rank may see it (or its temporary file)
     in a directory that was empty. Counting them failed data-parallel runs into fresh
     directories ("not empty and holds no distiq run") now and then."""
-    names = [p.name for p in run_dir.iterdir() if not config.is_atomic_temp(p.name)]
+    names = _names(run_dir)
     if names == [RECIPE_FILE] and launched_rank() != 0 and not resume:
         return False
     return bool(names)
 
 
 def _empty_run_dir(run_dir: Path) -> None:
-    """Leave ``run_dir`` empty: rename it aside (atomic), recreate it, delete the old one."""
+    """Leave ``run_dir`` empty: keeping its lock when this process holds it
+    (``replace_with_empty_dir``), else renamed aside (atomic), recreated, the old one
+    deleted."""
+    from distiq.train.lock import holds_lock, replace_with_empty_dir
+
+    if holds_lock(run_dir):
+        replace_with_empty_dir(run_dir)
+        return
     aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
     run_dir.rename(aside)
     run_dir.mkdir(exist_ok=True)  # another rank's writability check may have made it

@@ -78,24 +78,17 @@ def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def apply_selective(
-    engine: nn.Module,
-    teacher_engine: nn.Module,
-    calib: list[dict],
-    config: Any,
-    *,
-    data: Any = None,
-    seed: int = 0,
+    engine: nn.Module, calib: list[dict], config: Any, *, data: Any = None
 ) -> list[str]:
     """Measure layer sensitivities on calibration batches (about ``config.samples`` images),
     then freeze everything but the quantizer parameters and the ``config.fraction`` most
     sensitive layers (at least one when the fraction is > 0). Returns the selected names."""
-    del teacher_engine, seed  # sensitivity is the student's own fp-vs-quantized damage
     batches, images = [], 0
     for batch in calib:
         if images >= config.samples:
             break
         batches.append(batch)
-        images += batch["pixel_values"].shape[0]
+        images += len(batch["image_id"])
     if not batches and data is not None:
         batches = [
             data.train.collate([data.train[i] for i in range(min(config.samples, len(data.train)))])

@@ -20,42 +20,41 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from distiq.results import ResultRecord
+from distiq.train.engines import engine_for, evaluate_vqa
+from distiq.train.methods.common import RunContext, finish, register_method
+from distiq.train.methods.trained import teacher_side
+from distiq.train.quant_plan import plan_quantization
+
 logger = logging.getLogger(__name__)
 
 NF4_BLOCK = 64
 
 
-def _skip_modules(recipe: Any, vlm: nn.Module, adapter: Any) -> list[str]:
-    """Module-name prefixes bitsandbytes must leave in full precision."""
-    targets = adapter.quant_targets()
-    parts = set(recipe.quantization.parts)
-    skip = ["lm_head"]
-    for part in ("vision", "projector", "language_model"):
-        if part not in parts:
-            skip.extend(targets[part].include)
-    prefixes = [p.rstrip("*.") for p in recipe.quantization.exclude if p.rstrip("*.")]
+def _skip_modules(vlm: nn.Module, planned: set[str]) -> list[str]:
+    """Full names of the linear layers bitsandbytes must leave in full precision: every one
+    the quantization plan does not quantize (``lm_head`` unless targeted, other parts, ignored
+    layers, layers narrower than the 64-element NF4 block)."""
+    skip = []
     for name, module in vlm.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if module.in_features % NF4_BLOCK or any(name.startswith(p) for p in prefixes):
+        if isinstance(module, nn.Linear) and (
+            name not in planned or module.in_features % NF4_BLOCK
+        ):
             skip.append(name)
-    return list(dict.fromkeys(skip))
+    return skip
 
 
-def load_qlora_base(
-    recipe: Any, teacher_dir: Path, teacher_vlm: nn.Module, adapter: Any
-) -> nn.Module:
-    """The teacher loaded with a frozen NF4 + double-quant base (see the module docstring)."""
+def load_qlora_base(teacher_dir: Path, skip: list[str]) -> nn.Module:
+    """The teacher loaded with a frozen NF4 + double-quant base (see the module docstring);
+    the layers ``skip`` stay in full precision."""
     from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
-    skip = _skip_modules(recipe, teacher_vlm, adapter)
     config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -117,34 +116,25 @@ def merged_weights(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_qlora_kd(
-    recipe: Any,
-    teacher: nn.Module,
-    adapter: Any,
-    data: Any,
-    *,
-    resume: bool = False,
-    on_step: Callable | None = None,
-) -> list:
+@register_method("qlora-kd")
+def run_qlora_kd(ctx: RunContext) -> list[ResultRecord]:
     """Train, evaluate, merge, re-quantize, evaluate; returns the run's result record."""
     from distiq.objective import QuantDistillObjective
     from distiq.quant import quantize_
     from distiq.train.loop import train
-    from distiq.train.methods import _finish, merged_quant_config
-    from distiq.train.modeling import build_student, part_quant_configs, resolve_model_dir, vlm_of
+    from distiq.train.modeling import resolve_model_dir, vlm_of
     from distiq.train.student import param_groups, student_step_fn
-    from distiq.train.vlm import EngineModel, evaluate_vqa
 
-    teacher_dir = resolve_model_dir(recipe.teacher.path)
+    recipe, data, teacher, adapter = ctx.recipe, ctx.data, ctx.teacher, ctx.teacher_adapter
     teacher_vlm = vlm_of(teacher)
-    base = load_qlora_base(recipe, teacher_dir, teacher_vlm, adapter)
+    planned = set(plan_quantization(teacher_vlm, adapter, recipe.quantization).layers)
+    base = load_qlora_base(
+        resolve_model_dir(recipe.teacher.path), _skip_modules(teacher_vlm, planned)
+    )
     peft_model = add_lora(base, recipe.qlora)
     llava = peft_model.get_base_model()
-    engine = EngineModel(llava)
-    teacher.eval()
-    for param in teacher.parameters():
-        param.requires_grad_(False)
-    teacher_engine = EngineModel(teacher)
+    engine = engine_for(llava, adapter, data.train.path)
+    side = teacher_side(ctx, adapter)
     objective = QuantDistillObjective(recipe.objective)
     objective.attach(student=llava, teacher=teacher)
 
@@ -154,7 +144,7 @@ def run_qlora_kd(
 
     result = train(
         engine,
-        student_step_fn(objective, teacher_engine, llava),
+        student_step_fn(objective, side, llava),
         data.train,
         config=recipe.train,
         run_dir=recipe.output,
@@ -162,9 +152,9 @@ def run_qlora_kd(
         collate_fn=data.train.collate,
         optimizer_params=param_groups([engine], recipe.train.weight_decay),
         stateful={"objective": objective},
-        resume=resume,
-        overwrite=not resume,
-        on_step=on_step,
+        resume=ctx.resume,
+        overwrite=not ctx.resume,
+        on_step=ctx.on_step,
     )
     objective.remove_hooks()
     engine.eval()
@@ -176,22 +166,22 @@ def run_qlora_kd(
     )
     # Merge into a float copy of the teacher (heads kept), then re-quantize the merged weights.
     merged = merged_weights(peft_model)
-    student, _ = build_student(teacher, adapter, recipe.student, seed=recipe.seed)
+    student, _ = ctx.build_student()
     prefix = "vlm." if hasattr(student, "vlm") else ""
     with torch.no_grad():
         for name, weight in merged.items():
             student.get_submodule(prefix + name).weight.copy_(weight)
-    configs = part_quant_configs(recipe.quantization, student, adapter)
-    quantize_(student, merged_quant_config(configs, student, weights=True, activations=False))
+    plan = plan_quantization(student, adapter, recipe.quantization)
+    quantize_(student, plan.config(weights=True, activations=False))
     student.eval()
     unmerged_value = 100.0 * unmerged["vqa_accuracy"]
-    records = _finish(
-        recipe,
+    records = finish(
+        ctx,
         student,
         adapter,
-        data,
         ptq=None,
         steps=result.step,
+        plan=plan,
         extra={
             "qlora_unmerged_value": unmerged_value,
             "lora_layers": len(merged),

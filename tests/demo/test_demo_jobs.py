@@ -1,4 +1,4 @@
-"""``distiq.cli.demo_jobs.run_distributed``: one job as forked data-parallel processes that find
+"""``distiq.demo.jobs.run_distributed``: one job as forked data-parallel processes that find
 each other the way the training loop's accelerate path does (launcher variables, gloo), and a
 failing process stops the run with its own error instead of leaving the others waiting."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distiq.cli.demo_jobs import Job, data_parallel_size, run_distributed
+from distiq.demo.jobs import Job, data_parallel_size, run_distributed
 
 needs_fork = pytest.mark.skipif(
     "fork" not in multiprocessing.get_all_start_methods(), reason="needs fork"
@@ -129,13 +129,11 @@ def test_other_ranks_see_rank_0s_fresh_recipe_as_an_empty_directory(tmp_path, mo
     assert (run_dir / "recipe.yaml").is_file()
     with pytest.raises(FileNotFoundError, match="no checkpoints/last.pt"):
         prepare_run_dir(run_dir, overwrite=False, resume=True)
-    monkeypatch.setenv("RANK", "0")  # rank 0 itself still refuses a run it did not overwrite
-    with pytest.raises(FileExistsError, match="already holds a run"):
-        prepare_run_dir(run_dir, overwrite=False, resume=False)
     (run_dir / "notes.txt").write_text("someone's")
-    monkeypatch.setenv("RANK", "1")  # and every rank refuses more than a recipe
-    with pytest.raises(FileExistsError, match="already holds a run"):
-        prepare_run_dir(run_dir, overwrite=False, resume=False)
+    for rank in ("0", "1"):  # every rank refuses more than a recipe
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(FileExistsError, match="already holds a run"):
+            prepare_run_dir(run_dir, overwrite=False, resume=False)
 
 
 def _write_job(recipe, *, overwrite, resume, on_step, on_eval, data=None):
@@ -147,7 +145,7 @@ def test_run_jobs_returns_what_after_returned(tmp_path):
     # ``after`` runs in the worker once compress is done; a job of ``after`` alone has no time
     import os
 
-    from distiq.cli.demo_jobs import run_jobs
+    from distiq.demo.jobs import run_jobs
 
     def after(name):
         return lambda: (name, (tmp_path / "run.txt").read_text(), os.getpid())

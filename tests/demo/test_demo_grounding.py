@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from distiq.data import vocabulary
+from distiq.demo.grounding import GroundingHeads, SceneVocabulary
 from distiq.models import build_word_tokenizer
-from distiq.train.grounding import GroundingHeads, SceneVocabulary
 
 COLOURS = ("red", "green", "blue", "yellow", "purple")
 CATEGORIES = ("circle", "square", "triangle", "0", "1", "4")

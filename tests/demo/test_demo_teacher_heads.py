@@ -7,10 +7,16 @@ from __future__ import annotations
 import pytest
 
 from distiq.data import generate_scenes
+from distiq.demo.recipe import teacher_recipe_from_dict
+from distiq.demo.teacher import train_teacher as run_teacher
 from distiq.models import VLMWithHeads
 from distiq.train import read_metrics
-from distiq.train.methods import compress
-from distiq.train.recipe import recipe_from_dict
+
+TINY_EDGE_VLM = dict(
+    image_size=32, patch_size=8, vision_hidden_size=32, vision_layers=1, vision_heads=2,
+    vision_intermediate_size=64, text_hidden_size=32, text_layers=2, text_heads=2,
+    text_kv_heads=2, text_intermediate_size=64, max_length=64,
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +26,13 @@ def scenes(tmp_path_factory):
 
 
 @pytest.fixture
-def train_teacher(scenes, toys):
+def train_teacher(scenes):
     """``train_teacher(out, weights, steps=2, **teacher)`` -> the teacher's run directory."""
-    return lambda *args, **kwargs: _teacher(scenes, toys.TINY_EDGE_VLM, *args, **kwargs)
+    return lambda *args, **kwargs: _teacher(scenes, TINY_EDGE_VLM, *args, **kwargs)
 
 
 def _teacher(scenes, tiny, out, weights, steps=2, **teacher):
-    recipe = recipe_from_dict(
+    recipe = teacher_recipe_from_dict(
         {
             "method": "teacher",
             "output": str(out),
@@ -35,7 +41,7 @@ def _teacher(scenes, tiny, out, weights, steps=2, **teacher):
             "train": {"steps": steps, "batch_size": 4, "warmup_steps": 1, "log_every": 1},
         }
     )
-    return compress(recipe)
+    return run_teacher(recipe)
 
 
 def test_zero_weight_head_is_not_built(train_teacher, tmp_path):

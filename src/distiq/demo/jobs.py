@@ -28,7 +28,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from distiq.cli._common import run_progress_bar
+from distiq.progress import run_progress_bar
 
 # Set in the parent just before the workers fork, read by them (fork copies the parent's memory).
 _JOBS: dict[str, Job] = {}

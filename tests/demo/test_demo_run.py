@@ -1,5 +1,5 @@
-"""``distiq demo``: the plan (shipped recipes + the demo's paths and sizes), the cache, and the
-orchestration with the engine replaced by fakes (the engine has its own tests; here the demo's
+"""``distiq demo`` (:mod:`distiq.demo`): the plan (shipped recipes + the demo's paths and sizes),
+the cache, and the orchestration with the engine replaced by fakes (the engine has its own tests; here the demo's
 order, caching, export of the best run, results.json and report are checked)."""
 
 import json
@@ -11,9 +11,11 @@ from typing import ClassVar
 import pytest
 
 import distiq
-from distiq.cli import app, demo
-from distiq.cli.demo_jobs import default_jobs
-from distiq.cli.demo_plan import (
+from distiq.cli import app
+from distiq.config import dump_yaml
+from distiq.demo import run as demo
+from distiq.demo.jobs import default_jobs
+from distiq.demo.plan import (
     FULL,
     QUICK,
     RUNS,
@@ -23,9 +25,15 @@ from distiq.cli.demo_plan import (
     longest_first,
     planned_recipe,
 )
-from distiq.config import dump_yaml
+from distiq.demo.recipe import teacher_recipe_from_dict
 from distiq.results import ResultRecord, read_records, upsert_records
 from distiq.train.recipe import recipe_from_dict, recipe_to_dict
+
+
+def _recipe(name, data, **kwargs):
+    build = teacher_recipe_from_dict if name == TEACHER else recipe_from_dict
+    return build(data, **kwargs)
+
 
 ACCURACY = {"teacher": 92.0, "kd-small": 88.0, "rtn": 70.0, "gptq": 80.0, "qat": 86.0, "qad": 91.5}
 
@@ -34,7 +42,7 @@ ACCURACY = {"teacher": 92.0, "kd-small": 88.0, "rtn": 70.0, "gptq": 80.0, "qat":
 def test_every_planned_recipe_is_valid(tmp_path, settings):
     for name in (TEACHER, *RUNS):
         data = planned_recipe(name, settings, tmp_path / "out", tmp_path / "scenes")
-        recipe = recipe_from_dict(data, source=name)
+        recipe = _recipe(name, data, source=name)
         assert recipe.output == tmp_path / "out" / (
             "teacher" if name == TEACHER else f"runs/{name}"
         )
@@ -110,12 +118,14 @@ class FakeEngine:
 
     def __init__(self):
         self.recipe_from_dict = recipe_from_dict
+        self.teacher_recipe_from_dict = teacher_recipe_from_dict
         self.recipe_to_dict = recipe_to_dict
+        self.train_teacher = self.compress
 
     def import_model_code(self):
         self.calls.append(("import_model_code",))
 
-    def load_teacher_data(self, recipe):
+    def load_teacher_data(self, recipe):  # distiq.train.run_data
         self.calls.append(("load_teacher_data", recipe.run_name))
         return f"splits of {recipe.data.scenes} for {recipe.teacher.path}"
 
@@ -144,7 +154,7 @@ class FakeEngine:
         dump_yaml(recipe, out / "recipe.yaml")
         if data is not None:
             (out / "shared_data.txt").write_text(getattr(data, "name", data))
-        quant = recipe.quantization
+        quant = getattr(recipe, "quantization", None)  # a teacher recipe has none
         key = recipe.run_name if recipe.method in ("teacher", "kd") else recipe.method
         value = ACCURACY[key] - (5.0 if quant is not None and quant.w_bits == 2 else 0.0)
         record = ResultRecord(
@@ -226,7 +236,7 @@ def test_demo_end_to_end_with_cache(runner, tmp_path, fake_engine):
         ("export", "qad-w4a8", "packed"),
         ("export", "qad-w4a8", "onnx"),
     ]
-    assert "export onnx of qad-w4a8 skipped: 2-bit weights do not fit ONNX" in result.stdout
+    assert "export onnx of qad-w4a8 skipped: 2-bit weights do not fit ONNX" in result.stderr
     records = {r.name: r for r in read_records(out / "results.json")}
     assert list(records) == ["teacher", *RUNS]
     assert records["qad-w4a8"].extra["exported"] == [str(out / "runs/qad-w4a8/export/packed")]
@@ -252,7 +262,7 @@ def test_demo_end_to_end_with_cache(runner, tmp_path, fake_engine):
     result = runner.invoke(app, ["demo", "--quick", "-j", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert [c[0] for c in fake_engine.calls] == ["export", "export"]
-    assert "teacher: reusing" in result.stdout
+    assert "teacher: reusing" in result.stderr
     summary = json.loads((out / "demo_times.json").read_text())
     assert summary["reused"] == ["teacher", *RUNS] and "teacher" not in summary["seconds"]
 
@@ -298,7 +308,7 @@ def test_recipes_ship_inside_the_package(monkeypatch):
     # The wheel's package data (pyproject: distiq = ["recipes/*.yaml"]) is the folder found
     # next to the package, the same files as the checkout's recipes/.
     import distiq
-    from distiq.cli.demo_plan import recipes_dir
+    from distiq.demo.plan import recipes_dir
 
     monkeypatch.delenv("DISTIQ_RECIPES", raising=False)
     found = recipes_dir()
@@ -326,7 +336,7 @@ def test_demo_runs_in_worker_processes(runner, tmp_path, fake_engine):
     shared = {(out / "runs" / name / "shared_data.txt").read_text() for name in RUNS}
     assert shared == {f"splits of {scenes} for {out / 'teacher'}"}
     assert (out / "teacher" / "shared_data.txt").read_text() == f"teacher splits of {scenes}"
-    assert "teacher: data-parallel over 2 processes" in result.stdout  # batch 32 over 2 of 3
+    assert "teacher: data-parallel over 2 processes" in result.stderr  # batch 32 over 2 of 3
     assert (out / "teacher" / "results.json").is_file()
     records = {r.name: r for r in read_records(out / "results.json")}
     assert list(records) == ["teacher", *RUNS] and records["qad-w4a8"].value == 91.5

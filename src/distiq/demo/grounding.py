@@ -1,8 +1,7 @@
 """Grounded auxiliary supervision for training the teacher on the synthetic scenes.
 
 A one-word answer is one bit of supervision per question; from it alone a small VLM learns,
-within a CPU budget, little more than the question prior (ENV.md's probe; the measurements in
-this issue's report). The synthetic scenes know much more about every image: each object's
+within a CPU budget, little more than the question prior. The synthetic scenes know much more about every image: each object's
 colour, category and position (the COCO annotations carry ``"color"``). Two auxiliary heads turn
 that into dense targets during teacher training (they are not part of the saved teacher):
 
@@ -17,7 +16,7 @@ that into dense targets during teacher training (they are not part of the saved 
   objects). By default that side target is read after layer ``layer`` too (layer 1 of 3),
   where the previous reference's position is not known yet, so the best a model can do there is
   guess from its own object's side; ``side_layer`` reads it from a later layer through its own
-  linear head instead (docs/design.md has the measurements). This teaches the language model
+  linear head instead (docs/experiments/ has the measurements). This teaches the language model
   the lookups and comparisons the answers need (find the red circle; count the digits; is it
   left of the blue square) directly at the words, a layer before the answer.
 - **object centres** (:class:`GroundingHeads.centres`): a linear head on each vision patch

@@ -23,7 +23,7 @@ import distiq
 from distiq.config import ConfigError, load_yaml
 
 TEACHER = "teacher"
-# The runs of issue 6 §4, in the order they appear in the report (they run longest first:
+# The compression runs, in the order they appear in the report (they run longest first:
 # :func:`longest_first`).
 RUNS: tuple[str, ...] = (
     "rtn-w4a8",
@@ -70,7 +70,7 @@ class DemoSettings:
 
 FULL = DemoSettings(scenes=25_000)
 # The quick demo checks the whole pipeline in under 2 minutes; its 150-step teacher answers at
-# about the blind (question-only) baseline (250 steps were hardly better: 42 % against 41 %).
+# about the blind (question-only) baseline.
 QUICK = DemoSettings(
     scenes=2_000,
     teacher_steps=150,
@@ -128,10 +128,10 @@ def planned_recipe(
         "data.scenes": str(scenes),
         "data.val_questions": settings.val_questions,
         "data.test_questions": settings.test_questions,
-        "calibration.samples": settings.calibration_samples,
     }
     if not is_teacher:
         changes["teacher"] = str(run_dir(out, TEACHER))
+        changes["calibration.samples"] = settings.calibration_samples
     if is_teacher:
         changes["teacher.vision_steps"] = settings.teacher_vision_steps
     if data.get("method") in TRAINED_METHODS:  # rtn / gptq have no training loop
@@ -163,7 +163,7 @@ def longest_first(recipes: dict[str, Any]) -> list[str]:
 
 
 def run_dir(out: Path, name: str) -> Path:
-    """``OUT/teacher`` for the teacher, ``OUT/runs/NAME`` for every other run (DESIGN.md)."""
+    """``OUT/teacher`` for the teacher, ``OUT/runs/NAME`` for every other run."""
     return out / TEACHER if name == TEACHER else out / "runs" / name
 
 

@@ -1,4 +1,4 @@
-"""Training the built-in edge VLM teacher on the synthetic scenes (``method: teacher``).
+"""Training the demo's teacher: the built-in edge VLM on the synthetic scenes (``method: teacher``).
 
 The teacher is the built-in edge VLM (``distiq.models.build_edge_vlm``) with a detection and a
 segmentation head on its vision tower (``distiq.models.VLMWithHeads``), trained from scratch
@@ -7,24 +7,21 @@ with one multi-task loss per batch of images (every term a mean over its own ele
     L = w_vqa · CE(answer tokens)                          the VQA answers (and eos)
       + w_det · (focal + L1 + GIoU)                         distiq.tasks detection head
       + w_seg · (CE + Dice)                                 distiq.tasks segmentation head
-      + w_grounding · CE/MSE at the question words          distiq.train.grounding (not saved)
-      + w_centres · CE of object centres per patch          distiq.train.grounding (not saved)
-      + w_counts · CE of the scene's counts per image token  distiq.train.grounding (optional)
+      + w_grounding · CE/MSE at the question words          distiq.demo.grounding (not saved)
+      + w_centres · CE of object centres per patch          distiq.demo.grounding (not saved)
+      + w_counts · CE of the scene's counts per image token  distiq.demo.grounding (optional)
 
 Why so much supervision: a one-word answer teaches little per question, and from it alone a
-small VLM learns, within minutes on a CPU, hardly more than the question prior (ENV.md's probe;
-this engine measured 44-50 % after 300 steps with VQA + heads, blind baseline 39 %). The heads
-give the vision tower dense targets (which object, where); the grounded targets teach the
-language model, at the words that name objects, the lookups and comparisons the answers need;
-the PCA-whitened patch stem (:func:`init_patch_embedding_pca`) lets the ViT tell shapes and
-digits apart much sooner. The first :data:`VISION_WARMUP` of the steps train the vision side
-alone (heads and object centres, no language model, about half a step's time): the language
-model then starts from features that already tell objects apart (2,000 full steps: 85.4 %
-test accuracy without, 93.1 % after 500 warm-up steps; one run each, and the relation
-questions, which some runs never learn, account for part of the gap). Heads whose loss weight
-is 0 are not built, so no untrained head is saved. Validation accuracy (generation on the val
-split) picks the best checkpoint; the test split is scored once at the end, next to the
-question-only (blind) baseline.
+small VLM learns, within minutes on a CPU, hardly more than the question prior. The heads give
+the vision tower dense targets (which object, where); the grounded targets teach the language
+model, at the words that name objects, the lookups and comparisons the answers need; the
+PCA-whitened patch stem (:func:`init_patch_embedding_pca`) lets the ViT tell shapes and digits
+apart much sooner. The first :data:`VISION_WARMUP` of the steps train the vision side alone
+(heads and object centres, no language model, about half a step's time): the language model
+then starts from features that already tell objects apart. Heads whose loss weight is 0 are
+not built, so no untrained head is saved. Validation accuracy (generation on the val split)
+picks the best checkpoint; the test split is scored once at the end, next to the
+question-only (blind) baseline. docs/experiments/ has the measurements behind these choices.
 
 The run directory is the teacher directory: a Hugging Face model directory (config,
 safetensors, tokenizer / processor, ``distiq_heads.*``) that ``distiq.models.load`` and
@@ -43,12 +40,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from distiq.demo.recipe import TeacherRecipe, load_teacher_recipe
 from distiq.results import ResultRecord, upsert_records
 from distiq.train.distributed import barrier, is_main_process
+from distiq.train.engines import accuracy_by_type, evaluate_vqa
 from distiq.train.loop import train
-from distiq.train.recipe import Recipe
+from distiq.train.prefix_engine import SharedPrefixEngine
 from distiq.train.runs import RESULTS_FILE
-from distiq.train.vlm import EngineModel, evaluate_vqa
 
 if TYPE_CHECKING:
     from distiq.train.data_setup import EngineData
@@ -57,14 +55,13 @@ logger = logging.getLogger(__name__)
 
 VISION_WARMUP = 0.2
 """Fraction of ``train.steps`` that train the vision side alone (heads and object centres, no
-language model: about half a full step's time) before the full multi-task loss. Measured on the
-25k-scene demo set (1 thread): 500 such steps then 500 full steps reach 81 % validation VQA
-accuracy, 1,000 full steps 77 %. A recipe's ``teacher.vision_steps`` overrides the fraction."""
+language model: about half a full step's time) before the full multi-task loss. A recipe's
+``teacher.vision_steps`` overrides the fraction."""
 
 
 class TeacherModel(nn.Module):
     """What the teacher's training loop optimises: the engine model (the saved teacher) and,
-    optionally, the grounded auxiliary heads (:mod:`distiq.train.grounding`, not saved).
+    optionally, the grounded auxiliary heads (:mod:`distiq.demo.grounding`, not saved).
 
     ``forward(batch, heads)`` returns ``(VQAOutputs, {aux term: loss})``; the language model's
     hidden state after layer ``grounding_layer`` (and after ``side_layer``, when set) is captured
@@ -73,7 +70,7 @@ class TeacherModel(nn.Module):
 
     def __init__(
         self,
-        engine: EngineModel,
+        engine: SharedPrefixEngine,
         grounding: nn.Module | None,
         layer: int,
         counts: bool = False,
@@ -210,7 +207,9 @@ def init_patch_embedding_pca(vlm: nn.Module, pixel_values: torch.Tensor) -> floa
     return float(values[:width].sum() / values.sum())
 
 
-def build_teacher_model(recipe: Recipe, vocabulary: list[str], train_data: Any) -> torch.nn.Module:
+def build_teacher_model(
+    recipe: TeacherRecipe, vocabulary: list[str], train_data: Any
+) -> torch.nn.Module:
     """A fresh edge VLM (with heads when the recipe and the data have them)."""
     from distiq.models import VLMWithHeads, build_edge_vlm
 
@@ -236,14 +235,15 @@ def build_teacher_model(recipe: Recipe, vocabulary: list[str], train_data: Any) 
     )
 
 
-def load_teacher_training_data(recipe: Recipe) -> EngineData:
+def load_teacher_training_data(recipe: TeacherRecipe) -> EngineData:
     """The splits :func:`train_teacher` trains and evaluates on (tokenized for the teacher to be
     built; the train split with the heads' targets when ``teacher.heads``). Loaded once before
     forking, they serve the teacher's data-parallel processes and, through
     ``EngineData.without_heads``, the runs that compress it (``distiq demo``): the batches are
-    the same as those of ``load_teacher_data`` once the teacher is saved."""
+    the same as those of ``distiq.train.run_data`` once the teacher is saved."""
+    from distiq.demo.scenes import scene_vocabulary
     from distiq.models import build_edge_processor, edge_vlm_config
-    from distiq.train.data_setup import check_data, load_data, scene_vocabulary
+    from distiq.train.data_setup import check_data, load_data
 
     check_data(recipe.data)
     vocabulary = scene_vocabulary(recipe.data)
@@ -253,7 +253,7 @@ def load_teacher_training_data(recipe: Recipe) -> EngineData:
     return load_data(recipe, adapter, heads=recipe.teacher.heads)
 
 
-def check_teacher_data(recipe: Recipe, data: EngineData) -> None:
+def check_teacher_data(recipe: TeacherRecipe, data: EngineData) -> None:
     """Refuse splits loaded for a compression run (no heads' targets) where the teacher's heads
     need them: a teacher trained on them would silently come without heads."""
     if recipe.teacher.heads and recipe.data.scenes is not None and not data.train.has_detection:
@@ -264,7 +264,7 @@ def check_teacher_data(recipe: Recipe, data: EngineData) -> None:
 
 
 def train_teacher(
-    recipe: Recipe,
+    recipe: TeacherRecipe | str | Path,
     *,
     overwrite: bool = False,
     resume: bool = False,
@@ -272,13 +272,49 @@ def train_teacher(
     on_eval: Callable | None = None,
     data: EngineData | None = None,
 ) -> Path:
-    """Train the teacher of ``recipe`` (``method: teacher``) into ``recipe.output`` and return
-    that directory (see the module docstring); ``data``: its splits loaded already
-    (:func:`load_teacher_training_data`; their train and val images get cached in them). Call
-    :func:`distiq.train.methods.check_recipe` first for the fast input checks (``compress``
-    does, and writes the run's ``recipe.yaml``)."""
+    """Train the teacher of ``recipe`` (a :class:`TeacherRecipe` or a YAML path) into
+    ``recipe.output`` and return that directory (see the module docstring).
+
+    Args:
+        overwrite / resume: replace a previous run there / continue it from its checkpoint.
+        on_step / on_eval: progress callbacks of the training loop.
+        data: its splits loaded already (:func:`load_teacher_training_data`; their train and
+            val images get cached in them).
+    Raises:
+        ConfigError, FileNotFoundError, FileExistsError: bad input, found before any work.
+    """
+    from distiq.config import dump_yaml
+    from distiq.train.data_setup import check_data
+    from distiq.train.distributed import launched_rank
+    from distiq.train.lock import RunLock
+    from distiq.train.runs import RECIPE_FILE, prepare_run_dir
+
+    if not isinstance(recipe, TeacherRecipe):
+        recipe = load_teacher_recipe(recipe)
+    check_data(recipe.data)
+    if data is not None:
+        check_teacher_data(recipe, data)  # before the run directory is touched
+    run_dir = Path(recipe.output)
+    prepare_run_dir(run_dir, overwrite=overwrite, resume=resume, empty=False)
+    with RunLock(run_dir):
+        prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+        if launched_rank() == 0:  # data-parallel: one process writes the run directory
+            dump_yaml(recipe, run_dir / RECIPE_FILE)
+        torch.manual_seed(recipe.seed)
+        return _train(recipe, not resume, resume, on_step, on_eval, data)
+
+
+def _train(
+    recipe: TeacherRecipe,
+    overwrite: bool,
+    resume: bool,
+    on_step: Callable | None,
+    on_eval: Callable | None,
+    data: EngineData | None,
+) -> Path:
+    """:func:`train_teacher` once the directory is locked and prepared."""
+    from distiq.demo.scenes import blind_baseline, scene_vocabulary
     from distiq.models import VLMWithHeads
-    from distiq.train.data_setup import scene_vocabulary
 
     run_dir = Path(recipe.output)
     started = time.perf_counter()
@@ -287,10 +323,11 @@ def train_teacher(
         data = load_teacher_training_data(recipe)
     check_teacher_data(recipe, data)
     adapter = data.train.adapter
+    blind = blind_baseline(data)
     data.train.cache_images()  # every epoch after the first reads no files
     data.val.cache_images()  # evaluated every eval_every steps
     model = build_teacher_model(recipe, vocabulary, data.train)
-    engine = EngineModel(model)
+    engine = SharedPrefixEngine(model, adapter)
     grounding = _grounding_heads(recipe, engine, adapter)
     trainer = TeacherModel(
         engine,
@@ -348,9 +385,9 @@ def train_teacher(
         seed=recipe.seed,
         steps=result.step,
         extra={
-            "by_question_type": _by_type(test),
+            "by_question_type": accuracy_by_type(test),
             "num_questions": int(test["num_questions"]),
-            "blind_baseline": data.blind_baseline,
+            "blind_baseline": blind,
             "best_val_accuracy": result.best_value,
             "best_step": result.best_step,
             "train_seconds": round(train_seconds, 1),
@@ -360,9 +397,9 @@ def train_teacher(
         upsert_records(run_dir / RESULTS_FILE, [record])
     barrier()
     logger.info(
-        "teacher: test VQA accuracy %.2f %% (blind baseline %s) in %.0f s",
+        "teacher: test VQA accuracy %.2f %% (blind baseline %.2f %%) in %.0f s",
         record.value,
-        data.blind_baseline,
+        blind["accuracy"],
         train_seconds,
     )
     return run_dir
@@ -372,7 +409,7 @@ def _has(model: nn.Module, head: str) -> bool:
     return getattr(model, head, None) is not None
 
 
-def _vision_steps(recipe: Recipe, model: nn.Module, trainer: TeacherModel) -> int:
+def _vision_steps(recipe: TeacherRecipe, model: nn.Module, trainer: TeacherModel) -> int:
     """Steps of vision-only warm-up (:data:`VISION_WARMUP`); 0 when nothing supervises the
     vision side alone (no trained head, no object-centre term)."""
     weights = recipe.teacher.weights
@@ -393,18 +430,20 @@ def _vision_steps(recipe: Recipe, model: nn.Module, trainer: TeacherModel) -> in
     return steps
 
 
-def _layer(recipe: Recipe, engine: EngineModel) -> int:
+def _layer(recipe: TeacherRecipe, engine: SharedPrefixEngine) -> int:
     """The language-model layer the grounding head reads (default: the second to last)."""
     if recipe.teacher.grounding_layer is not None:
         return recipe.teacher.grounding_layer
     return max(0, engine.vlm.config.text_config.num_hidden_layers - 2)
 
 
-def _grounding_heads(recipe: Recipe, engine: EngineModel, adapter: Any) -> nn.Module | None:
+def _grounding_heads(
+    recipe: TeacherRecipe, engine: SharedPrefixEngine, adapter: Any
+) -> nn.Module | None:
     """The grounded auxiliary heads when the recipe weights them and the data is a scene set."""
     import json
 
-    from distiq.train.grounding import GroundingHeads, SceneVocabulary, load_scene_objects
+    from distiq.demo.grounding import GroundingHeads, SceneVocabulary, load_scene_objects
 
     weights = recipe.teacher.weights
     if recipe.data.scenes is None or max(weights.grounding, weights.centres, weights.counts) <= 0:
@@ -424,11 +463,6 @@ def _grounding_heads(recipe: Recipe, engine: EngineModel, adapter: Any) -> nn.Mo
         side_target=recipe.teacher.side_target,
         separate_side=recipe.teacher.side_layer is not None,
     )
-
-
-def _by_type(metrics: dict[str, float]) -> dict[str, float]:
-    prefix = "vqa_accuracy/question_type/"
-    return {k[len(prefix) :]: 100.0 * v for k, v in metrics.items() if k.startswith(prefix)}
 
 
 def _processor_adapter(processor: Any, config: Any, vocabulary: list[str]) -> Any:

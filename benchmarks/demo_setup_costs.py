@@ -5,7 +5,7 @@ timed in a fresh Python process (one torch thread):
   tokenizer and processor code of the built-in edge VLM), after ``import distiq.train``;
 - ``load_vqa_train``: ``load_vqa_v2`` of the scene set's train split (``check_images=False``, as
   the engine loads it);
-- ``load_teacher_data``: ``distiq.train.load_teacher_data(recipe)`` for a compression recipe on
+- ``run_data``: ``distiq.train.run_data(recipe)`` for a compression recipe on
   that scene set and teacher (three splits, tokenized, and the blind baseline).
 
     .venv/bin/python benchmarks/demo_setup_costs.py --scenes DATA_DIR --teacher TEACHER_DIR
@@ -41,14 +41,14 @@ PARTS = {
         "t = time.perf_counter(); ScenePaths.at(SCENES).vqa('train', check_images=False)\n"
         "seconds = time.perf_counter() - t\n"
     ),
-    "load_teacher_data": (
-        "from distiq.train import load_teacher_data\n"
+    "run_data": (
+        "from distiq.train import run_data\n"
         "from distiq.train.recipe import recipe_from_dict\n"
         "recipe = recipe_from_dict({'method': 'rtn', 'teacher': TEACHER, 'output': '/tmp/unused',"
         " 'data': {'scenes': SCENES, 'val_questions': 600},"
         " 'quantization': {'weight': {'bits': 4}}})\n"
         "import distiq.models, transformers\n"
-        "t = time.perf_counter(); load_teacher_data(recipe); seconds = time.perf_counter() - t\n"
+        "t = time.perf_counter(); run_data(recipe); seconds = time.perf_counter() - t\n"
     ),
 }
 

@@ -18,7 +18,7 @@ L = image tokens + 16) and the vision encoder on one image. A W8A8 row with ``in
 ``distiq.export.onnx_quant``).
 
 Ratios are speed-ups against onnxruntime fp32 measured in the same call (same machine state).
-Goal (issue 7): onnxruntime int8 >= 2.0x onnxruntime fp32 on the language model at batch 1.
+Goal: onnxruntime int8 >= 2.0x onnxruntime fp32 on the language model at batch 1.
 Sizes: the packed checkpoint of each compressed model with its breakdown (float32 scales, exact;
 float16 scales, smaller) against the fp32 tensors, and every ONNX export. The 4-bit g64 table by
 preset adds ``exact-fp16-scales``: the model quantized with ``QuantSpec(scale_dtype="float16")``

@@ -1,5 +1,5 @@
 """Overhead of fake quantization in training: forward + backward of a ``FakeQuantLinear`` vs the
-``nn.Linear`` it wraps (issue 2, section 5; goal ≤ 1.3× at 4096², batch 64).
+``nn.Linear`` it wraps (goal ≤ 1.3× at 4096², batch 64).
 
 One step = ``y = layer(x)``, ``y.backward(dy)`` with the weight, bias and input requiring grad
 (grads cleared before each step). Variants, all sharing the float layer's parameters:

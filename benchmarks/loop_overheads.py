@@ -29,15 +29,15 @@ import torch
 
 from _machine import machine_info  # benchmarks/ is on sys.path when run as a script
 from distiq.data.scenes import generate_scenes
-from distiq.train.batches import move_to_device
-from distiq.train.data_setup import scene_vocabulary
-from distiq.train.recipe import load_recipe
-from distiq.train.teacher import (
+from distiq.demo.recipe import load_teacher_recipe
+from distiq.demo.scenes import scene_vocabulary
+from distiq.demo.teacher import (
     _grounding_heads,
     build_teacher_model,
     load_teacher_training_data,
 )
-from distiq.train.vlm import EngineModel
+from distiq.train.batches import move_to_device
+from distiq.train.prefix_engine import SharedPrefixEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,14 +82,15 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="distiq-loop-overheads-") as tmp:
         scenes = generate_scenes(Path(tmp) / "data", count=args.scenes, seed=0)
-        recipe = load_recipe(ROOT / "recipes/teacher.yaml")
+        recipe = load_teacher_recipe(ROOT / "recipes/teacher.yaml")
         recipe = dataclasses.replace(
             recipe, data=dataclasses.replace(recipe.data, scenes=Path(scenes.root))
         )
         data = load_teacher_training_data(recipe)
         data.train.cache_images()
         model = build_teacher_model(recipe, scene_vocabulary(recipe.data), data.train)
-        grounding = _grounding_heads(recipe, EngineModel(model), data.train.adapter)
+        engine = SharedPrefixEngine(model, data.train.adapter)
+        grounding = _grounding_heads(recipe, engine, data.train.adapter)
         items = [data.train[i] for i in range(16)]
         batch = data.train.collate(items)
         mask = batch["suffix_mask"].bool() & (batch["labels"] == -100)

@@ -1,4 +1,4 @@
-"""Method comparison of issue 6 §5: rtn, gptq, qat and qad at W4A8 and at W2A16 (group 64), plus
+"""The demo's method comparison: rtn, gptq, qat and qad at W4A8 and at W2A16 (group 64), plus
 kd, from one teacher, with equal budgets (the shipped recipes: every trained method gets the same
 steps, batch size, data order and learning-rate schedule), evaluated on the synthetic test split.
 
@@ -8,12 +8,12 @@ steps, batch size, data order and learning-rate schedule), evaluated on the synt
 
 ``--scenes`` is a generated scene set (``distiq.data.generate_scenes``); without ``--teacher``
 the teacher is trained first with ``recipes/teacher.yaml``. The recipes get the same changes as in
-``distiq demo`` (``distiq.cli.demo_plan``); run directories land in ``--out/runs/NAME`` (default
+``distiq demo`` (``distiq.demo.plan``); run directories land in ``--out/runs/NAME`` (default
 ``--out``: ``bench-runs/method-comparison``). ``--init METHOD=INIT`` starts every run of a trained
 quantized method from a post-training solution (``init: none | rtn | gptq``; its run directory is
 ``NAME+init-INIT``), e.g. to see how much of qad's lead over qat is its initialisation.
 ``--quantization JSON`` deep-merges into every run's ``quantization`` section, e.g.
-``'{"weight": {"bits": 4}, "parts": ["vision", "patch_embedding", "projector",
+``'{"weight": {"bits": 4}, "targets": ["vision", "patch_embedding", "projector",
 "language_model", "lm_head"]}'`` (every weight matrix in 4 bits); ``--set JSON`` deep-merges
 into every student's whole recipe, e.g. ``'{"train": {"lr": 1.0e-4}, "data": {"val_questions":
 null}}'`` (a learning rate, validated on every validation question: hyperparameters are chosen
@@ -38,15 +38,16 @@ import time
 from pathlib import Path
 
 from _machine import machine_info  # benchmarks/ is on sys.path when run as a script
-from distiq.cli.demo_plan import RUNS, DemoSettings, planned_recipe
+from distiq.demo.plan import RUNS, DemoSettings, planned_recipe
 from teacher_sweep import merged
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _recipe(name: str, args: argparse.Namespace, teacher: Path):
-    """The shipped recipe ``name`` with the demo's changes (``distiq.cli.demo_plan``): paths,
+    """The shipped recipe ``name`` with the demo's changes (``distiq.demo.plan``): paths,
     ``--steps`` for every trained student, ``--teacher-steps``, ``--test-questions``."""
+    from distiq.demo.recipe import teacher_recipe_from_dict
     from distiq.train.recipe import recipe_from_dict
 
     settings = DemoSettings(
@@ -70,7 +71,8 @@ def _recipe(name: str, args: argparse.Namespace, teacher: Path):
     if init is not None and init != data.get("init", "none"):
         data["init"] = init
         data["output"] = f"{data['output']}+init-{init}"
-    return recipe_from_dict(data, source=name)
+    build = teacher_recipe_from_dict if name == "teacher" else recipe_from_dict
+    return build(data, source=name)
 
 
 def _method_init(text: str) -> tuple[str, str]:
@@ -81,12 +83,14 @@ def _method_init(text: str) -> tuple[str, str]:
 
 
 def _run(name: str, args: argparse.Namespace, teacher: Path) -> tuple:
+    from distiq.demo.teacher import train_teacher
     from distiq.results import read_records
     from distiq.train.methods import compress
 
     recipe = _recipe(name, args, teacher)
     started = time.perf_counter()
-    run_dir = compress(recipe, overwrite=True)
+    run = train_teacher if name == "teacher" else compress
+    run_dir = run(recipe, overwrite=True)
     seconds = time.perf_counter() - started
     (record,) = [r for r in read_records(run_dir / "results.json") if r.name == recipe.run_name]
     return record, {
@@ -121,7 +125,7 @@ def _final_val_accuracy(run_dir: Path) -> float | None:
 
 
 def _goals(records: list) -> list[dict]:
-    """Issue 6 §5 checked by ``distiq.report.check_goals`` (the same rules as the report)."""
+    """The demo's goals checked by ``distiq.report.check_goals`` (the same rules as the report)."""
     from distiq.report import check_goals
 
     return [

@@ -33,21 +33,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 def _teacher(run: Path):
-    import yaml
-
+    from distiq.demo.recipe import load_teacher_recipe
+    from distiq.demo.scenes import scene_vocabulary
+    from distiq.demo.teacher import _processor_adapter
     from distiq.models import build_edge_processor, edge_vlm_config
     from distiq.models.multitask import VLMWithHeads
-    from distiq.train.data_setup import scene_vocabulary
-    from distiq.train.recipe import recipe_from_dict
-    from distiq.train.teacher import _processor_adapter
-    from distiq.train.vlm import EngineModel
+    from distiq.train.prefix_engine import SharedPrefixEngine
 
-    data = yaml.safe_load((run / "recipe.yaml").read_text())
-    recipe = recipe_from_dict(data, source=str(run / "recipe.yaml"))
+    recipe = load_teacher_recipe(run / "recipe.yaml")
     vocabulary = scene_vocabulary(recipe.data)
     config = edge_vlm_config(recipe.teacher.preset, **recipe.teacher.model)
     adapter = _processor_adapter(build_edge_processor(vocabulary, config), config, vocabulary)
-    engine = EngineModel(VLMWithHeads.from_pretrained(run)).eval()
+    engine = SharedPrefixEngine(VLMWithHeads.from_pretrained(run), adapter).eval()
     return recipe, adapter, engine
 
 
@@ -67,9 +64,8 @@ def _centre(objects: list, colours: list, categories: list, colour: str, noun: s
 def probe(run: Path, images: int) -> dict:
     import torch
 
+    from distiq.demo.grounding import load_scene_objects
     from distiq.train.data_setup import load_split
-    from distiq.train.grounding import load_scene_objects
-    from distiq.train.vlm import greedy_answers
 
     recipe, adapter, engine = _teacher(run)
     split = load_split(recipe.data, "test", adapter)
@@ -84,7 +80,7 @@ def probe(run: Path, images: int) -> dict:
     with torch.no_grad():
         for start in range(0, len(subset), 64):
             items = [subset[i] for i in range(start, min(start + 64, len(subset)))]
-            answers = greedy_answers(engine, subset.generation_collate(items), adapter.tokenizer)
+            answers = engine.answers(subset.generation_collate(items))
             questions = [(subset.questions[r], it["image_id"]) for it in items for r in it["rows"]]
             for (question, image_id), answer in zip(questions, answers, strict=True):
                 if question["question_type"] != "relation":

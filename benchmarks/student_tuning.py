@@ -10,7 +10,7 @@ parts, summary ``benchmarks/results/student_tuning.json``):
 
 - ``qat``: learning rate 5e-5, 1e-4, 2e-4 (the shipped recipe), 4e-4, 8e-4, 1.6e-3;
 - ``qad``: learning rate 1e-4, 2e-4, 4e-4, each with the prediction-difference term ``pd``
-  (weight 0.5, the recipe before session 6) and without it;
+  (weight 0.5) and without it;
 
 plus rtn and gptq (no training, no choice); and every weight matrix in 2 bits (the ``patch_embedding`` and ``lm_head`` parts too): rtn,
 gptq, qat and qad with and without ``pd``, at the shipped learning rate.
@@ -36,7 +36,7 @@ from pathlib import Path
 from _machine import machine_info  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
-EVERY_MATRIX = {"parts": ["vision", "patch_embedding", "projector", "language_model", "lm_head"]}
+EVERY_MATRIX = {"targets": ["vision", "patch_embedding", "projector", "language_model", "lm_head"]}
 VALIDATE_ALL = {"data": {"val_questions": None}}
 PD = {"weight": 0.5, "divergence": "forward_kl"}
 

@@ -76,8 +76,8 @@ def main() -> None:
     import torch
 
     from distiq.config import load_yaml
-    from distiq.train import compress
-    from distiq.train.recipe import recipe_from_dict
+    from distiq.demo.recipe import teacher_recipe_from_dict
+    from distiq.demo.teacher import train_teacher
 
     torch.set_num_threads(args.threads)
     names = list(args.summarize_only or [])
@@ -85,7 +85,7 @@ def main() -> None:
         data = merged(load_yaml(RECIPE), {"output": str(args.out_dir / name)})
         data = merged(data, {"data": {"scenes": str(args.scenes)}})
         data = merged(data, json.loads(overrides))
-        compress(recipe_from_dict(data, source=f"variant {name}"), overwrite=True)
+        train_teacher(teacher_recipe_from_dict(data, source=f"variant {name}"), overwrite=True)
         names.append(name)
     rows = [summary_row(args.out_dir / name) for name in names]
     for row in rows:

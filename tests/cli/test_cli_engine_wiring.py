@@ -149,7 +149,7 @@ def test_export(runner, monkeypatch, tmp_path):
 def test_bench(runner, monkeypatch, tmp_path):
     calls = []
 
-    def bench_run(run_dir, *, repeats=30, threads=2):
+    def bench_run(run_dir, *, repeats=30, threads=2, results=None):
         calls.append((run_dir, repeats, threads))
         return [ResultRecord("qad-w4a8", "qad", 4, 8, 64, size_mb=0.5, latency_ms=1.5,
                              latency_backend="ort-int8")]  # fmt: skip

@@ -305,6 +305,22 @@ def test_topk_kl_keeps_the_rest_mass():
         topk_kl_divergence(student[:, :2], values, indices + 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_kl_gradient_is_finite_with_every_class_cached(dtype):
+    """k = V: the teacher has no rest mass, so the student's rest (log of about 0) must enter
+    neither the value nor the gradient; the gradient equals full KL's."""
+    torch.manual_seed(0)
+    teacher = torch.randn(5, V, dtype=dtype)
+    student = torch.randn(5, V, dtype=dtype, requires_grad=True)
+    values, indices = teacher_topk(teacher, V, temperature=2.0)
+    topk_kl_divergence(student, values, indices, temperature=2.0).backward()
+    sparse = student.grad.clone()
+    student.grad = None
+    kl_divergence(student, teacher, temperature=2.0).backward()
+    assert torch.isfinite(sparse).all()
+    torch.testing.assert_close(sparse, student.grad, rtol=1e-3, atol=1e-5)
+
+
 def test_reduce_masked_all_masked_is_zero_not_nan():
     values = torch.randn(2, 3)
     mask = torch.zeros(2, 3, dtype=torch.bool)

@@ -42,7 +42,9 @@ FAMILIES = [
     "gemma3",
 ]
 
-_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+_TEXT_DEFAULTS = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+)
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
 
@@ -55,9 +57,12 @@ def _ids(tokenizer) -> dict:
     )
 
 
-def build_family(name: str):
-    """(model, tokenizer, image_processor) of a tiny ``name`` model with random weights."""
+def build_family(name: str, **text_changes):
+    """(model, tokenizer, image_processor) of a tiny ``name`` model with random weights;
+    ``text_changes`` replace language-model config entries (e.g. ``hidden_size=48``)."""
     import transformers as tf
+
+    _TEXT = {**_TEXT_DEFAULTS, **text_changes}
 
     from distiq.models import build_word_tokenizer
 

@@ -1,4 +1,5 @@
-"""``bench_run(run_dir)``: size, latency and memory of a run's model into its ``results.json``.
+"""``bench_run(run_dir)``: size, latency and memory of a run's model into its ``results.json``
+(a model directory that is not a distiq run is measured but never written to).
 
 What ``distiq bench RUN_DIR`` calls. The model is loaded with real quantized layers
 (``distiq.export.load_run``), measured on every backend of ``distiq.bench.backends`` (batch 1,
@@ -116,7 +117,9 @@ def bench_run(
         backends, workloads: what to measure (``distiq.bench.backends``).
         threads: torch and onnxruntime intra-op threads (stated in the records).
         warmup, repeats: untimed and timed runs per backend.
-        results: the results file to update (default ``run_dir/results.json``).
+        results: the results file to update (default: ``run_dir/results.json`` for a distiq
+            run directory — one with ``recipe.yaml``; any other model directory, e.g. a user's
+            checkpoint, is never written to: the records are only returned).
         int4_accuracy_level: onnxruntime ``MatMulNBits`` accuracy level for ``ort-int4``.
         exports: the ONNX models of this run made before by :func:`bench_exports` (then the
             measurement exports nothing itself).
@@ -128,7 +131,12 @@ def bench_run(
     from distiq.export.rundir import load_run
 
     run = load_run(run_dir)
-    results_path = Path(results) if results is not None else Path(run_dir) / "results.json"
+    if results is not None:
+        results_path: Path | None = Path(results)
+    elif (Path(run_dir) / "recipe.yaml").is_file():
+        results_path = Path(run_dir) / "results.json"
+    else:
+        results_path = None  # a user's checkpoint: measured, not written into
     measured = measure_model(
         run.model, run.adapter, backends=backends, workloads=workloads, threads=threads,
         warmup=warmup, repeats=repeats, int4_accuracy_level=int4_accuracy_level,
@@ -148,7 +156,7 @@ def bench_run(
         size_bytes, fp32_bytes = sizes.total_bytes, sizes.fp32_bytes
     extra["fp32_bytes"] = fp32_bytes
     top = headline(measured)
-    existing = read_records(results_path)
+    existing = read_records(results_path) if results_path is not None else []
     w_bits, a_bits, group = _bits(run.modules)
     base = dict(
         size_mb=size_bytes / 2**20,
@@ -182,7 +190,8 @@ def bench_run(
                 **base,
             )
         ]
-    upsert_records(results_path, records)
+    if results_path is not None:
+        upsert_records(results_path, records)
     log.info(
         "bench %s: %.3f MiB, %s %.3f ms", run_dir, base["size_mb"],
         base["latency_backend"], base["latency_ms"] or float("nan"),

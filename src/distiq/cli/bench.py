@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -20,11 +21,23 @@ def command(
     run_dir: RunDirArgument,
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs per backend.")] = 30,
     threads: Annotated[int, typer.Option(min=1, help="Intra-op threads (torch, onnxruntime).")] = 2,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="results.json to update (default: the run's own; a model directory that is "
+            "not a distiq run is never written to).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Measure a run's model: size, latency, memory (merged into its results.json)."""
     check_run_dir(run_dir)
     from distiq.bench import bench_run
 
     with console(stderr=True).status(f"Measuring {run_dir}…"):
-        records = bench_run(run_dir, repeats=repeats, threads=threads)
+        records = bench_run(run_dir, repeats=repeats, threads=threads, results=out)
     console().print(records_table(records, title=f"{run_dir} (bench)"))
+    if out is None and not (run_dir / "recipe.yaml").is_file():
+        typer.echo("not saved: pass --out FILE to keep these numbers (e.g. for the report)")

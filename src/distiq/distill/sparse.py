@@ -48,8 +48,9 @@ def teacher_topk(
 
 
 def _log1mexp(x: Tensor) -> Tensor:
-    """``log(1 − exp(x))`` for ``x ≤ 0``, stable on both sides of ``−log 2`` (Mächler 2012)."""
-    x = x.clamp_max(0.0)
+    """``log(1 − exp(x))`` for ``x < 0``, stable on both sides of ``−log 2`` (Mächler 2012);
+    ``x`` is kept below zero by the smallest normal float, so value and gradient stay finite."""
+    x = x.clamp_max(-torch.finfo(x.dtype).tiny)
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
@@ -106,7 +107,11 @@ def topk_kl_divergence(
     head = torch.where(p > 0, head_terms, head_terms.new_zeros(())).sum(-1)
 
     rest_p = (1.0 - p.sum(-1)).clamp_min(0.0)  # (...)
-    log_rest_q = _log1mexp(torch.logsumexp(log_q, dim=-1))
+    # where the teacher has no rest (k = V), the student's rest enters neither the value nor,
+    # through a where on a safe input, the gradient
+    head_lse = torch.logsumexp(log_q, dim=-1)
+    head_lse = torch.where(rest_p > 0, head_lse, torch.full_like(head_lse, -1.0))
+    log_rest_q = _log1mexp(head_lse)
     log_rest_q = log_rest_q.clamp_min(math.log(torch.finfo(log_q.dtype).tiny))
     rest_terms = rest_p * (torch.log(rest_p.clamp_min(torch.finfo(log_q.dtype).tiny)) - log_rest_q)
     rest = torch.where(rest_p > 0, rest_terms, rest_terms.new_zeros(()))

@@ -145,3 +145,32 @@ def test_bench_run_without_records_and_bad_input(deploy, w8a8, tmp_path):
     with pytest.raises(RunDirError, match="holds no model"):
         bench_run(tmp_path / "nothing")
     assert not (tmp_path / "nothing" / "results.json").exists()
+
+
+def test_bench_never_writes_into_a_users_checkpoint(deploy, w8a8, tmp_path):
+    """A plain Hugging Face directory (not a distiq run) is measured, not written into."""
+    import shutil
+
+    run = _run_dir(deploy, w8a8, tmp_path / "run")
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(run / name, checkpoint / name)
+    for path in run.iterdir():  # the processing files
+        if path.suffix in (".json", ".jinja", ".txt") and path.name not in (
+            "quantization.json",
+            "results.json",
+            "checksums.json",
+        ):
+            shutil.copy(path, checkpoint / path.name)
+    before = sorted(p.name for p in checkpoint.iterdir())
+    (record,) = bench_run(
+        checkpoint, backends=("ort-fp32",), workloads=("language_model",), threads=1, warmup=0,
+        repeats=2,
+    )  # fmt: skip
+    assert record.method == "teacher" and record.latency_ms > 0
+    assert sorted(p.name for p in checkpoint.iterdir()) == before
+    out = tmp_path / "scores.json"
+    bench_run(checkpoint, backends=("ort-fp32",), workloads=("language_model",), threads=1,
+              warmup=0, repeats=2, results=out)  # fmt: skip
+    assert read_records(out)[0].latency_ms > 0

@@ -40,11 +40,13 @@ def test_missing_directory_and_missing_config(tmp_path):
 
 
 def test_unsupported_architecture_lists_supported_and_how_to_add(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_onevision"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "llava_onevision", "architectures": ["LlavaOnevisionModel"]})
+    )
     with pytest.raises(UnsupportedModelError) as error:
         load(tmp_path)
     message = str(error.value)
-    assert "'llava_onevision'" in message and "did you mean 'llava" in message
+    assert "'llava_onevision' (LlavaOnevisionModel)" in message and "did you mean 'llava" in message
     assert "qwen2_vl" in message and "register_adapter" in message
 
 

@@ -290,3 +290,41 @@ def test_output_may_not_be_the_teacher_and_a_stopped_run_reruns(world):
     )
     assert compress(recipe) == run
     assert read_records(run / "results.json")
+
+
+def test_a_changed_weight_file_is_named_by_eval_and_export(world):
+    """Flipped bits in a run's weights: eval and export refuse it, naming the file, instead of
+    reporting another accuracy or an "identical" export."""
+    from distiq.export import export_run
+    from distiq.integrity import IntegrityError
+
+    run = compress(recipe_from_dict(_recipe(world, "rtn-bits", method="rtn",
+                                            quantization={"scheme": "W4A8"})))  # fmt: skip
+    weights = run / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x10
+    weights.write_bytes(bytes(data))
+    before = (run / "results.json").read_text()
+    with pytest.raises(IntegrityError, match="model.safetensors changed since the run wrote it"):
+        evaluate(run)
+    with pytest.raises(IntegrityError, match="model.safetensors changed"):
+        export_run(run, "packed")
+    assert (run / "results.json").read_text() == before
+
+
+def test_a_full_disk_at_the_final_save_leaves_no_config_without_weights(world, monkeypatch):
+    import errno
+
+    from safetensors import torch as safetensors_torch
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors_torch, "save_file", full)
+    run = world["root"] / "runs" / "full-disk"
+    with pytest.raises(OSError, match="could not save the model.*No space left") as info:
+        compress(recipe_from_dict(_recipe(world, "full-disk", method="rtn",
+                                          quantization={"scheme": "W4A8"})))  # fmt: skip
+    assert info.value.errno == errno.ENOSPC
+    assert not (run / "config.json").exists() and not (run / "model.safetensors").exists()
+    assert not [p for p in run.iterdir() if p.name.startswith(".saving-")]

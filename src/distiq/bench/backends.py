@@ -89,9 +89,7 @@ def w8a8_model(model: nn.Module) -> tuple[nn.Module, int]:
             and not module.token_importance
             and int_matmul_supported(module.weight_spec, module.activation_spec)
         ):
-            parent, _, child = name.rpartition(".")
-            new = QuantizedLinear.from_fake_quant(module, int_matmul=True)
-            setattr(clone.get_submodule(parent) if parent else clone, child, new)
+            clone.set_submodule(name, QuantizedLinear.from_fake_quant(module, int_matmul=True))
             count += 1
     return clone.eval(), count
 

@@ -118,7 +118,7 @@ def bench_run(
         threads: torch and onnxruntime intra-op threads (stated in the records).
         warmup, repeats: untimed and timed runs per backend.
         results: the results file to update (default: ``run_dir/results.json`` for a distiq
-            run directory — one with ``recipe.yaml``; any other model directory, e.g. a user's
+            run directory (:func:`is_distiq_run`); any other model directory, e.g. a user's
             checkpoint, is never written to: the records are only returned).
         int4_accuracy_level: onnxruntime ``MatMulNBits`` accuracy level for ``ort-int4``.
         exports: the ONNX models of this run made before by :func:`bench_exports` (then the
@@ -133,7 +133,7 @@ def bench_run(
     run = load_run(run_dir)
     if results is not None:
         results_path: Path | None = Path(results)
-    elif (Path(run_dir) / "recipe.yaml").is_file():
+    elif is_distiq_run(run_dir):
         results_path = Path(run_dir) / "results.json"
     else:
         results_path = None  # a user's checkpoint: measured, not written into
@@ -197,6 +197,12 @@ def bench_run(
         base["latency_backend"], base["latency_ms"] or float("nan"),
     )  # fmt: skip
     return records
+
+
+def is_distiq_run(directory: str | os.PathLike) -> bool:
+    """Whether distiq wrote ``directory`` (a run: ``recipe.yaml`` or ``quantization.json``),
+    as opposed to a model directory of the user's, which bench never writes into."""
+    return any((Path(directory) / name).is_file() for name in ("recipe.yaml", "quantization.json"))
 
 
 def bench_exports(

@@ -39,5 +39,7 @@ def command(
     with console(stderr=True).status(f"Measuring {run_dir}…"):
         records = bench_run(run_dir, repeats=repeats, threads=threads, results=out)
     console().print(records_table(records, title=f"{run_dir} (bench)"))
-    if out is None and not (run_dir / "recipe.yaml").is_file():
+    from distiq.bench.run import is_distiq_run
+
+    if out is None and not is_distiq_run(run_dir):
         typer.echo("not saved: pass --out FILE to keep these numbers (e.g. for the report)")

@@ -250,14 +250,14 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
     """The whole demo into ``out``, the compression runs in ``jobs`` worker processes at once
     (see :mod:`distiq.demo.jobs`); returns ``{"report": ReportFiles, "times": {...},
     "records": [...], "goals": [GoalCheck], "best": record | None}``."""
+    from distiq.config import check_writable
     from distiq.report import check_goals, collect_inputs, write_report
-    from distiq.report.render import check_writable
     from distiq.results import read_records, upsert_records, with_retention
 
     total_started = time.perf_counter()
     load_at_start = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
     code = _code_version()
-    check_writable(out)
+    check_writable(out, "the demo", "choose a writable directory with --out")
     recipes_dir()  # the recipes are there
     engine = _Engine()
     names = [TEACHER, *RUNS]

@@ -369,6 +369,9 @@ def _train(
         model.save_pretrained(run_dir)  # with heads: model, processor and heads
         if not isinstance(model, VLMWithHeads):
             adapter.save_pretrained(run_dir)
+        from distiq.integrity import record_hashes
+
+        record_hashes(run_dir, sorted(p.name for p in run_dir.glob("*.safetensors")))
     test = evaluate_vqa(  # data-parallel: each process answers its share of the images
         engine,
         data.test,

@@ -158,8 +158,7 @@ def float_twin(model: nn.Module) -> nn.Module:
 
     twin = copy.deepcopy(model)
     for name, module in [(n, m) for n, m in twin.named_modules() if is_quantized(m)]:
-        parent, _, child = name.rpartition(".")
-        setattr(twin.get_submodule(parent) if parent else twin, child, float_layer(module))
+        twin.set_submodule(name, float_layer(module))
     return twin.eval()
 
 

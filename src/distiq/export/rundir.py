@@ -254,24 +254,20 @@ def _rebuild(model: nn.Module, name: str, entry: dict, state: dict) -> nn.Module
 
 def load_run(run_dir: str | os.PathLike) -> LoadedRun:
     """Load a run directory's model with real quantized layers (see the module docstring)."""
+    from distiq.integrity import load_safetensors, verify_hashes
+
     path = check_run_dir(run_dir)
+    verify_hashes(path)  # a weight file changed since the run wrote it: said, not exported
     modules = read_quant_manifest(path)
     state: dict[str, torch.Tensor] = {}
     state_file = run_file(path, QUANT_STATE)
     if state_file.is_file():
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(state_file))
-        except (SafetensorError, OSError) as exc:
-            raise RunDirError(f"cannot read {state_file}: {exc}") from None
+        state = load_safetensors(state_file, what="the run's quantization state")
     elif any(e.get("activation") or e.get("weight") for e in modules.values()):
         log.info("%s has no %s: weight qparams are recomputed", path, QUANT_STATE)
     model, adapter = _load_model(path)
     layers = {name: _rebuild(model, name, entry, state) for name, entry in modules.items()}
     for name, layer in layers.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        model.set_submodule(name, layer)
     model.eval()
     return LoadedRun(model, adapter, modules, path)

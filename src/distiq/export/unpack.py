@@ -225,11 +225,6 @@ def _build_layer(name: str, manifest: dict, tensors: dict, int_matmul: bool) -> 
     return layer
 
 
-def _set(model: nn.Module, name: str, layer: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, layer)
-
-
 def install_layers(
     model: nn.Module, manifest: dict, tensors: dict[str, torch.Tensor], *, int_matmul: bool
 ) -> None:
@@ -259,5 +254,5 @@ def install_layers(
                 f"{tuple(state[key].shape)} in the model"
             )
     for name, layer in layers.items():
-        _set(model, name, layer)
+        model.set_submodule(name, layer)
     model.load_state_dict(leftovers, strict=False)

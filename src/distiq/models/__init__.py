@@ -45,7 +45,7 @@ from distiq.models.loading import (
     register_adapter,
     supported_model_types,
 )
-from distiq.models.multitask import MultiTaskOutput, VLMWithHeads
+from distiq.models.multitask import MultiTaskOutput, VLMWithHeads, unwrap_vlm
 from distiq.models.paligemma import PaliGemmaAdapter
 from distiq.models.parts import (
     FeaturePoints,
@@ -95,4 +95,5 @@ __all__ = [
     "register_adapter",
     "supported_model_types",
     "to_rgb",
+    "unwrap_vlm",
 ]

@@ -40,7 +40,9 @@ def evenly_spaced(keep: int, total: int) -> list[int]:
 
 
 def _config_of(model: nn.Module, part: str) -> Any:
-    config = getattr(model, "vlm", model).config  # a VLMWithHeads keeps the VLM as .vlm
+    from distiq.models.multitask import unwrap_vlm
+
+    config = unwrap_vlm(model).config
     if part == "language_model":
         return config.get_text_config()
     vision = getattr(config, "vision_config", None)

@@ -71,9 +71,10 @@ def adapter_class(config_or_model: Any) -> type[VLMAdapter]:
         if architecture in _BY_ARCHITECTURE:
             return _BY_ARCHITECTURE[architecture]
     known = supported_model_types()
+    found = ", ".join(getattr(config, "architectures", None) or ()) or type(config).__name__
     raise UnsupportedModelError(
-        f"no distiq adapter for model_type {model_type!r}{suggest(str(model_type), known)}; "
-        f"supported: {', '.join(known)}; {HOW_TO_REGISTER}"
+        f"no distiq adapter for model_type {model_type!r} ({found})"
+        f"{suggest(str(model_type), known)}; supported: {', '.join(known)}; {HOW_TO_REGISTER}"
     )
 
 
@@ -136,6 +137,10 @@ def load(
         model_kwargs["dtype"] = dtype
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
+    from distiq.integrity import check_safetensors
+
+    for weights in sorted(path.glob("*.safetensors")):  # a damaged file: said, by name
+        check_safetensors(weights, "the model's weights")
     model = AutoModelForImageTextToText.from_pretrained(path, **model_kwargs)
     model.eval()
     adapter = cls.from_pretrained(

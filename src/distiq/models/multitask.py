@@ -50,6 +50,11 @@ class MultiTaskOutput:
     grid_size: tuple[int, int]
 
 
+def unwrap_vlm(model: nn.Module) -> nn.Module:
+    """The Hugging Face VLM of ``model``: ``VLMWithHeads.vlm``, or the model itself."""
+    return getattr(model, "vlm", model)
+
+
 class VLMWithHeads(nn.Module):
     """A LLaVA-architecture VLM plus detection / segmentation heads on its patch features.
 

@@ -371,6 +371,4 @@ def _convert(model: nn.Module, name: str, layer: nn.Module, result: PTQResult) -
     new = QuantizedLinear.from_quantized(
         result.codes, result.scale, result.zero_point, result.spec, bias, result.g_idx
     )
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    model.set_submodule(name, new)

@@ -280,7 +280,7 @@ def quantize_(
             new = handler(module, weight, activation, config, int_matmul=int_matmul)
         else:
             new = handler(module, weight, activation, config)
-        _set_submodule(model, name, new)
+        model.set_submodule(name, new)
         report.changes.append(
             ModuleChange(
                 name,
@@ -292,9 +292,3 @@ def quantize_(
         )
     log.info("%s", report)
     return report
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)

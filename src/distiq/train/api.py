@@ -57,7 +57,7 @@ class CompressResult:
 def _loaded(model: Any, processor: Any, what: str) -> tuple[nn.Module, Any]:
     """``(model, adapter)`` from a directory, a ``(model, adapter)`` pair or a model with its
     processor."""
-    from distiq.models import LoadedVLM, adapter_class
+    from distiq.models import LoadedVLM, adapter_class, unwrap_vlm
     from distiq.train.modeling import load_vlm
 
     if isinstance(model, str | Path):
@@ -75,7 +75,7 @@ def _loaded(model: Any, processor: Any, what: str) -> tuple[nn.Module, Any]:
             if isinstance(processor, tuple)
             else (processor.tokenizer, processor.image_processor)
         )
-        config = getattr(model, "vlm", model).config
+        config = unwrap_vlm(model).config
         adapter = adapter_class(config)(
             config,
             tokenizer,

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from distiq.models import unwrap_vlm
+
 
 @dataclass
 class VQAOutputs:
@@ -69,7 +71,7 @@ class EngineModel(nn.Module):
     def __init__(self, model: nn.Module, adapter: Any) -> None:
         super().__init__()
         self.inner = model
-        self.vlm = getattr(model, "vlm", model)
+        self.vlm = unwrap_vlm(model)
         self.adapter = adapter
 
     # ------------------------------------------------------------------ class level: data

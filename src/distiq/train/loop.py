@@ -46,6 +46,7 @@ from distiq.train.distributed import (
 )
 from distiq.train.lock import locked_run_dir
 from distiq.train.metrics import MetricsWriter, check_tensorboard
+from distiq.train.optim import param_groups
 from distiq.train.resume import restore_training_state, save_best_weights, save_training_state
 from distiq.train.schedule import build_scheduler
 from distiq.train.state import (
@@ -443,20 +444,7 @@ def _param_groups(model: nn.Module, params: Iterable[Any] | None, weight_decay: 
         if not groups:
             raise ValueError("optimizer_params is empty: nothing would be trained")
         return groups
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    if not decay and not no_decay:
-        raise ValueError(
-            "the model has no trainable parameters (all have requires_grad=False); "
-            "unfreeze some or pass optimizer_params"
-        )
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return [g for g in groups if g["params"]]
+    return param_groups([model], weight_decay)
 
 
 def _log_line(state: LoopState, ctx: DistContext, lr: float, epoch: int) -> dict[str, Any]:

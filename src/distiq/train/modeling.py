@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distiq.models import VLMWithHeads, build_edge_vlm, edge_vlm_config, load
+from distiq.models import VLMWithHeads, build_edge_vlm, edge_vlm_config, load, unwrap_vlm
 from distiq.models.depth import evenly_spaced, keep_layers, layer_count
 from distiq.models.multitask import HEADS_CONFIG
 
@@ -60,11 +60,6 @@ def load_vlm(path: str | Path) -> tuple[nn.Module, Any]:
         return model, model.base_adapter
     vlm, adapter = load(path, attn_implementation="eager")
     return vlm, adapter
-
-
-def vlm_of(model: nn.Module) -> nn.Module:
-    """The Hugging Face VLM of ``model`` (``VLMWithHeads.vlm`` or the model itself)."""
-    return getattr(model, "vlm", model)
 
 
 def _edge_config_of(vlm: nn.Module) -> dict[str, Any]:
@@ -199,7 +194,7 @@ def _preset_student(
     seed: int,
 ) -> tuple[nn.Module, Any]:
     """``init: preset``: a built-in edge VLM (see :func:`build_student`)."""
-    teacher_vlm = vlm_of(teacher)
+    teacher_vlm = unwrap_vlm(teacher)
     if not hasattr(teacher_vlm.config, "vision_feature_layer"):
         raise ValueError(
             "student.init: preset builds the built-in edge VLM (LLaVA architecture); the teacher "

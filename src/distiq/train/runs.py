@@ -106,23 +106,45 @@ def bake_quantized(model: nn.Module, *, method: str) -> dict[str, Any]:
 
 def save_run_model(run_dir: str | Path, model: nn.Module, adapter: Any, manifest: dict) -> None:
     """Save the (baked) model as a Hugging Face directory in ``run_dir`` with its quantization
-    manifest and state (see the module docstring)."""
+    manifest and state (see the module docstring), and record the SHA-256 of every weight file
+    (``distiq.integrity``: eval, export and bench check them).
+
+    Everything is written into a staging folder inside ``run_dir`` first and moved into place
+    only when all of it is written: a full disk leaves no ``config.json`` without its weights
+    (and an ``OSError`` naming the file and the cause)."""
+    import tempfile
+
     from safetensors.torch import save_file
+
+    from distiq.integrity import record_hashes
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     float_model = _float_copy_for_saving(model)
-    if hasattr(float_model, "base_adapter"):
-        float_model.save_pretrained(run_dir)
-    else:
-        float_model.save_pretrained(run_dir)
-        adapter.save_pretrained(run_dir)
-    state = {k: v.contiguous() for k, v in manifest.get("state", {}).items()}
-    save_file(state, str(run_dir / QUANT_STATE))
+    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=run_dir))
+    try:
+        try:
+            float_model.save_pretrained(staging)
+            if not hasattr(float_model, "base_adapter"):  # VLMWithHeads saves its processing
+                adapter.save_pretrained(staging)
+            state = {k: v.contiguous() for k, v in manifest.get("state", {}).items()}
+            save_file(state, str(staging / QUANT_STATE))
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"could not save the model into {run_dir} ({exc.strerror or exc}); nothing of it "
+                "was put in place: free space and run again",
+            ) from None
+        weights = sorted(p.name for p in staging.iterdir() if p.suffix == ".safetensors")
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+            os.replace(path, run_dir / path.name)  # config.json last: the weights come first
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     body = {"version": MANIFEST_VERSION, "modules": manifest.get("modules", {})}
     if manifest.get("skipped"):
         body["skipped"] = manifest["skipped"]
     atomic_write(run_dir / MANIFEST, json.dumps(body, indent=1) + "\n")
+    record_hashes(run_dir, weights)
 
 
 def _float_copy_for_saving(model: nn.Module) -> nn.Module:
@@ -139,16 +161,18 @@ def _float_copy_for_saving(model: nn.Module) -> nn.Module:
 def load_compressed(run_dir: str | Path) -> tuple[nn.Module, Any, dict[str, Any]]:
     """``(model, adapter, manifest)`` of a run directory: the saved model with its activation
     quantizers restored (static qparams loaded), in eval mode — the model that was evaluated."""
-    from safetensors.torch import load_file
-
+    from distiq.integrity import load_safetensors, verify_hashes
     from distiq.train.modeling import load_vlm
 
     run_dir = Path(run_dir)
+    verify_hashes(run_dir)  # a weight file changed since the run wrote it: said, not evaluated
     model, adapter = load_vlm(run_dir)
     manifest: dict[str, Any] = {"modules": {}}
     if (run_dir / MANIFEST).is_file():
         manifest = json.loads((run_dir / MANIFEST).read_text())
-    state = load_file(str(run_dir / QUANT_STATE)) if (run_dir / QUANT_STATE).is_file() else {}
+    state = {}
+    if (run_dir / QUANT_STATE).is_file():
+        state = load_safetensors(run_dir / QUANT_STATE, what="the run's quantization state")
     for name, entry in manifest["modules"].items():
         if entry.get("activation") is None:
             continue
@@ -214,7 +238,7 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool, empty: bool
             _empty_run_dir(run_dir)
     elif resume:
         raise FileNotFoundError(f"cannot resume {run_dir}: there is no run there")
-    check_writable(run_dir)
+    config.check_writable(run_dir, "the run", "choose a writable output directory")
 
 
 def _check_not_in_use(run_dir: Path) -> None:
@@ -306,8 +330,3 @@ def _empty_run_dir(run_dir: Path) -> None:
     run_dir.rename(aside)
     run_dir.mkdir(exist_ok=True)  # another rank's writability check may have made it
     shutil.rmtree(aside)
-
-
-def check_writable(run_dir: Path) -> None:
-    """Create ``run_dir``; a clear error when the path is not writable."""
-    config.check_writable(run_dir, "the run", "choose a writable output directory")

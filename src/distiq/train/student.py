@@ -19,32 +19,12 @@ token-level terms use the answer tokens (``labels``, Hugging Face shift) by defa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-
-
-def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
-    """AdamW groups over the trainable parameters of ``modules`` (each parameter once): weight
-    decay on tensors with ``ndim >= 2``, none on biases, norms and quantizer scales."""
-    decay, no_decay, seen = [], [], set()
-    for module in modules:
-        for param in module.parameters():
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if not groups:
-        raise ValueError("nothing to train: every parameter of the student is frozen")
-    return groups
 
 
 @dataclass

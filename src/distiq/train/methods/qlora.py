@@ -119,14 +119,16 @@ def merged_weights(peft_model: nn.Module) -> dict[str, torch.Tensor]:
 @register_method("qlora-kd")
 def run_qlora_kd(ctx: RunContext) -> list[ResultRecord]:
     """Train, evaluate, merge, re-quantize, evaluate; returns the run's result record."""
+    from distiq.models import unwrap_vlm
     from distiq.objective import QuantDistillObjective
     from distiq.quant import quantize_
     from distiq.train.loop import train
-    from distiq.train.modeling import resolve_model_dir, vlm_of
-    from distiq.train.student import param_groups, student_step_fn
+    from distiq.train.modeling import resolve_model_dir
+    from distiq.train.optim import param_groups
+    from distiq.train.student import student_step_fn
 
     recipe, data, teacher, adapter = ctx.recipe, ctx.data, ctx.teacher, ctx.teacher_adapter
-    teacher_vlm = vlm_of(teacher)
+    teacher_vlm = unwrap_vlm(teacher)
     planned = set(plan_quantization(teacher_vlm, adapter, recipe.quantization).layers)
     base = load_qlora_base(
         resolve_model_dir(recipe.teacher.path), _skip_modules(teacher_vlm, planned)

@@ -97,7 +97,8 @@ def run_trained(ctx: RunContext) -> list[ResultRecord]:
     from distiq.objective import QuantDistillObjective
     from distiq.quant import quantize_
     from distiq.train.loop import train
-    from distiq.train.student import param_groups, student_step_fn
+    from distiq.train.optim import param_groups
+    from distiq.train.student import student_step_fn
 
     recipe, data = ctx.recipe, ctx.data
     student, student_adapter = ctx.build_student()

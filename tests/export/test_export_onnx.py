@@ -289,7 +289,7 @@ def test_manifest_graph_files_must_stay_inside(tmp_path):
     (tmp_path / "outside.onnx").write_bytes(b"not read")
     export = tmp_path / "onnx"
     export.mkdir()
-    names = ("embed_tokens", "vision", "projector", "language_model")
+    names = ("vision", "embedding", "language_model")
     graphs = {name: {"file": f"{name}.onnx"} for name in names}
     for name in names:
         (export / f"{name}.onnx").write_bytes(b"")

@@ -157,7 +157,7 @@ def _part(model: nn.Module, adapter: Any, workload: str) -> nn.Module:
 def _ort_call(path: Path, workload: str, inputs: dict, threads: int, level: int | None):
     import onnxruntime as ort
 
-    from distiq.export.ort import session_options
+    from distiq.export.ort import decoder_feed, session_options
 
     name = "language_model" if workload == "language_model" else "vision"
     session = ort.InferenceSession(
@@ -166,8 +166,7 @@ def _ort_call(path: Path, workload: str, inputs: dict, threads: int, level: int 
         ["CPUExecutionProvider"],
     )
     if workload == "language_model":
-        embeds = inputs["inputs_embeds"].numpy()
-        feed = {"inputs_embeds": embeds, "attention_mask": np.ones(embeds.shape[:2], np.int64)}
+        feed = decoder_feed(session, inputs["inputs_embeds"].numpy())  # the prompt, no cache
     else:
         feed = {"pixel_values": inputs["pixel_values"].numpy()}
     return lambda: session.run(None, feed)[0]

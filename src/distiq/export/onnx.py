@@ -1,32 +1,40 @@
-"""``export_onnx``: a LLaVA-architecture VLM (and its task heads) as separate ONNX graphs.
+"""``export_onnx``: a VLM as the three ONNX graphs of onnxruntime-genai's multimodal pipeline,
+with a KV cache, plus a ``genai_config.json`` that ``onnxruntime_genai.Model(path)`` loads.
 
-The whole VLM does not trace as one graph (its image-token bookkeeping is data-dependent), and an
-edge runtime wants the parts apart anyway. ``export_onnx(model, path)`` writes::
+LLaVA (the built-in edge VLM included, optionally ``VLMWithHeads``), Idefics3 / SmolVLM and
+Qwen2-VL models. ``export_onnx(model, path)`` writes::
 
-    path/manifest.json            format "distiq.onnx": graphs, precision, per-layer forms,
-                                  prompt and image-token facts the runner needs, file sizes
-    path/embed_tokens.onnx        input_ids (B, L) int64            -> inputs_embeds (B, L, D)
-    path/vision.onnx              pixel_values (B, 3, H, W) float32 -> image_features (B, P, Dv)
-    path/projector.onnx           image_features (B, P, Dv)         -> image_embeds (B, P, D)
-    path/language_model.onnx      inputs_embeds (B, L, D), attention_mask (B, L) int64
-                                                                    -> logits (B, L, V)
-    path/detection_head.onnx      image_features -> cls_logits (B, N, C), box_ltrb (B, N, 4)
-    path/segmentation_head.onnx   image_features -> seg_logits (B, C, H, W)    (heads: VLMWithHeads)
-    path/processor/               tokenizer, image processor, chat template
+    path/genai_config.json        onnxruntime-genai: model type, the three graphs with their
+                                  input / output names, the cache geometry, token ids, search
+    path/vision.onnx              pixels -> image_features (N, D): the rows that replace the N
+                                  image tokens (see distiq.export.onnx_vision per family)
+    path/embedding.onnx           input_ids (B, L) int64, image_features (N, D)
+                                                                -> inputs_embeds (B, L, D)
+    path/language_model.onnx      the decoder ("decoder" in genai_config.json):
+                                  inputs_embeds (B, L, D), attention_mask (B, P + L) int64,
+                                  position_ids (B, L) int64 ((3, B, L) for Qwen2-VL),
+                                  past_key_values.N.key / .value (B, Hkv, P, hd)
+                                    -> logits (B, L, V), present.N.key / .value (B, Hkv, P + L, hd)
+    path/detection_head.onnx      vision_features -> cls_logits, box_ltrb   (VLMWithHeads)
+    path/segmentation_head.onnx   vision_features -> seg_logits             (VLMWithHeads)
+    path/tokenizer.json, ...      the tokenizer files, for onnxruntime_genai.Tokenizer
+    path/processor/               the Hugging Face tokenizer, image processor and config
+                                  (``distiq.export.ort.OrtVLM`` prepares inputs with them)
+    path/manifest.json            format "distiq.onnx" version 2: graphs, precision, per-layer
+                                  forms, prompt, image and cache facts, file sizes
 
-``image_features`` are what LLaVA's projector consumes (the selected vision layer(s), class token
-dropped under the ``default`` strategy); N = (H/patch)·(W/patch) patch positions. B and L are
-dynamic; the language model has no KV cache (each decoding step re-runs the prefix: simple and
-exact, O(L²) per answer — fine for short VQA answers).
+A prompt runs the decoder once over all its tokens with an empty cache (P = 0); each new token
+then runs it on that one token with the previous presents as pasts, so the work per new token
+no longer re-runs the prompt. onnxruntime-genai drives exactly this (``distiq.export.onnx_genai``
+says which model type each family uses and what genai can and cannot do with it);
+``OrtVLM`` runs the same loop with onnxruntime alone.
 
-Quantized layers become QDQ per ``distiq.export.onnx_quant`` (``precision`` ``int8``, ``int4`` or
-``fp32``). Graphs are traced by default with the TorchScript-based exporter
-(``torch.onnx.export(..., dynamo=False)``, opset 20, then rewritten to opset 21 for INT4): on this
-machine it exports the edge VLM's language model in ~1 s where the dynamo exporter takes 15-30 s.
-``exporter="dynamo"`` uses ``torch.export`` instead (the exporter PyTorch is moving to; the
-TorchScript one is deprecated) and writes the same QDQ / INT4 forms
-(``distiq.export.onnx_dynamo``). Every file is written to a temporary directory that is
-renamed to ``path`` when complete; all checks run before anything is written.
+Quantized layers become QDQ per ``distiq.export.onnx_quant`` (``precision`` ``int8``, ``int4``
+(``MatMulNBits`` after onnxruntime's fusion) or ``fp32``), in every graph. Graphs are traced
+with the TorchScript-based exporter by default (``torch.onnx.export(..., dynamo=False)``, opset
+20, rewritten to opset 21 for INT4); ``exporter="dynamo"`` uses ``torch.export`` and writes the
+same QDQ / INT4 forms (``distiq.export.onnx_dynamo``). Every file is written to a temporary
+directory that is renamed to ``path`` when complete; all checks run before anything is written.
 """
 
 from __future__ import annotations
@@ -52,14 +60,14 @@ from distiq.export.files import (
     replace_directory,
 )
 from distiq.export.onnx_parts import (
+    MROPE_FAMILIES,
+    DecoderGraph,
     DetectionGraph,
     EmbedGraph,
-    LanguageGraph,
-    ProjectorGraph,
     SegmentationGraph,
-    VisionGraph,
+    kv_geometry,
+    language_parts,
     resolve_vlm,
-    vlm_image_facts,
 )
 from distiq.export.onnx_quant import (
     LayerPlan,
@@ -71,9 +79,11 @@ from distiq.export.onnx_quant import (
 log = logging.getLogger(__name__)
 
 ONNX_FORMAT = "distiq.onnx"
-ONNX_VERSION = 1
+ONNX_VERSION = 2
+GRAPHS = ("vision", "embedding", "language_model")  # what every export has
 MANIFEST_FILE = "manifest.json"
 PROCESSOR_DIR = "processor"
+GENAI_CONFIG = "genai_config.json"
 TRACE_OPSET = 20
 QUESTION_SLOT = "{question}"
 
@@ -204,12 +214,15 @@ def export_onnx(
     int8_weights: str = "auto",
     overwrite: bool = False,
     exporter: str = "torchscript",
+    int4_accuracy_level: int | None = None,
 ) -> OnnxExport:
-    """Export a LLaVA-architecture VLM (optionally ``VLMWithHeads``) as separate ONNX graphs.
+    """Export a VLM as onnxruntime-genai's vision / embedding / decoder graphs with a KV cache.
 
     Args:
-        model: ``LlavaForConditionalGeneration`` (float, fake-quant after ``quantize_``, or with
-            ``QuantizedLinear`` layers) or ``VLMWithHeads``.
+        model: ``LlavaForConditionalGeneration`` (or ``VLMWithHeads``),
+            ``Idefics3ForConditionalGeneration`` / ``SmolVLMForConditionalGeneration`` or
+            ``Qwen2VLForConditionalGeneration`` — float, fake-quant after ``quantize_``, or with
+            ``QuantizedLinear`` layers.
         path: output directory (see the module docstring for its contents).
         adapter: the model's ``VLMAdapter`` (not needed for ``VLMWithHeads``).
         precision: ``int8`` (8-bit per-channel weights, QDQ), ``int4`` (4-bit blockwise weights,
@@ -219,27 +232,34 @@ def export_onnx(
         overwrite: replace an earlier distiq export in ``path`` (a folder holding anything else
             is never replaced: ``distiq.export.files.check_destination``).
         exporter: ``torchscript`` (default: fast) or ``dynamo`` (``torch.export``-based, the
-            exporter PyTorch is moving to; same graphs, ~10x slower to export here).
+            exporter PyTorch is moving to; same graphs, much slower to export).
+        int4_accuracy_level: written into ``genai_config.json``'s session options as
+            onnxruntime's ``MatMulNBits`` accuracy level (``0`` keeps float activations: the
+            exported arithmetic; None leaves onnxruntime's default).
 
     Returns:
         ``OnnxExport`` (files, per-layer forms, the manifest).
 
     Raises:
         ValueError: an unsupported model family, bit width, format or granularity, dynamic or
-            uncalibrated activation quantization — before anything is written.
+            uncalibrated activation quantization, a decoder with sliding-window layers —
+            before anything is written.
     """
+    from distiq.export.onnx_genai import genai_config, write_genai_files
+    from distiq.export.onnx_vision import vision_part
+
     path = Path(path)
     vlm, adapter, heads = resolve_vlm(model, adapter)
     _check_exporter(exporter)
     plans = plan_model(model, precision, int8_weights)
     check_destination(path, overwrite=overwrite)
-    facts = vlm_image_facts(vlm, adapter)
-    names = adapter.module_names()
+    language_model, lm_head = language_parts(vlm, adapter)
+    decoder = DecoderGraph(language_model, lm_head)  # checks the decoder
+    geometry = kv_geometry(language_model)
     text = vlm.config.get_text_config()
-    hidden, vocab = int(text.hidden_size), int(text.vocab_size)
-    height, width = facts["image_size"]
-    grid = tuple(facts["grid"])
-    prefix = 0 if facts["drop_class_token"] else 1
+    vocab = int(text.vocab_size)
+    vision = vision_part(vlm, adapter, tower_features=heads is not None)
+    mrope = adapter.family in MROPE_FAMILIES
 
     was_training = model.training
     model.eval()
@@ -248,53 +268,44 @@ def export_onnx(
     graphs: dict[str, dict] = {}
     try:
         with torch.no_grad(), swapped_layers(model, plans, exporter):
-            tower = vlm.get_submodule(names.vision)
-            vision = VisionGraph(tower, facts["feature_layers"], facts["drop_class_token"])
-            pixels = torch.randn(2, 3, height, width)
-            features = vision(pixels)
-            embeds = torch.randn(2, 7, hidden)
-            mask = torch.ones(2, 7, dtype=torch.long)
-            mask[0, :2] = 0  # trace the padded case, not an all-ones shortcut
-            parts: list[tuple[str, nn.Module, tuple, list, list, dict]] = [
-                ("embed_tokens", EmbedGraph(vlm.get_input_embeddings()),
-                 (torch.zeros(2, 7, dtype=torch.long),), ["input_ids"], ["inputs_embeds"],
-                 {"input_ids": {0: "batch", 1: "sequence"},
-                  "inputs_embeds": {0: "batch", 1: "sequence"}}),
-                ("vision", vision, (pixels,), ["pixel_values"], ["image_features"],
-                 {"pixel_values": {0: "batch"}, "image_features": {0: "batch"}}),
-                ("projector", ProjectorGraph(vlm.get_submodule(names.projector)), (features,),
-                 ["image_features"], ["image_embeds"],
-                 {"image_features": {0: "batch", 1: "tokens"},
-                  "image_embeds": {0: "batch", 1: "tokens"}}),
-                ("language_model", LanguageGraph(vlm.get_submodule(names.language_model),
-                                             vlm.get_submodule(names.lm_head)),
-                 (embeds, mask), ["inputs_embeds", "attention_mask"], ["logits"],
-                 {"inputs_embeds": {0: "batch", 1: "sequence"},
-                  "attention_mask": {0: "batch", 1: "sequence"},
-                  "logits": {0: "batch", 1: "sequence"}}),
+            parts = [
+                ("vision", vision.module, vision.example, vision.input_names,
+                 vision.output_names, vision.dynamic_axes),
+                _embedding_part(vlm, adapter, geometry["hidden_size"]),
+                _decoder_part(decoder, geometry, mrope),
+                *_head_parts(heads, vision),
             ]  # fmt: skip
-            if heads is not None and heads.detection_head is not None:
-                parts.append(
-                    ("detection_head", DetectionGraph(heads.detection_head, prefix, grid,
-                                                  facts["patch_size"]),
-                     (features,), ["image_features"], ["cls_logits", "box_ltrb"],
-                     {"image_features": {0: "batch"}, "cls_logits": {0: "batch"},
-                      "box_ltrb": {0: "batch"}})
-                )  # fmt: skip
-            if heads is not None and heads.segmentation_head is not None:
-                parts.append(
-                    ("segmentation_head", SegmentationGraph(heads.segmentation_head, prefix, grid,
-                                                        (height, width)),
-                     (features,), ["image_features"], ["seg_logits"],
-                     {"image_features": {0: "batch"}, "seg_logits": {0: "batch"}})
-                )  # fmt: skip
             for name, module, args, inputs, outputs, dynamic in parts:
                 file = tmp / f"{name}.onnx"
                 _trace(module, args, file, inputs, outputs, dynamic, _blockwise(plans), exporter)
                 _save_graph(file, 21)
                 graphs[name] = {"file": file.name, "inputs": inputs, "outputs": outputs}
         adapter.save_pretrained(tmp / PROCESSOR_DIR)
+        vlm.config.save_pretrained(tmp / PROCESSOR_DIR)  # config.json: distiq.models.load_adapter
         tokenizer = adapter.tokenizer
+        facts = {
+            "family": adapter.family,
+            "model_type": vlm.config.model_type,
+            "model_class": type(vlm).__name__,
+            "hidden_size": geometry["hidden_size"],
+            "vocab_size": vocab,
+            "max_length": adapter.max_length,
+            "image_token_id": adapter.image_token_id,
+            "image_placeholder": adapter.image_placeholder,
+            "prompt_template": adapter.format_prompt(QUESTION_SLOT),
+            "prompt_template_override": adapter.prompt_template,
+            "add_special_tokens": adapter.add_special_tokens,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_ids": _eos_ids(vlm, tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "mrope": mrope,
+            "kv_cache": geometry,
+            **vision.facts,
+        }
+        config = genai_config(
+            facts, vision, {n: g["file"] for n, g in graphs.items()}, int4_accuracy_level
+        )
+        write_genai_files(tmp, config, tmp / PROCESSOR_DIR)
         manifest = {
             "format": ONNX_FORMAT,
             "format_version": ONNX_VERSION,
@@ -304,22 +315,9 @@ def export_onnx(
             "exporter": exporter,
             "opset": 21,
             "graphs": graphs,
-            "vlm": {
-                "family": adapter.family,
-                "model_class": type(vlm).__name__,
-                "hidden_size": hidden,
-                "vocab_size": vocab,
-                "max_length": adapter.max_length,
-                "image_token_id": adapter.image_token_id,
-                "image_placeholder": adapter.image_placeholder,
-                "prompt_template": adapter.format_prompt(QUESTION_SLOT),
-                "add_special_tokens": adapter.add_special_tokens,
-                "bos_token_id": tokenizer.bos_token_id,
-                "eos_token_ids": _eos_ids(vlm, tokenizer),
-                "pad_token_id": tokenizer.pad_token_id,
-                **facts,
-            },
-            "heads": _head_facts(heads, facts) if heads is not None else {},
+            "genai": {"config": GENAI_CONFIG, "model_type": config["model"]["type"]},
+            "vlm": facts,
+            "heads": _head_facts(heads, vision.facts) if heads is not None else {},
             "layers": [vars(p) for p in plans],
             "sizes": {n: (tmp / g["file"]).stat().st_size for n, g in graphs.items()},
         }
@@ -335,6 +333,86 @@ def export_onnx(
     return OnnxExport(
         path, precision, {n: path / g["file"] for n, g in graphs.items()}, plans, manifest
     )
+
+
+def _embedding_part(vlm: nn.Module, adapter: Any, hidden: int) -> tuple:
+    """``embedding.onnx``: traced with 3 image tokens among 7 (the padded batch of 2 too)."""
+    module = EmbedGraph(vlm.get_input_embeddings(), adapter.image_token_id)
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    ids[0, 2:5] = adapter.image_token_id
+    dynamic = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "image_features": {0: "num_image_tokens"},
+        "inputs_embeds": {0: "batch", 1: "sequence"},
+    }
+    return (
+        "embedding", module, (ids, torch.randn(3, hidden)), ["input_ids", "image_features"],
+        ["inputs_embeds"], dynamic,
+    )  # fmt: skip
+
+
+def cache_names(layers: int) -> tuple[list[str], list[str]]:
+    """(past input names, present output names) in the decoder's order: key, value per layer."""
+    past = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    present = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    return past, present
+
+
+def _decoder_part(decoder: DecoderGraph, geometry: dict, mrope: bool) -> tuple:
+    """``language_model.onnx``: traced with batch 2, 5 new tokens after 3 cached ones, the first
+    row left-padded (so no shape is a constant of the trace)."""
+    batch, length, past_length = 2, 5, 3
+    embeds = torch.randn(batch, length, geometry["hidden_size"])
+    mask = torch.ones(batch, past_length + length, dtype=torch.long)
+    mask[0, :2] = 0
+    positions = torch.arange(past_length, past_length + length).expand(batch, length)
+    if mrope:
+        positions = positions[None].expand(3, batch, length)
+    shape = (batch, geometry["num_key_value_heads"], past_length, geometry["head_size"])
+    past = [torch.randn(shape) for _ in range(2 * geometry["num_hidden_layers"])]
+    past_names, present_names = cache_names(geometry["num_hidden_layers"])
+    dynamic = {
+        "inputs_embeds": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {1: "batch", 2: "sequence"} if mrope else {0: "batch", 1: "sequence"},
+        "logits": {0: "batch", 1: "sequence"},
+        **{name: {0: "batch", 2: "past_sequence"} for name in past_names},
+        **{name: {0: "batch", 2: "total_sequence"} for name in present_names},
+    }
+    return (
+        "language_model", decoder, (embeds, mask, positions, *past),
+        ["inputs_embeds", "attention_mask", "position_ids", *past_names],
+        ["logits", *present_names], dynamic,
+    )  # fmt: skip
+
+
+def _head_parts(heads: nn.Module | None, vision) -> list[tuple]:
+    """The task heads' graphs on the vision graph's ``vision_features`` (VLMWithHeads)."""
+    if heads is None:
+        return []
+    facts = vision.facts
+    prefix = 0 if facts["drop_class_token"] else 1
+    grid = tuple(facts["grid"])
+    with torch.no_grad():
+        features = vision.module(*vision.example)[1]
+    dynamic = {"vision_features": {0: "num_images"}}
+    parts = []
+    if heads.detection_head is not None:
+        module = DetectionGraph(heads.detection_head, prefix, grid, facts["patch_size"])
+        parts.append(
+            ("detection_head", module, (features,), ["vision_features"],
+             ["cls_logits", "box_ltrb"],
+             {**dynamic, "cls_logits": {0: "num_images"}, "box_ltrb": {0: "num_images"}})
+        )  # fmt: skip
+    if heads.segmentation_head is not None:
+        module = SegmentationGraph(
+            heads.segmentation_head, prefix, grid, tuple(facts["image_size"])
+        )
+        parts.append(
+            ("segmentation_head", module, (features,), ["vision_features"], ["seg_logits"],
+             {**dynamic, "seg_logits": {0: "num_images"}})
+        )  # fmt: skip
+    return parts
 
 
 def _eos_ids(vlm: nn.Module, tokenizer: Any) -> list[int]:
@@ -374,13 +452,18 @@ def read_onnx_manifest(path: str | os.PathLike) -> dict:
     problems = []
     if not isinstance(manifest, dict) or manifest.get("format") != ONNX_FORMAT:
         raise ValueError(f"{file} is not a distiq ONNX manifest (format {ONNX_FORMAT!r})")
+    if manifest.get("format_version") == 1:
+        raise ValueError(
+            f"{file} is an ONNX export of an earlier distiq (format version 1: separate graphs "
+            "without a KV cache); export the model again (`distiq export RUN_DIR --format onnx`)"
+        )
     if manifest.get("format_version") != ONNX_VERSION:
         problems.append(f"format_version {manifest.get('format_version')!r} is not supported")
     graphs = manifest.get("graphs")
     if not isinstance(graphs, dict):
         problems.append("graphs must be a mapping")
     else:
-        for name in ("embed_tokens", "vision", "projector", "language_model"):
+        for name in GRAPHS:
             if not isinstance(graphs.get(name), dict):
                 problems.append(f"graph {name!r} is missing")
         for name, entry in graphs.items():

@@ -4,15 +4,20 @@
     vlm = OrtVLM("out/onnx-int8", threads=2)
     vlm.answer(PIL.Image.open("scene.png"), "how many red squares are there")
 
-Every tensor operation of the model runs in onnxruntime; Python does the stitching:
+Every tensor operation of the model runs in onnxruntime; Python does the stitching, as
+onnxruntime-genai does (``distiq.export.onnx_genai.GenaiVLM`` runs the same export in genai):
 
-1. the prompt: the exported template with the question, the image placeholder expanded to the
-   image-token count, tokenized by the saved tokenizer (as ``VLMAdapter.build_inputs`` does);
-2. pixels: the saved image processor (RGBA composited over white, resized, normalised);
-3. ``vision`` -> ``projector`` give the image embeddings; ``embed_tokens`` embeds the prompt and
-   the image embeddings replace the ``<image>`` positions, in order;
-4. greedy decoding: ``language_model`` on the whole sequence, argmax of the last position,
-   append, stop at an eos id or ``max_new_tokens`` (no KV cache: each step re-runs the prefix).
+1. inputs: the export's processor prepares the prompt (image tokens expanded), the pixels and the
+   position ids exactly as the model's adapter does (``distiq.export.onnx_inputs``);
+2. ``vision`` gives the image features, ``embedding`` writes them over the image tokens;
+3. the prompt runs ``language_model`` once with an empty KV cache; each new token (greedy: the
+   argmax of the last logits) then runs ``embedding`` and ``language_model`` on that one token,
+   feeding the previous step's ``present.N.*`` back as ``past_key_values.N.*``; decoding stops at
+   an eos id or after ``max_new_tokens``. ``use_cache=False`` re-runs the whole sequence every
+   step instead (the reference for the cache, and the benchmark's baseline).
+
+``OrtVLM.steps`` records, for the last answer, how many tokens each decoder call took and how
+long its past was: with the cache every call after the prompt takes one token.
 
 Sessions use ``intra_op_num_threads = threads`` (and one inter-op thread) so timings are
 reproducible. ``int4_accuracy_level`` sets onnxruntime's ``MatMulNBits`` accuracy level for
@@ -24,12 +29,13 @@ rounding).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from distiq.export.onnx import PROCESSOR_DIR, read_onnx_manifest
+from distiq.export.onnx import read_onnx_manifest
 
 
 def session_options(
@@ -62,6 +68,48 @@ def session_options(
     return options
 
 
+def decoder_feed(
+    session: Any,
+    inputs_embeds: np.ndarray,
+    *,
+    attention_mask: np.ndarray | None = None,
+    position_ids: np.ndarray | None = None,
+    past: list[np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """The inputs of a ``language_model.onnx`` session for ``inputs_embeds (B, L, D)``: by default
+    the prompt step (no padding, positions ``0..L-1`` — on all three axes for multimodal
+    RoPE — and an empty cache of the session's geometry)."""
+    batch, length = inputs_embeds.shape[:2]
+    feed = {"inputs_embeds": inputs_embeds}
+    past_inputs = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    past_length = 0 if past is None else past[0].shape[2]
+    if attention_mask is None:
+        attention_mask = np.ones((batch, past_length + length), dtype=np.int64)
+    feed["attention_mask"] = attention_mask
+    if position_ids is None:
+        position_ids = np.broadcast_to(np.arange(length, dtype=np.int64), (batch, length))
+        rank = len(next(i for i in session.get_inputs() if i.name == "position_ids").shape)
+        if rank == 3:
+            position_ids = np.broadcast_to(position_ids[None], (3, batch, length))
+        position_ids = np.ascontiguousarray(position_ids)
+    feed["position_ids"] = position_ids
+    for index, spec in enumerate(past_inputs):
+        if past is None:
+            heads, head_size = spec.shape[1], spec.shape[3]
+            feed[spec.name] = np.zeros((batch, heads, 0, head_size), dtype=np.float32)
+        else:
+            feed[spec.name] = past[index]
+    return feed
+
+
+@dataclass
+class DecoderStep:
+    """One ``language_model`` call: tokens fed, and the cached tokens it attended to."""
+
+    tokens: int
+    past: int
+
+
 class OrtVLM:
     """The exported VLM in onnxruntime (see the module docstring).
 
@@ -84,7 +132,8 @@ class OrtVLM:
         providers: tuple[str, ...] = ("CPUExecutionProvider",),
     ) -> None:
         import onnxruntime as ort
-        from transformers import AutoImageProcessor, AutoTokenizer
+
+        from distiq.export.onnx_inputs import ExportInputs
 
         self.path = Path(path)
         self.manifest = read_onnx_manifest(self.path)
@@ -96,93 +145,101 @@ class OrtVLM:
             )
             for name, entry in self.manifest["graphs"].items()
         }
-        processor = self.path / PROCESSOR_DIR
-        self.tokenizer = AutoTokenizer.from_pretrained(processor, local_files_only=True)
-        self.image_processor = AutoImageProcessor.from_pretrained(processor, local_files_only=True)
+        self.inputs = ExportInputs(self.path, self.manifest)
+        self.tokenizer = self.inputs.tokenizer
+        self.hidden_size = int(self.facts["hidden_size"])
+        self.steps: list[DecoderStep] = []
 
     # -- pieces -------------------------------------------------------------------------------
-    def prompt_ids(self, question: str) -> list[int]:
-        """Token ids of the prompt for ``question``, image tokens expanded."""
-        facts = self.facts
-        placeholder = facts["image_placeholder"]
-        text = facts["prompt_template"].replace("{question}", question)
-        text = text.replace(placeholder, placeholder * facts["num_image_tokens"], 1)
-        ids = self.tokenizer(text, add_special_tokens=facts["add_special_tokens"])["input_ids"]
-        eos = self.tokenizer.eos_token_id
-        return list(ids[:-1]) if ids and ids[-1] == eos else list(ids)
-
-    def pixel_values(self, image: Any) -> np.ndarray:
-        """``(1, 3, H, W)`` float32 pixels of a PIL image."""
-        from distiq.models.inputs import to_rgb
-
-        out = self.image_processor(images=[to_rgb(image)], return_tensors="np")
-        return np.ascontiguousarray(out["pixel_values"], dtype=np.float32)
-
     def run(self, graph: str, **inputs: np.ndarray) -> list[np.ndarray]:
         """Run one graph by name with its named inputs."""
         if graph not in self.sessions:
             raise KeyError(f"no graph {graph!r}; this export has {', '.join(self.sessions)}")
         return self.sessions[graph].run(None, inputs)
 
-    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
-        """``(B, P, Dv)`` features of ``pixel_values (B, 3, H, W)``."""
-        return self.run("vision", pixel_values=pixel_values)[0]
+    def image_features(self, vision_inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """``(N, D)`` image features: the rows the embedding graph writes over image tokens."""
+        return self.run("vision", **vision_inputs)[0]
 
-    def inputs_embeds(self, input_ids: list[int], image_features: np.ndarray) -> np.ndarray:
-        """``(1, L, D)`` embeddings with the image embeddings at the ``<image>`` positions."""
-        ids = np.asarray([input_ids], dtype=np.int64)
-        embeds = self.run("embed_tokens", input_ids=ids)[0]
-        image_embeds = self.run("projector", image_features=image_features)[0]  # (1, P, D)
-        positions = np.nonzero(ids[0] == self.facts["image_token_id"])[0]
-        if positions.size != image_embeds.shape[1]:
+    def embed(self, input_ids: np.ndarray, image_features: np.ndarray | None = None):
+        """``(B, L, D)`` inputs_embeds of ``input_ids (B, L)``; ``image_features (N, D)`` replace
+        the image tokens (None: no image tokens, as in a decoding step)."""
+        if image_features is None:
+            image_features = np.zeros((0, self.hidden_size), dtype=np.float32)
+        count = int((input_ids == self.facts["image_token_id"]).sum())
+        if count != image_features.shape[0]:
             raise ValueError(
-                f"{positions.size} image tokens in the prompt but {image_embeds.shape[1]} image "
-                "embeddings: the prompt template and the export disagree"
+                f"{count} image tokens in the prompt but {image_features.shape[0]} image "
+                "features: the prompt and the export disagree"
             )
-        embeds[0, positions] = image_embeds[0]
-        return embeds
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        return self.run("embedding", input_ids=ids, image_features=image_features)[0]
+
+    def decode(
+        self,
+        inputs_embeds: np.ndarray,
+        position_ids: np.ndarray,
+        past: list[np.ndarray] | None = None,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One ``language_model`` call: ``(logits (B, L, V), presents)`` for new tokens after
+        ``past`` (None: the empty cache)."""
+        session = self.sessions["language_model"]
+        feed = decoder_feed(session, inputs_embeds, position_ids=position_ids, past=past)
+        outputs = session.run(None, feed)
+        self.steps.append(
+            DecoderStep(inputs_embeds.shape[1], 0 if past is None else past[0].shape[2])
+        )
+        return outputs[0], outputs[1:]
 
     def logits(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray | None = None):
-        """``(B, L, V)`` logits of ``inputs_embeds (B, L, D)``."""
-        if attention_mask is None:
-            attention_mask = np.ones(inputs_embeds.shape[:2], dtype=np.int64)
-        return self.run(
-            "language_model", inputs_embeds=inputs_embeds, attention_mask=attention_mask
-        )[0]
+        """``(B, L, V)`` logits of ``inputs_embeds (B, L, D)`` (the prompt step; left padding
+        in ``attention_mask`` shifts the positions as the model's own count does)."""
+        session = self.sessions["language_model"]
+        positions = None
+        if attention_mask is not None:
+            positions = np.clip(np.cumsum(attention_mask, axis=-1) - 1, 0, None).astype(np.int64)
+            if self.facts.get("mrope"):
+                positions = np.broadcast_to(positions[None], (3, *positions.shape)).copy()
+        feed = decoder_feed(
+            session, inputs_embeds, attention_mask=attention_mask, position_ids=positions
+        )
+        return session.run(["logits"], feed)[0]
 
     # -- answers ------------------------------------------------------------------------------
     def generate_ids(
-        self, image: Any, question: str, *, max_new_tokens: int = 8
+        self, image: Any, question: str, *, max_new_tokens: int = 8, use_cache: bool = True
     ) -> tuple[list[int], np.ndarray]:
         """Greedy new token ids for one question, and the prompt's logits ``(1, L, V)``."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        ids = self.prompt_ids(question)
-        if len(ids) + max_new_tokens > self.facts["max_length"]:
-            raise ValueError(
-                f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the model's "
-                f"context of {self.facts['max_length']} tokens; shorten the question"
-            )
-        embeds = self.inputs_embeds(ids, self.image_features(self.pixel_values(image)))
+        prompt = self.inputs.prepare(image, question, reserve=max_new_tokens)
+        features = self.image_features(prompt.vision)
+        self.steps = []
+        logits, past = self.decode(self.embed(prompt.input_ids, features), prompt.position_ids)
+        prompt_logits = logits
         eos = set(self.facts["eos_token_ids"])
+        ids = [int(i) for i in prompt.input_ids[0]]
         new: list[int] = []
-        prompt_logits = None
         for _ in range(max_new_tokens):
-            logits = self.logits(embeds)
-            if prompt_logits is None:
-                prompt_logits = logits
             token = int(np.argmax(logits[0, -1]))
             if token in eos:
                 break
             new.append(token)
-            step = self.run("embed_tokens", input_ids=np.asarray([[token]], dtype=np.int64))[0]
-            embeds = np.concatenate([embeds, step], axis=1)
+            if len(new) == max_new_tokens:
+                break
+            ids.append(token)
+            if use_cache:
+                step = self.embed(np.asarray([[token]], dtype=np.int64))
+                logits, past = self.decode(step, prompt.next_positions(len(ids) - 1), past)
+            else:  # the whole sequence again, cache discarded
+                embeds = self.embed(np.asarray([ids], dtype=np.int64), features)
+                logits, _ = self.decode(embeds, prompt.positions_until(len(ids)))
         return new, prompt_logits
 
     def answer(self, image: Any, question: str, *, max_new_tokens: int = 8) -> str:
         """The greedy answer, special tokens removed, stripped."""
         new, _ = self.generate_ids(image, question, max_new_tokens=max_new_tokens)
-        return self.tokenizer.decode(new, skip_special_tokens=True).strip()
+        return self.inputs.decode(new)
 
     def answers(self, samples: list[dict], *, max_new_tokens: int = 8) -> list[str]:
         """Answers for VQA samples (dicts with ``image`` and ``question``)."""
@@ -193,13 +250,23 @@ class OrtVLM:
     def heads(self, image: Any) -> dict[str, np.ndarray]:
         """Raw task-head outputs for one image: ``cls_logits`` (1, N, C), ``box_ltrb``
         (1, N, 4) and/or ``seg_logits`` (1, C, H, W)."""
-        features = self.image_features(self.pixel_values(image))
+        if "detection_head" not in self.sessions and "segmentation_head" not in self.sessions:
+            raise ValueError(f"{self.path} was exported without task heads")
+        pixels = self.pixel_values(image)
+        features = self.run("vision", pixel_values=pixels)[1]  # vision_features (1, N, Dv)
         out = {}
         if "detection_head" in self.sessions:
-            cls_logits, box = self.run("detection_head", image_features=features)
+            cls_logits, box = self.run("detection_head", vision_features=features)
             out.update(cls_logits=cls_logits, box_ltrb=box)
         if "segmentation_head" in self.sessions:
-            out["seg_logits"] = self.run("segmentation_head", image_features=features)[0]
-        if not out:
-            raise ValueError(f"{self.path} was exported without task heads")
+            out["seg_logits"] = self.run("segmentation_head", vision_features=features)[0]
         return out
+
+    def pixel_values(self, image: Any) -> np.ndarray:
+        """``(1, 3, H, W)`` float32 pixels of a PIL image (LLaVA exports)."""
+        from distiq.models.inputs import to_rgb
+
+        if self.facts["family"] != "llava":
+            raise ValueError("pixel_values of one image are the LLaVA layout; use inputs.prepare")
+        out = self.inputs.adapter.image_processor(images=[to_rgb(image)], return_tensors="np")
+        return np.ascontiguousarray(out["pixel_values"], dtype=np.float32)

@@ -1,22 +1,22 @@
 """``check_parity``: does the ONNX export compute what the PyTorch model computes?
 
 For each VQA sample: the prompt's logits from the exported graphs in onnxruntime
-(``OrtVLM``: vision → projector → embeddings → language model) against the PyTorch model's
-logits on the same prompt (``adapter.build_inputs``), and the greedy answers of both
-(``OrtVLM.answer`` against ``adapter.generate_answers``).
+(``OrtVLM``: vision → embedding → decoder with an empty cache) against the PyTorch model's
+logits on the same prompt (``adapter.build_inputs``), and the greedy answers of the PyTorch
+model (``adapter.generate_answers``), of ``OrtVLM`` (decoding with the KV cache) and — when
+onnxruntime-genai is installed — of onnxruntime-genai driving the same export (``GenaiVLM``).
 
 What to expect (measured, see ``distiq.export.onnx_quant``): activation codes are bit-identical
 given identical inputs, so a single quantized layer differs only by float reassociation in the
-matmul (~1e-7 relative). Across a network, float ops outside the quantized layers (norms,
-softmax, GELU) round differently in onnxruntime and PyTorch by an ulp, and an ulp can move a value
-across an activation rounding boundary: that code moves by one step ``s``, and the logits by
-about ``s·Σ|w|`` downstream. On the 1-layer test VLM no code moved (max |Δlogit| 1.2e-7); on the
-demo-sized edge VLM (3 + 3 layers, random weights, 12 questions) max |Δlogit| was 0.016 (int8)
-and 0.012 (int4 with ``int4_accuracy_level=0``) with logits up to 0.77, answers identical.
+matmul. Across a network, float ops outside the quantized layers (norms, softmax, GELU) round
+differently in onnxruntime and PyTorch by an ulp, and an ulp can move a value across an
+activation rounding boundary: that code moves by one step ``s``, and the logits by about
+``s·Σ|w|`` downstream. docs/export.md lists the measured gaps.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,17 +33,24 @@ class ParityReport:
     Attributes:
         max_abs_logit_diff: max over samples, positions and vocabulary of |Δlogit|.
         max_abs_logit: max |logit| of the PyTorch model (scale for the difference).
-        answers_torch, answers_onnx: greedy answers, one per sample.
+        answers_torch, answers_onnx: greedy answers, one per sample (onnxruntime: ``OrtVLM``).
+        answers_genai: onnxruntime-genai's answers, or None when it was not run.
     """
 
     max_abs_logit_diff: float
     max_abs_logit: float
     answers_torch: list[str] = field(default_factory=list)
     answers_onnx: list[str] = field(default_factory=list)
+    answers_genai: list[str] | None = None
 
     @property
     def answers_identical(self) -> bool:
         return self.answers_torch == self.answers_onnx
+
+    @property
+    def genai_answers_identical(self) -> bool | None:
+        """Whether onnxruntime-genai gave the PyTorch answers (None: genai was not run)."""
+        return None if self.answers_genai is None else self.answers_genai == self.answers_torch
 
     @property
     def answer_agreement(self) -> float:
@@ -57,6 +64,7 @@ class ParityReport:
             "answers_identical": self.answers_identical,
             "answer_agreement": self.answer_agreement,
             "num_samples": len(self.answers_torch),
+            "genai_answers_identical": self.genai_answers_identical,
         }
 
 
@@ -69,6 +77,7 @@ def check_parity(
     max_new_tokens: int = 8,
     threads: int | None = None,
     int4_accuracy_level: int | None = None,
+    genai: bool | None = None,
 ) -> ParityReport:
     """Compare an export with its model on VQA ``samples`` (dicts with ``image``, ``question``).
 
@@ -76,8 +85,13 @@ def check_parity(
         model: the PyTorch model that was exported (fake-quant or quantized layers).
         onnx_dir: the ``export_onnx`` directory.
         adapter: the model's adapter (``VLMWithHeads`` carries its own).
-        max_new_tokens: answer length limit for both sides.
-        threads, int4_accuracy_level: onnxruntime settings (``OrtVLM``).
+        max_new_tokens: answer length limit for every runtime.
+        threads, int4_accuracy_level: onnxruntime settings (``OrtVLM``; the accuracy level is
+            also given to onnxruntime-genai).
+        genai: also answer with onnxruntime-genai (None: when the package is installed).
+
+    Raises:
+        ValueError: no samples, no adapter, or an export whose prompt differs from the adapter's.
     """
     from distiq.export.ort import OrtVLM
 
@@ -94,20 +108,26 @@ def check_parity(
     try:
         for sample in samples:
             batch = adapter.build_inputs([sample], with_answers=False)
-            ids = runner.prompt_ids(sample["question"])
-            if ids != batch["input_ids"][0].tolist():
+            prompt = runner.inputs.prepare(sample["image"], sample["question"])
+            if prompt.input_ids[0].tolist() != batch["input_ids"][0].tolist():
                 raise ValueError(
                     "the export's prompt differs from the adapter's: export again with this "
                     "model's adapter"
                 )
-            pixels = runner.pixel_values(sample["image"])
-            embeds = runner.inputs_embeds(ids, runner.image_features(pixels))
+            embeds = runner.embed(prompt.input_ids, runner.image_features(prompt.vision))
+            got, _ = runner.decode(embeds, prompt.position_ids)
             with torch.no_grad():
                 expected = vlm(**batch).logits.float().numpy()
-            gap = max(gap, float(np.abs(runner.logits(embeds) - expected).max()))
+            gap = max(gap, float(np.abs(got - expected).max()))
             top = max(top, float(np.abs(expected).max()))
         answers_torch = adapter.generate_answers(vlm, samples, max_new_tokens=max_new_tokens)
     finally:
         vlm.train(was_training)
     answers_onnx = runner.answers(samples, max_new_tokens=max_new_tokens)
-    return ParityReport(gap, top, answers_torch, answers_onnx)
+    answers_genai = None
+    if genai or (genai is None and importlib.util.find_spec("onnxruntime_genai") is not None):
+        from distiq.export.onnx_genai import GenaiVLM, accuracy_overlay
+
+        runtime = GenaiVLM(onnx_dir, config_overlay=accuracy_overlay(int4_accuracy_level))
+        answers_genai = runtime.answers(samples, max_new_tokens=max_new_tokens)
+    return ParityReport(gap, top, answers_torch, answers_onnx, answers_genai)

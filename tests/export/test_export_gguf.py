@@ -57,7 +57,8 @@ def bpe_tokenizer(words, *, extra_special_tokens=(), chat_template=None):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator([" ".join(words)] * 8 + list(words), trainer)
+    # "\n\n" becomes one token, as in real vocabularies (llama.cpp's SmolVLM layout needs it)
+    backend.train_from_iterator([" ".join(words)] * 8 + list(words) + ["\n\n"] * 64, trainer)
     backend.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
     )
@@ -422,6 +423,18 @@ def test_llama3_rope_scaling_is_a_rope_freqs_tensor(root):
     assert manifest["tensors"]["rope_freqs.weight"]["exact"]
 
 
+def test_bpe_without_merges_is_refused():
+    """llama.cpp does not load a gpt2 vocabulary without merges."""
+    from tokenizers import models
+
+    from distiq.export.gguf_vocab import TokenizerError, build_vocab
+
+    tokenizer = bpe_tokenizer(["a"])
+    tokenizer.backend_tokenizer.model = models.BPE(vocab=tokenizer.get_vocab(), merges=[])
+    with pytest.raises(TokenizerError, match="no merges"):
+        build_vocab(tokenizer, len(tokenizer))
+
+
 @pytest.mark.parametrize("family, arch", [("llava_next", "llama"), ("paligemma", "gemma")])
 def test_family_without_projector_writes_the_language_model(root, family, arch):
     run = make_run(root, family, Q4)
@@ -443,7 +456,11 @@ def test_family_without_projector_writes_the_language_model(root, family, arch):
 
 
 def test_settings_llama_cpp_hard_codes_are_checked(root):
+    from distiq.export.gguf_mmproj import check_single_tokens
     from distiq.export.gguf_text import ArchitectureError
+
+    with pytest.raises(ArchitectureError, match="aborts when one is missing"):
+        check_single_tokens("smolvlm", bpe_tokenizer(["a"], extra_special_tokens=["<global-img>"]))
 
     run = make_run(root, "gemma3", Q4)
     config = json.loads((run / "config.json").read_text())

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from distiq.export.gguf_grid import EXACT_GRIDS, BlockWeight, GridError, to_blocks
-from distiq.export.gguf_mmproj import MMPROJ_FAMILIES, MmprojSpec
+from distiq.export.gguf_mmproj import MMPROJ_FAMILIES, MmprojSpec, check_single_tokens
 from distiq.export.gguf_text import (
     Mapped,
     map_text_tensors,
@@ -267,6 +267,7 @@ def export_gguf(
     text_entries = map_text_tensors(text_names, config, names.language_model, names.lm_head)
     mmproj, vision_entries = None, []
     if config.model_type in MMPROJ_FAMILIES:
+        check_single_tokens(config.model_type, adapter.tokenizer)
         mmproj = MmprojSpec(config, adapter.image_processor, names.vision, names.projector)
         vision_entries = mmproj.map_tensors(list(sources), shapes)
     errors: list[GridError] = []

@@ -48,6 +48,30 @@ PROJECTOR_TYPES = {
 }
 
 
+# Texts llama.cpp's multimodal library looks up as single tokens to lay out a family's images
+# (mtmd.cpp); it aborts when one is missing from the vocabulary.
+SINGLE_TOKENS = {
+    "idefics3": ("\n\n", "\n", "<fake_token_around_image>", "<global-img>"),
+    "smolvlm": ("\n\n", "\n", "<fake_token_around_image>", "<global-img>"),
+}
+
+
+def check_single_tokens(family: str, tokenizer: Any) -> None:
+    """Raise ArchitectureError when a text llama.cpp looks up for ``family`` (``SINGLE_TOKENS``)
+    is not one token of ``tokenizer``."""
+    missing = [
+        text
+        for text in SINGLE_TOKENS.get(family, ())
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) != 1
+    ]
+    if missing:
+        raise ArchitectureError(
+            f"llama.cpp lays out {family} images with the tokens {list(SINGLE_TOKENS[family])!r} "
+            f"and aborts when one is missing; this tokenizer has no single token for "
+            f"{missing!r}"
+        )
+
+
 class MmprojSpec:
     """The projector file of one VLM: its metadata and its tensors' mapping.
 

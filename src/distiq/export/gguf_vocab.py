@@ -18,9 +18,11 @@ llama.cpp tokenizes text itself, so the GGUF file must describe the tokenizer co
   ``add_bos_token`` / ``add_eos_token`` (what ``tokenizer(text)`` does) and the chat template.
 
 A word-level vocabulary (distiq's built-in demo tokenizer, ``distiq.models.tokenizer``) cannot
-be represented: llama.cpp's BPE without merges splits every word into characters, its
-pre-tokenizers neither lower-case nor split punctuation as ``tokenizers``' ``Whitespace`` does,
-and nothing else maps a whole word to one id. Such runs are refused with that explanation.
+be represented: a ``gpt2`` vocabulary without merges does not load (llama.cpp requires
+``tokenizer.ggml.merges``, and gguf-py cannot write an empty array), BPE with no merges would
+split every word into characters anyway, llama.cpp's pre-tokenizers neither lower-case nor split
+punctuation as ``tokenizers``' ``Whitespace`` does, and nothing else maps a whole word to one id.
+Such runs are refused with that explanation.
 """
 
 from __future__ import annotations
@@ -195,6 +197,13 @@ def build_vocab(tokenizer: Any, n_vocab: int, *, tokenizer_pre: str | None = Non
             "the llama.cpp name that splits text the same way (llama-vocab.cpp lists them)"
         )
 
+    merges = _merges(model)
+    if not merges:
+        raise TokenizerError(
+            "the run's BPE tokenizer has no merges: llama.cpp refuses a gpt2 vocabulary without "
+            "tokenizer.ggml.merges ('cannot find tokenizer merges in model file'), and with "
+            "none it would split every word into single bytes"
+        )
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= n_vocab:
         raise TokenizerError(
@@ -221,7 +230,7 @@ def build_vocab(tokenizer: Any, n_vocab: int, *, tokenizer_pre: str | None = Non
         pre=pre,
         tokens=tokens,
         token_types=types,
-        merges=_merges(model),
+        merges=merges,
         special_ids=special,
         add_bos=_adds(tokenizer, special.get("bos"), first=True),
         add_eos=_adds(tokenizer, special.get("eos"), first=False),

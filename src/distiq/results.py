@@ -5,7 +5,7 @@ size and latency) and read by ``distiq.report``, which renders from these record
 file is a JSON list of records; ``upsert_records`` merges records by ``name`` (later measurements
 fill in or replace fields), atomically.
 
-Fields (DESIGN.md): ``name``, ``method`` (teacher, rtn, gptq, qat, kd, qad, qlora-kd), ``w_bits``,
+Fields (docs/design.md): ``name``, ``method`` (teacher, rtn, gptq, qat, kd, qad, qlora-kd), ``w_bits``,
 ``a_bits`` (16 = unquantized activations), ``group_size`` (None = per channel), ``params``,
 ``size_mb``, ``task``, ``metric`` (e.g. ``vqa_accuracy``), ``value`` (0-100), ``retention``
 (value / teacher value), ``latency_ms`` with ``latency_backend``, ``seed``, ``steps``; ``extra``

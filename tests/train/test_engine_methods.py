@@ -96,6 +96,11 @@ def test_ptq_run_saves_the_evaluated_model(world, method):
     # Re-evaluating the saved run gives the recorded accuracy.
     (again,) = evaluate(run_dir)
     assert again.value == pytest.approx(record.value)
+    # each test question's answer and score, for comparisons question by question
+    rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == record.extra["num_questions"]
+    assert sum(r["score"] for r in rows) / len(rows) * 100 == pytest.approx(record.value)
+    assert [r["question_id"] for r in rows] == sorted(r["question_id"] for r in rows)
 
 
 def test_every_weight_matrix_can_be_quantized_patch_projection_and_lm_head_too(world):

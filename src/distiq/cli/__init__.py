@@ -89,9 +89,9 @@ app.command("report")(report.command)
 
 
 # OpenMP threads that wait by spinning (libgomp's default, ACTIVE) make a tiny model's training
-# up to 10x slower as soon as another process competes for the cores (measured: 100 s against 10 s
-# for a 12-step kd run on the loaded 2-core machine). PASSIVE waiters sleep instead. It has to be
-# in the environment before torch loads OpenMP, which no verb does before main() runs.
+# many times slower as soon as another process competes for the cores. PASSIVE waiters sleep
+# instead. It has to be in the environment before torch loads OpenMP, which no verb does before
+# main() runs.
 OMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 

@@ -372,12 +372,14 @@ def _train(
         from distiq.integrity import record_hashes
 
         record_hashes(run_dir, sorted(p.name for p in run_dir.glob("*.safetensors")))
+    answers: list[dict] = []
     test = evaluate_vqa(  # data-parallel: each process answers its share of the images
         engine,
         data.test,
         max_new_tokens=recipe.eval.max_new_tokens,
         batch_images=recipe.eval.batch_images,
         shard=True,
+        per_question=answers,
     )
     record = ResultRecord(
         name=recipe.run_name,
@@ -397,7 +399,10 @@ def _train(
         },
     )
     if is_main_process():
+        from distiq.train.methods.common import write_predictions
+
         upsert_records(run_dir / RESULTS_FILE, [record])
+        write_predictions(run_dir, answers)
     barrier()
     logger.info(
         "teacher: test VQA accuracy %.2f %% (blind baseline %.2f %%) in %.0f s",

@@ -244,7 +244,7 @@ def import_edge_vlm_code() -> None:
     """Import the transformers code the built-in edge VLM runs on (model classes, tokenizer,
     image processor, the Auto loaders) without computing anything (the model is built on the
     ``meta`` device). Processes forked afterwards (the demo's workers) then start without paying
-    for those imports (4.4 s each here: ``benchmarks/demo_setup_costs.py``)."""
+    for those imports (``benchmarks/demo_setup_costs.py`` measures them)."""
     import transformers.models.auto.modeling_auto  # noqa: F401  (the Auto loaders, for the forks)
     from transformers import LlavaForConditionalGeneration
 

@@ -12,14 +12,13 @@ exactly there; with a ``minmax`` observer only a few extreme values clip).
 ``y = x Ŵᵀ + b``; backward ``∂x = ∂y Ŵ``, ``∂W = (∂yᵀ x)`` with the clipped entries zeroed, and
 ``∂b = Σ ∂y``: the straight-through estimator of ``fake_quantize`` followed by ``F.linear``.
 
-CPU costs that shaped the code (torch 2.13, one core, per million float32 elements): in-cache
-arithmetic (mul, round, clamp, amin, amax) ~0.12-0.2 ms; ``aminmax(dim)`` ~3 ms; comparisons
-producing bool ~1.2 ms; ``nonzero`` ~1.7 ms; a fresh 64 MiB tensor ~50 ms of page faults. Hence:
-per-row min and max as two reductions, clipping found from the row extremes and arithmetic
-(``_clipped``), and ``Ŵ`` written into a ``ReusableBuffer`` kept by the module. Chunks are large
-(``CHUNK_ELEMENTS``): with 2 threads on a busy machine every op is a parallel region that can
-wait a scheduler time slice for its second thread, so a few big ops beat many cache-sized ones
-(cache-sized chunks gained < 3 % on an idle core).
+On CPU, in-cache arithmetic (mul, round, clamp, amin, amax) is far cheaper than
+``aminmax(dim)``, comparisons producing bool or ``nonzero``, and a fresh large tensor costs
+page faults. Hence: per-row min and max as two reductions, clipping found from the row extremes
+and arithmetic (``_clipped``), and ``Ŵ`` written into a ``ReusableBuffer`` kept by the module.
+Chunks are large (``CHUNK_ELEMENTS``): with 2 threads on a busy machine every op is a parallel
+region that can wait a scheduler time slice for its second thread, so a few big ops beat many
+cache-sized ones (``benchmarks/fake_quant_overhead.py`` measures the whole).
 """
 
 from __future__ import annotations
@@ -67,7 +66,7 @@ def _clipped(
     """Flat indices (into ``codes``, ``(R, L)``) of the codes outside ``[qmin, qmax]``, or None.
 
     ``row_low`` / ``row_high`` ``(R,)`` are each row's smallest / largest code, so only rows that
-    clip are searched. Elementwise comparisons and ``nonzero`` are ~10× slower than arithmetic
+    clip are searched. Elementwise comparisons and ``nonzero`` are much slower than arithmetic
     on CPU, so a row's clipped columns are found with arithmetic: ``d = clamp(code − qmax, 0, 1)``
     is 1 exactly at the clipped codes (codes are integers) and ``d @ [1, col]`` gives each row's
     count and column sum; rows with one clipped code (the usual case: the row's extreme) read

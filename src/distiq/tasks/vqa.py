@@ -184,13 +184,16 @@ class VQAAccuracy:
     ``batch["answer_type"]`` (lists of B strings; the answer type is inferred when absent).
     ``compute()`` returns ``vqa_accuracy`` (mean over questions, in [0, 1]),
     ``vqa_accuracy/question_type/<type>``, ``vqa_accuracy/answer_type/<type>`` and
-    ``num_questions``.
+    ``num_questions``; ``per_question()`` each question's prediction and score (by
+    ``batch["question_id"]`` when the batch has it).
     """
 
     def __init__(self) -> None:
         self.scores: list[float] = []
         self.question_types: list[str | None] = []
         self.answer_types: list[str] = []
+        self.question_ids: list[Any] = []
+        self.predictions: list[str] = []
 
     def update(self, predictions: Sequence[str], batch: Mapping[str, Any]) -> None:
         answers = require(batch, "answers", "vqa")
@@ -201,8 +204,13 @@ class VQAAccuracy:
             )
         question_types = batch.get("question_type")
         answer_types = batch.get("answer_type")
+        question_ids = batch.get("question_id")
+        if question_ids is not None and hasattr(question_ids, "tolist"):
+            question_ids = question_ids.tolist()
         for i, (prediction, humans) in enumerate(zip(predictions, answers)):
             self.scores.append(vqa_accuracy(prediction, humans))
+            self.predictions.append(prediction)
+            self.question_ids.append(None if question_ids is None else question_ids[i])
             self.question_types.append(None if question_types is None else question_types[i])
             self.answer_types.append(
                 infer_answer_type(humans) if answer_types is None else answer_types[i]
@@ -212,9 +220,21 @@ class VQAAccuracy:
         self.scores += other.scores
         self.question_types += other.question_types
         self.answer_types += other.answer_types
+        self.question_ids += other.question_ids
+        self.predictions += other.predictions
 
     def reset(self) -> None:
         self.scores, self.question_types, self.answer_types = [], [], []
+        self.question_ids, self.predictions = [], []
+
+    def per_question(self) -> list[dict[str, Any]]:
+        """One ``{"question_id", "prediction", "score"}`` per scored question, sorted by id
+        (what a paired comparison of two models on the same questions reads)."""
+        rows = [
+            {"question_id": q, "prediction": p, "score": s}
+            for q, p, s in zip(self.question_ids, self.predictions, self.scores)
+        ]
+        return sorted(rows, key=lambda r: (r["question_id"] is None, r["question_id"]))
 
     def compute(self) -> dict[str, float]:
         if not self.scores:

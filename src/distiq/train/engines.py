@@ -56,6 +56,7 @@ def evaluate_vqa(
     max_new_tokens: int = 4,
     device: torch.device | str | None = None,
     shard: bool = False,
+    per_question: list | None = None,
 ) -> dict[str, float]:
     """VQA accuracy of ``engine`` on ``dataset`` (an ``ImageQuestions``), by greedy generation.
 
@@ -67,7 +68,8 @@ def evaluate_vqa(
 
     Returns fractions in [0, 1]: ``vqa_accuracy``, ``vqa_accuracy/question_type/<type>``,
     ``vqa_accuracy/answer_type/<type>``, and ``num_questions`` (the official VQA accuracy of
-    ``distiq.tasks.vqa``: mean over questions).
+    ``distiq.tasks.vqa``: mean over questions). ``per_question``, a list, receives each
+    question's ``{"question_id", "prediction", "score"}``.
     """
     from distiq.tasks.vqa import VQAAccuracy
     from distiq.train.batches import move_to_device
@@ -89,6 +91,8 @@ def evaluate_vqa(
         metric = VQAAccuracy()
         for part in parts:
             metric.merge(part)
+    if per_question is not None:
+        per_question.extend(metric.per_question())
     return metric.compute()
 
 

@@ -186,8 +186,7 @@ def _train_locked(
         eps=config.eps,
         weight_decay=config.weight_decay,
         # on CPU torch picks its per-tensor loop unless told; the multi-tensor one gives the
-        # same numbers bit for bit (test_train_loop.py) in 1-3 ms less per step of the demo
-        # teacher (benchmarks/loop_overheads.py)
+        # same numbers bit for bit (test_train_loop.py) in less time (benchmarks/loop_overheads.py)
         foreach=True if ctx.device.type == "cpu" else None,
     )
     scheduler = build_scheduler(

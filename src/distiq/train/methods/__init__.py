@@ -41,7 +41,13 @@ from distiq.train.distributed import launched_rank
 from distiq.train.engines import engine_for, evaluate_vqa
 from distiq.train.lock import RunLock
 from distiq.train.methods import ptq, qlora, trained  # noqa: F401  (register the methods)
-from distiq.train.methods.common import METHODS, RunContext, metric_extras, record_of
+from distiq.train.methods.common import (
+    METHODS,
+    RunContext,
+    metric_extras,
+    record_of,
+    write_predictions,
+)
 from distiq.train.modeling import load_vlm, resolve_model_dir
 from distiq.train.recipe import Recipe, load_recipe
 from distiq.train.runs import (
@@ -256,11 +262,13 @@ def evaluate(
         recipe.data.test_questions
     )
     engine = engine_for(model, adapter, test.path)
+    answers: list[dict] = []
     metrics = evaluate_vqa(
         engine,
         test,
         max_new_tokens=recipe.eval.max_new_tokens,
         batch_images=recipe.eval.batch_images,
+        per_question=answers,
     )
     target = Path(out) if out is not None else (run_dir if own_recipe else None)
     old = {r.name: r for r in read_records(target / RESULTS_FILE)} if target else {}
@@ -286,6 +294,7 @@ def evaluate(
         record = record.replace(retention=record.value / teacher_value)
     if target is None:
         return [record]
+    write_predictions(target, answers)
     return upsert_records(target / RESULTS_FILE, [record])
 
 

@@ -206,6 +206,20 @@ def metric_extras(metrics: dict[str, float]) -> dict[str, Any]:
     }
 
 
+PREDICTIONS_FILE = "predictions.jsonl"
+
+
+def write_predictions(run_dir: Path, rows: list[dict]) -> Path:
+    """``run_dir/predictions.jsonl``: each test question's answer and score (one JSON object a
+    line, by question id), so two runs can be compared question by question."""
+    import json
+
+    from distiq.config import atomic_write
+
+    text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+    return atomic_write(Path(run_dir) / PREDICTIONS_FILE, text)
+
+
 def finish(
     ctx: RunContext,
     model: nn.Module,
@@ -231,12 +245,15 @@ def finish(
         manifest["skipped"] = plan.summary()["skipped"]
     save_run_model(ctx.run_dir, model, adapter, manifest)
     engine = engine_for(model, adapter, ctx.data.test.path).eval()
+    answers: list[dict] = []
     metrics = evaluate_vqa(
         engine,
         ctx.data.test,
         max_new_tokens=recipe.eval.max_new_tokens,
         batch_images=recipe.eval.batch_images,
+        per_question=answers,
     )
+    write_predictions(ctx.run_dir, answers)
     record = record_of(recipe, model, metrics, steps=steps)
     record = record.replace(extra={**record.extra, **(extra or {})})
     logger.info("%s: test VQA accuracy %.2f %%", recipe.run_name, record.value)

@@ -291,3 +291,57 @@ def test_qlora_kd_merges_and_requantizes(world):
     assert all(e["weight"]["format"] == "nf4" for e in manifest.values())
     lines = [line for line in read_metrics(run_dir / "metrics.jsonl") if line["kind"] == "train"]
     assert set(lines[0]["terms"]) == {"task", "kd"}
+
+
+def test_label_free_runs_learn_the_teachers_answers(world, monkeypatch):
+    """data.labels: false: the teacher answers the visited train images and the validation
+    split; qat trains on those answers, qad distils without a task term; the test split keeps
+    its human answers, so the recorded accuracy is the real one. (The few-step teacher answers
+    nothing, so its greedy answers are replaced by fixed ones here; teacher_answers itself is
+    checked against the evaluation's answers below.)"""
+    import distiq.train.pseudo_labels as pseudo
+    from distiq.models import load as load_model
+    from distiq.train import run_data
+    from distiq.train.engines import engine_for, evaluate_vqa
+    from distiq.train.teacher_outputs import visited_images
+
+    root, base = world
+    teacher, adapter = load_model(root / "teacher", attn_implementation="eager")
+    quantization = {"weight": {"bits": 4, "learnable": True}}
+    data = {**base["data"], "labels": False}
+    recipe = recipe_from_dict(
+        {**base, "method": "qat", "teacher": str(root / "teacher"), "output": str(root / "x"),
+         "train": TRAIN, "quantization": quantization, "data": data}
+    )  # fmt: skip
+    loaded = run_data(recipe)
+    answers = pseudo.teacher_answers(
+        engine_for(teacher, adapter, loaded.val.path), loaded.val, max_new_tokens=4,
+        batch_images=4,
+    )  # fmt: skip
+    rows: list = []
+    evaluate_vqa(engine_for(teacher, adapter, loaded.val.path), loaded.val, per_question=rows)
+    assert answers == {r["question_id"]: r["prediction"] for r in rows}
+    with pytest.raises(ValueError, match="needs a teacher that answers"):
+        pseudo.relabelled(loaded.val, dict.fromkeys(answers, ""))
+
+    words = ("yes", "2", "red")
+    monkeypatch.setattr(
+        pseudo, "teacher_answers",
+        lambda engine, dataset, **kw: {
+            dataset.questions[r]["question_id"]: words[r % 3]
+            for rows_ in dataset.rows for r in rows_
+        },
+    )  # fmt: skip
+    free = pseudo.teacher_labelled(recipe, loaded, teacher, adapter)
+    assert len(free.train) == len(visited_images(loaded.train, recipe.train)) < len(loaded.train)
+    for record in free.val.questions:
+        assert record["answer"] in words and record["answers"] == [record["answer"]] * 10
+    assert free.test is loaded.test  # scored against the human answers
+    _, qat = _run(world, "qat-free", method="qat", quantization=quantization, data=data)
+    qad_dir, qad = _run(
+        world, "qad-free", method="qad", quantization=quantization, data=data,
+        objective={"terms": {"kd": {"temperature": 2.0}}},
+    )  # fmt: skip
+    lines = [line for line in read_metrics(qad_dir / "metrics.jsonl") if line["kind"] == "train"]
+    assert set(lines[0]["terms"]) == {"kd"}
+    assert qat.extra["num_questions"] == qad.extra["num_questions"]  # the same test questions

@@ -47,6 +47,8 @@ Schema (every key but ``method`` and ``teacher`` optional; defaults shown)::
       val_questions: 600         # validation questions during training (null: all)
       test_questions: null       # test questions in the final evaluation (null: all)
       on_bad_record: error       # error | skip: what a malformed record does
+      labels: true               # false: train on the teacher's answers, not the human ones
+                                 # (distiq.train.pseudo_labels; the test split keeps its own)
     train: {steps: 300, lr: 1.0e-4, batch_size: 32, ...}   # distiq.train.TrainConfig;
                                  # batch_size counts images (each with all its questions)
     calibration: {samples: 256, batch_size: 32}   # images from the train split
@@ -235,6 +237,7 @@ class DataConfig:
     val_questions: int | None = 600
     test_questions: int | None = None
     on_bad_record: Literal["error", "skip"] = "error"
+    labels: bool = True
 
     def _validate(self) -> list[str]:
         errors = []

@@ -169,6 +169,10 @@ def _compress(recipe, run_dir, resume, on_step, on_eval, data, teacher, student)
     teacher_model, teacher_adapter = teacher or load_vlm(recipe.teacher.path)
     if data is None:
         data = run_data(recipe) if student is None else load_data(recipe, student[1])
+    if not recipe.data.labels:
+        from distiq.train.pseudo_labels import teacher_labelled
+
+        data = teacher_labelled(recipe, data, teacher_model, teacher_adapter)
     ctx = RunContext(
         recipe,
         teacher_model,

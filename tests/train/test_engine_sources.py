@@ -328,3 +328,46 @@ def test_a_full_disk_at_the_final_save_leaves_no_config_without_weights(world, m
     assert info.value.errno == errno.ENOSPC
     assert not (run / "config.json").exists() and not (run / "model.safetensors").exists()
     assert not [p for p in run.iterdir() if p.name.startswith(".saving-")]
+
+
+def test_mixed_precision_fits_the_budget_and_estimates_the_packed_size(world):
+    """quantization.budget: every part's width is chosen on calibration batches so that the
+    packed model fits; the size estimate is the packed checkpoint's (weights, scales, float
+    leftovers); an impossible budget is an error naming the smallest size there is."""
+    from distiq.export import load_run, save_packed
+
+    base = {"weight": {"bits": 4, "scale_dtype": "float16"}}
+    sizes = {}
+    for bits in (2, 8):
+        run = compress(recipe_from_dict(_recipe(
+            world, f"rtn-{bits}", method="rtn",
+            quantization={"weight": {"bits": bits, "scale_dtype": "float16"}},
+        )))  # fmt: skip
+        loaded = load_run(run)
+        sizes[bits] = save_packed(
+            loaded.model, world["root"] / f"packed-{bits}", adapter=loaded.adapter
+        )
+    # weights, scales, zero-points and float leftovers (the manifest and header aside)
+    low, high = ((sizes[b].total_bytes - sizes[b].header_bytes) / 2**20 for b in (2, 8))
+    budget = (low + high) / 2
+    run = compress(recipe_from_dict(_recipe(
+        world, "rtn-budget", method="rtn",
+        quantization={**base, "budget": {"size_mb": budget, "bits": [2, 4, 8]}},
+    )))  # fmt: skip
+    (record,) = read_records(run / "results.json")
+    allocation = record.extra["bits_allocation"]
+    assert set(allocation) == {"vision", "projector", "language_model"}
+    assert set(allocation.values()) <= {2, 4, 8} and len(set(allocation.values())) > 1
+    loaded = load_run(run)
+    packed = save_packed(loaded.model, world["root"] / "packed-budget", adapter=loaded.adapter)
+    header = packed.header_bytes
+    # the estimate counts weights, scales, zero-points and float leftovers: all but the header
+    assert record.extra["estimated_mb"] * 2**20 == pytest.approx(
+        packed.total_bytes - header, rel=0.02
+    )
+    assert (packed.total_bytes - header) / 2**20 <= budget
+    with pytest.raises(ValueError, match="no width of .* fits quantization.budget.size_mb"):
+        compress(recipe_from_dict(_recipe(
+            world, "rtn-too-small", method="rtn",
+            quantization={**base, "budget": {"size_mb": low / 10}},
+        )))  # fmt: skip

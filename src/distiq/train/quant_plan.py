@@ -16,6 +16,8 @@ Recipe section::
         language_model: {weight: {bits: 8}}
         "*.mlp.down_proj": {activation: null}
       ignore: ["*.lm_head"]       # module globs kept in floating point
+      budget: null                # {size_mb: 0.6, bits: [2, 4, 8]}: each part's weight width
+                                  # chosen to fit the size (distiq.train.mixed_precision)
 
 Parts are the model adapter's: ``vision``, ``projector``, ``language_model``, ``lm_head``,
 ``patch_embedding`` (and ``heads`` for the built-in VLM's task heads). A layer belongs to the
@@ -37,6 +39,7 @@ from torch import nn
 from distiq.config import ConfigError, from_dict, to_dict
 from distiq.quant import QuantConfig, QuantSpec
 from distiq.quant.schemes import scheme_fields
+from distiq.train.mixed_precision import SizeBudget
 from distiq.util import suggest
 
 logger = logging.getLogger(__name__)
@@ -67,6 +70,7 @@ class QuantizationConfig:
     targets: tuple[str, ...] | None = None
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     ignore: tuple[str, ...] = ()
+    budget: SizeBudget | None = None
 
     @classmethod
     def _from_config(cls, value: object) -> QuantizationConfig:
@@ -108,6 +112,14 @@ class QuantizationConfig:
                     errors.append(f"overrides.{key}.{kind}: {exc}")
         if self.weight is None and self.activation is None and not self.overrides:
             errors.append("neither weight nor activation is quantized")
+        if self.budget is not None:
+            if self.weight is None or self.weight.format != "int":
+                errors.append("budget chooses integer weight widths: give an int weight spec")
+            if self.targets is not None or self.overrides:
+                errors.append(
+                    "budget chooses each part's width itself: leave targets and overrides out "
+                    "(budget.parts names the parts)"
+                )
         return errors
 
     def override_spec(self, key: str, kind: str) -> QuantSpec | None:
@@ -147,12 +159,14 @@ class QuantizationConfig:
 @dataclass
 class QuantPlan:
     """Per layer, what quantizes it: ``layers`` ``{module name: (weight spec | None,
-    activation spec | None)}`` in module order, ``skipped`` ``{module name: reason}``, and each
-    layer's ``owner`` (the target that selected it)."""
+    activation spec | None)}`` in module order, ``skipped`` ``{module name: reason}``, each
+    layer's ``owner`` (the target that selected it), and ``notes`` for the run's record (a
+    size budget's allocation)."""
 
     layers: dict[str, tuple[QuantSpec | None, QuantSpec | None]]
     skipped: dict[str, str]
     owner: dict[str, str]
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def config(self, *, weights: bool = True, activations: bool = True) -> QuantConfig:
         """One ``QuantConfig`` naming every planned layer with its own specs (weights and/or

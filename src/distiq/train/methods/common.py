@@ -175,9 +175,31 @@ def calibrate(engine: Any, calib: list[dict]) -> None:
     engine.train(was_training)
 
 
-def plan_for(recipe: Any, model: nn.Module, adapter: Any) -> QuantPlan:
-    """The recipe's quantization section resolved on ``model``."""
-    return plan_quantization(model, adapter, recipe.quantization)
+def plan_for(
+    recipe: Any,
+    model: nn.Module,
+    adapter: Any,
+    *,
+    calib: list[dict] | None = None,
+    path: Any = None,
+) -> QuantPlan:
+    """The recipe's quantization section resolved on ``model``; with a size budget, each part's
+    width is chosen first on the calibration batches ``calib`` (batches of the forward path
+    ``path``: :mod:`distiq.train.mixed_precision`)."""
+    quantization = recipe.quantization
+    if quantization.budget is None:
+        return plan_quantization(model, adapter, quantization)
+    from distiq.train.mixed_precision import allocate, with_widths
+
+    allocation = allocate(model, adapter, quantization, calib or [], path)
+    plan = plan_quantization(model, adapter, with_widths(quantization, allocation.bits))
+    plan.notes.update(
+        bits_allocation=allocation.bits,
+        budget_mb=quantization.budget.size_mb,
+        estimated_mb=round(allocation.size_mb, 4),
+        sensitivity=allocation.sensitivity,
+    )
+    return plan
 
 
 # ---------------------------------------------------------------------- records & finishing
@@ -243,6 +265,7 @@ def finish(
         manifest["state"][f"{name}.weight_zero_point"] = zero
     if plan is not None:
         manifest["skipped"] = plan.summary()["skipped"]
+        extra = {**plan.notes, **(extra or {})}
     save_run_model(ctx.run_dir, model, adapter, manifest)
     engine = engine_for(model, adapter, ctx.data.test.path).eval()
     answers: list[dict] = []

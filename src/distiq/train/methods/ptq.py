@@ -24,8 +24,8 @@ def run_ptq(ctx: RunContext) -> list[ResultRecord]:
     recipe = ctx.recipe
     student, adapter = ctx.build_student()
     student.eval()
-    plan = plan_for(recipe, student, adapter)
     calib = calibration_batches(recipe, ctx.data)
+    plan = plan_for(recipe, student, adapter, calib=calib, path=ctx.data.train.path)
     engine = engine_for(student, adapter, ctx.data.train.path)
     started = time.perf_counter()
     ptq = apply_ptq(recipe, student, plan, [engine.model_inputs(b) for b in calib], recipe.method)

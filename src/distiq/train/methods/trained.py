@@ -106,7 +106,7 @@ def run_trained(ctx: RunContext) -> list[ResultRecord]:
     calib = calibration_batches(recipe, data) if recipe.quantization is not None else []
     plan = None
     if recipe.quantization is not None:
-        plan = plan_for(recipe, student, student_adapter)
+        plan = plan_for(recipe, student, student_adapter, calib=calib, path=data.train.path)
         if recipe.init != "none":
             student.eval()
             inputs = [engine.model_inputs(b) for b in calib]

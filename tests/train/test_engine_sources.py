@@ -371,3 +371,46 @@ def test_mixed_precision_fits_the_budget_and_estimates_the_packed_size(world):
             world, "rtn-too-small", method="rtn",
             quantization={**base, "budget": {"size_mb": low / 10}},
         )))  # fmt: skip
+
+
+def test_objective_layers_named_by_part(world):
+    """feat / attn / qk_entropy layers named by part: each decoder layer of each model (a
+    shallower student's paired evenly with the teacher's), no module names in the recipe."""
+    from distiq.config import from_dict
+    from distiq.models import load
+    from distiq.objective.config import ObjectiveConfig
+    from distiq.train.modeling import build_student
+    from distiq.train.objective_layers import resolve_layer_names
+    from distiq.train.recipe import StudentConfig
+
+    objective = {
+        "terms": {
+            "task": {},
+            "kd": {"temperature": 2.0},
+            "feat": {"weight": 0.1, "student_layers": ["language_model"],
+                     "teacher_layers": ["language_model"]},
+            "attn": {"weight": 0.1, "student_layers": ["language_model"],
+                     "teacher_layers": ["language_model"]},
+            "qk_entropy": {"weight": 1.0e-3, "query_modules": ["language_model"],
+                           "key_modules": ["language_model"]},
+        }
+    }  # fmt: skip
+    run = compress(recipe_from_dict(_recipe(
+        world, "qad-parts", method="qad", student={"depth": 1}, objective=objective,
+        quantization={"scheme": "W4A8"},
+    )))  # fmt: skip
+    lines = [line for line in read_metrics(run / "metrics.jsonl") if line["kind"] == "train"]
+    assert {"feat", "attn", "qk_entropy"} <= set(lines[-1]["terms"])
+    teacher, adapter = load(world["llava"], attn_implementation="eager")
+    student, _ = build_student(teacher, adapter, StudentConfig(depth=1))
+    config = resolve_layer_names(
+        from_dict(ObjectiveConfig, objective), student, adapter, teacher, adapter
+    )
+    assert config.terms.feat.student_layers == ("model.language_model.layers.0",)
+    assert config.terms.feat.teacher_layers == (
+        "model.language_model.layers.0", "model.language_model.layers.1",
+    )  # fmt: skip
+    assert config.terms.attn.teacher_layers[1] == "model.language_model.layers.1.self_attn"
+    assert config.terms.qk_entropy.query_modules == (
+        "model.language_model.layers.0.self_attn.q_proj",
+    )  # fmt: skip

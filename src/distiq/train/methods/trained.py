@@ -97,6 +97,7 @@ def run_trained(ctx: RunContext) -> list[ResultRecord]:
     from distiq.objective import QuantDistillObjective
     from distiq.quant import quantize_
     from distiq.train.loop import train
+    from distiq.train.objective_layers import resolve_layer_names
     from distiq.train.optim import param_groups
     from distiq.train.student import student_step_fn
 
@@ -114,7 +115,10 @@ def run_trained(ctx: RunContext) -> list[ResultRecord]:
         quantize_(student, plan.config(weights=True, activations=True))
         calibrate(engine, calib)
     side = teacher_side(ctx, student_adapter)
-    objective = QuantDistillObjective(recipe.objective)
+    config = resolve_layer_names(
+        recipe.objective, student, student_adapter, ctx.teacher, ctx.teacher_adapter
+    )
+    objective = QuantDistillObjective(config)
     objective.attach(student=student, teacher=ctx.teacher)
     selected = None
     if recipe.selective is not None:

@@ -66,7 +66,7 @@ def test_compress(runner, recipe, fake_train, tmp_path):
     assert f"run: {out}\n" in result.stdout
     assert "qad-w4a8" in result.stdout and "88.50" in result.stdout
     assert "step 2: validation vqa_accuracy 88.5" in result.stderr
-    assert "━" in result.stderr and "2/2" in result.stderr  # the progress bar
+    assert "qad qad-w4a8: step 2/2" in result.stderr  # progress (plain lines: not a terminal)
 
 
 def test_teacher_refuses_other_methods(runner, recipe, fake_train, monkeypatch):
@@ -111,7 +111,7 @@ def test_engine_input_errors_are_user_errors(runner, recipe, monkeypatch):
     monkeypatch.setattr(distiq.train, "compress", never, raising=False)
     result = runner.invoke(app, ["compress", str(recipe)])
     assert result.exit_code == 1 and "already holds a run; pass --overwrite" in result.stderr
-    assert "━" not in result.stderr  # no progress bar was started
+    assert "stage" not in result.stderr  # no run was started
 
 
 def test_eval(runner, fake_train, tmp_path):

@@ -41,6 +41,14 @@ log = logging.getLogger(__name__)
 BACKENDS = ("pytorch-fp32", "pytorch-w8a8", "ort-fp32", "ort-int8", "ort-int4")
 WORKLOADS = ("language_model", "vision")
 _ORT_PRECISION = {"ort-fp32": "fp32", "ort-int8": "int8", "ort-int4": "int4"}
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the ``onnx`` extra
+
+
+def missing_onnx_packages() -> list[str]:
+    """The packages of the ``ort-*`` backends (ONNX export and onnxruntime) not installed."""
+    import importlib.util
+
+    return [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
 
 
 @dataclass
@@ -197,7 +205,8 @@ def export_backends(
 ) -> dict[str, Path | str]:
     """Write the ONNX models that the ``ort-*`` backends among ``backends`` time, each under
     ``root/onnx-<precision>``. Returns ``{backend: its directory}``, or ``{backend: why it
-    cannot export}`` (e.g. 2-bit weights in int8 QDQ). ``ort-fp32`` exports ``twin`` (default:
+    cannot export}`` (e.g. 2-bit weights in int8 QDQ, or the ``onnx`` extra not installed:
+    :func:`missing_onnx_packages`). ``ort-fp32`` exports ``twin`` (default:
     the model's float twin). :func:`measure_model` calls it, or takes its result
     (``exports=``): ``distiq demo`` exports in the worker process that trained the model, side
     by side with the other worker's runs."""
@@ -207,8 +216,12 @@ def export_backends(
 
     root = Path(root)
     exports: dict[str, Path | str] = {}
+    missing = missing_onnx_packages()
     for backend in backends:
         if backend not in _ORT_PRECISION:
+            continue
+        if missing:
+            exports[backend] = f"needs {', '.join(missing)}: pip install 'distiq[onnx]'"
             continue
         precision = _ORT_PRECISION[backend]
         if precision == "fp32" and twin is None:

@@ -21,7 +21,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from distiq.progress import console, step_progress
+from distiq.progress import console, quiet_library_bars, stage, step_progress
 
 logger = logging.getLogger("distiq.cli")
 
@@ -83,16 +83,48 @@ def _in_use_message(exc: BaseException) -> str | None:
     return None
 
 
+# The optional packages by the extra that installs them (pyproject.toml).
+EXTRA_OF_PACKAGE = {
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "onnxscript": "onnx",
+    "onnxruntime_genai": "genai",
+    "bitsandbytes": "qlora",
+    "peft": "qlora",
+    "tensorboard": "tensorboard",
+    "compressed_tensors": "compressed-tensors",
+    "gguf": "gguf",
+    "datasets": "hf-data",
+}
+
+
+def _missing_package(exc: BaseException) -> str | None:
+    """The message for a package that is not installed, if ``exc`` is (or was raised from) a
+    ``ModuleNotFoundError`` of a package other than distiq."""
+    missing = exc if isinstance(exc, ModuleNotFoundError) else exc.__cause__
+    if not isinstance(missing, ModuleNotFoundError) or missing.name is None:
+        return None
+    package = missing.name.split(".")[0]
+    if package == "distiq":
+        return None  # a missing distiq module is a bug, not the user's environment
+    if isinstance(exc, ImportError) and exc is not missing:
+        return str(exc)  # distiq's own message, which says what to install
+    extra = EXTRA_OF_PACKAGE.get(package)
+    how = (
+        f"pip install 'distiq[{extra}]'"
+        if extra
+        else "install it (pip install 'distiq[all]' installs every optional backend)"
+    )
+    return f"this needs the package {package!r}, which is not installed: {how}"
+
+
 def _user_message(exc: Exception) -> tuple[str, int] | None:
     """``(message, exit code)`` when ``exc`` is a user error, ``None`` when it is a bug."""
+    missing = _missing_package(exc)
+    if missing is not None:
+        return missing, EXIT_USER_ERROR
     if isinstance(exc, ModuleNotFoundError):
-        if exc.name is None or exc.name.split(".")[0] == "distiq":
-            return None  # a missing distiq module is a bug, not the user's environment
-        return (
-            f"this needs the package {exc.name!r}, which is not installed; install the extra "
-            "that provides it (pip install 'distiq[all]' installs every optional backend)",
-            EXIT_USER_ERROR,
-        )
+        return None  # a missing distiq module
     if isinstance(exc, FloatingPointError):  # the training loop's NaN/Inf guard
         return str(exc), EXIT_USER_ERROR
     if isinstance(exc, KeyError):  # registry misses: "unknown method 'x' (did you mean ...)"
@@ -173,15 +205,19 @@ def run_recipe(
     verb: str, recipe_path: Path, *, out: Path | None, overwrite: bool, resume: bool
 ) -> Path:
     """``distiq teacher`` / ``distiq compress``: check the recipe file, load and validate it
-    (``--out`` replaces its ``output``), run it with a progress bar and print the run directory
-    and its result records. Bad input fails before any long work (teacher, data and output
+    (``--out`` replaces its ``output``), run it as a stage with its progress (bars on a
+    terminal, plain lines at a steady interval elsewhere: :mod:`distiq.progress`; a teacher's
+    vision-only warm-up named as such) and print the run directory and its result records. Bad input fails before any long work (teacher, data and output
     directory are checked first)."""
     if overwrite and resume:
         raise ValueError("--overwrite and --resume exclude each other: choose one")
     check_recipe(recipe_path)
     changes = {"output": out} if out is not None else {}
+    quiet_library_bars()
+    phase = None
     if verb == "teacher":
         from distiq.demo.recipe import load_teacher_recipe
+        from distiq.demo.run import teacher_phase as phase
         from distiq.demo.teacher import train_teacher as run
 
         recipe = load_teacher_recipe(recipe_path, **changes)
@@ -192,7 +228,8 @@ def run_recipe(
 
         recipe = load_recipe(recipe_path, **changes)
         check_run(recipe, overwrite=overwrite, resume=resume)
-    with step_progress(f"{recipe.method} {recipe.run_name}") as progress:
+    name = f"{recipe.method} {recipe.run_name}"
+    with stage(name), step_progress(name, phase) as progress:
         run_dir = run(
             recipe,
             overwrite=overwrite,

@@ -5,12 +5,15 @@ run directory), and a tiny model uses two threads badly: two one-thread processe
 the work of one two-thread process on the 2-core machine. Workers are *forked* after the
 parent has set up everything: they inherit the engine's functions and the validated recipes
 (nothing is pickled but run names, step numbers, losses and what a job's ``after`` returns),
-and they report their progress on a queue that the parent draws as one rich progress bar per
-run.
+and they report their progress on a queue that the parent shows (:mod:`distiq.progress`): one
+rich progress bar per run on a terminal, plain lines at a steady interval elsewhere, and a line
+when each run starts and ends.
 
 The teacher, a single run, is trained data-parallel instead (:func:`run_distributed`): as many
 forked processes as split its global batch evenly (one thread each), which find each other through
-the variables a launcher sets and the training loop's accelerate (DDP, gloo) path.
+the variables a launcher sets and the training loop's accelerate (DDP, gloo) path (without
+accelerate installed, :func:`data_parallel_unavailable` says why and the demo trains it in one
+process).
 
 Each worker runs ``torch.set_num_threads(1)`` before any work, which also keeps it clear of the
 parent's OpenMP thread pool (GNU OpenMP's pool does not survive a fork). Where ``fork`` does not
@@ -28,7 +31,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from distiq.progress import run_progress_bar
+from distiq.progress import progress_display, stage_line
 
 # Set in the parent just before the workers fork, read by them (fork copies the parent's memory).
 _JOBS: dict[str, Job] = {}
@@ -47,6 +50,8 @@ class Job:
     action: str  # "run" (a fresh run directory) or "resume"
     data: Any = None  # the recipe's splits, loaded in the parent (``compress(data=...)``)
     after: Callable[[], Any] | None = None  # e.g. the run's ONNX exports for the benchmark
+    after_stage: str | None = None  # the line ``after``'s time is said under (None: silent)
+    phase: Callable[[Any], str | None] | None = None  # a step's phase (distiq.progress)
 
 
 def default_jobs() -> int:
@@ -65,10 +70,12 @@ def _init_worker(events: Any) -> None:
 
 
 class _QueuedProgress:
-    """``on_step`` / ``on_eval`` callbacks that send plain numbers to the parent."""
+    """``on_step`` / ``on_eval`` callbacks that send plain numbers (and the step's phase, worked
+    out here in the worker) to the parent."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, phase: Callable[[Any], str | None] | None = None) -> None:
         self.name = name
+        self.phase = phase
 
     def on_step(self, info: Any) -> None:
         total = getattr(info, "total", None)
@@ -79,6 +86,7 @@ class _QueuedProgress:
                 int(getattr(info, "step", 0)),
                 getattr(info, "steps", None),
                 None if total is None else float(total),
+                self.phase(info) if self.phase is not None else None,
             )
         )
 
@@ -88,12 +96,14 @@ class _QueuedProgress:
 
 
 def _run_job(name: str) -> tuple[float, Any]:
-    """In a worker: run job ``name``; returns its wall seconds (without ``after``) and what
-    ``after`` returned."""
+    """In a worker: run job ``name``, announcing its stages on the queue; returns its wall
+    seconds (without ``after``) and what ``after`` returned."""
     job = _JOBS[name]
     started = time.perf_counter()
-    progress = _QueuedProgress(name)
+    seconds = 0.0
     if job.compress is not None:
+        _EVENTS.put(("stage", name, None))
+        progress = _QueuedProgress(name, job.phase)
         job.compress(
             job.recipe,
             overwrite=job.action == "run",
@@ -102,13 +112,21 @@ def _run_job(name: str) -> tuple[float, Any]:
             on_eval=progress.on_eval,
             data=job.data,
         )
-    seconds = round(time.perf_counter() - started, 1)
-    return seconds, job.after() if job.after is not None else None
+        seconds = round(time.perf_counter() - started, 1)
+        _EVENTS.put(("stage", name, seconds))
+    if job.after is None:
+        return seconds, None
+    label = name if job.compress is None else job.after_stage
+    after_started = time.perf_counter()
+    output = job.after()
+    if label is not None:  # a part of the run's stage: its end alone
+        _EVENTS.put(("part", label, round(time.perf_counter() - after_started, 1)))
+    return seconds, output
 
 
-def _draw_events(events: Any, progress: Any, tasks: dict[str, Any]) -> list[tuple]:
-    """Draw the queued ``step`` / ``eval`` events on ``progress``; returns the other events
-    (``done`` / ``error`` of :func:`run_distributed`)."""
+def _draw_events(events: Any, display: Any) -> list[tuple]:
+    """Show the queued ``step`` / ``eval`` / ``stage`` / ``part`` events on ``display``; returns
+    the other events (``done`` / ``error`` of :func:`run_distributed`)."""
     other = []
     while True:
         try:
@@ -117,61 +135,74 @@ def _draw_events(events: Any, progress: Any, tasks: dict[str, Any]) -> list[tupl
             return other
         kind, name = event[0], event[1]
         if kind == "step":
-            _, _, step, steps, loss = event
-            shown = "—" if loss is None else f"{loss:.4g}"
-            progress.update(tasks[name], completed=step, total=steps, loss=shown)
+            _, _, step, steps, loss, phase = event
+            display.update(name, step, steps, loss, phase)
         elif kind == "eval":
             _, _, step, metrics = event
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-            progress.console.print(f"{name} step {step}: validation {shown}")
+            display.validation(name, step, metrics)
+        elif kind == "part":
+            display.line(stage_line(name, event[2], part=True))
+        elif kind == "stage":
+            seconds = event[2]
+            if seconds is None:
+                display.start(name)
+                display.line(stage_line(name))
+            else:
+                display.finish(name, seconds)
         else:
             other.append(event)
 
 
 def run_jobs(jobs: list[Job], workers: int) -> tuple[dict[str, float], dict[str, Any]]:
-    """Run ``jobs`` in ``workers`` forked processes, drawing a progress bar per run; returns
-    ``{name: wall seconds}`` (of ``compress``; jobs of ``after`` alone are left out) and
-    ``{name: what after returned}``. The first failure cancels the runs not yet started, waits
-    for the running ones and is raised again here."""
+    """Run ``jobs`` in ``workers`` forked processes, showing each run's progress and a line
+    when it starts and ends (:mod:`distiq.progress`); returns ``{name: wall seconds}`` (of
+    ``compress``; jobs of ``after`` alone are left out) and ``{name: what after returned}``. The
+    first failure cancels the runs not yet started, waits for the running ones and is raised
+    again here."""
     context = multiprocessing.get_context("fork")
     events = context.Queue()
     _JOBS.clear()
     _JOBS.update({job.name: job for job in jobs})
-    progress = run_progress_bar()
-    tasks = {job.name: progress.add_task(job.name, total=None, loss="—") for job in jobs}
+    display = progress_display()
+    for job in jobs:
+        display.add_task(job.name, phased=job.phase is not None)
     seconds: dict[str, float] = {}
     outputs: dict[str, Any] = {}
-
-    def draw_events() -> None:
-        _draw_events(events, progress, tasks)
-
     try:
-        with (
-            progress,
-            ProcessPoolExecutor(
+        with display:
+            with ProcessPoolExecutor(
                 workers, mp_context=context, initializer=_init_worker, initargs=(events,)
-            ) as pool,
-        ):
-            futures = {pool.submit(_run_job, job.name): job.name for job in jobs}
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                draw_events()
-                for future in done:
-                    name = futures[future]
-                    error = future.exception()
-                    if error is not None:
-                        for other in pending:
-                            other.cancel()
-                        raise error
-                    seconds[name], outputs[name] = future.result()
-                    task = progress.tasks[tasks[name]]
-                    progress.update(tasks[name], completed=task.total or 1, total=task.total or 1)
-            draw_events()
+            ) as pool:
+                futures = {pool.submit(_run_job, job.name): job.name for job in jobs}
+                pending = set(futures)
+                while pending:
+                    done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                    _draw_events(events, display)
+                    display.tick()
+                    for future in done:
+                        error = future.exception()
+                        if error is not None:
+                            for other in pending:
+                                other.cancel()
+                            raise error
+                        seconds[futures[future]], outputs[futures[future]] = future.result()
+            # the workers have exited, so every event they sent is in the queue now
+            _draw_events(events, display)
     finally:
         _JOBS.clear()
     kept = {job.name for job in jobs if job.compress is not None}
     return {k: v for k, v in seconds.items() if k in kept}, outputs
+
+
+def data_parallel_unavailable() -> str | None:
+    """Why a data-parallel run cannot start here (``None`` when it can): the training loop's
+    multi-process path needs Hugging Face accelerate, a dependency of distiq that an install
+    may still lack."""
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        return "Hugging Face accelerate is not installed (pip install accelerate)"
+    return None
 
 
 def data_parallel_size(batch_size: int, jobs: int, min_per_process: int = 8) -> int:
@@ -214,7 +245,7 @@ def _run_rank(name: str, rank: int, world_size: int, port: int, events: Any) -> 
     _init_worker(events)
     job = _JOBS[name]
     started = time.perf_counter()
-    progress = _QueuedProgress(name) if rank == 0 else None
+    progress = _QueuedProgress(name, job.phase) if rank == 0 else None
     try:
         job.compress(
             job.recipe,
@@ -238,9 +269,9 @@ def _run_rank(name: str, rank: int, world_size: int, port: int, events: Any) -> 
 
 def run_distributed(job: Job, world_size: int) -> float:
     """Run one job data-parallel in ``world_size`` forked processes (gloo, one torch thread
-    each: DDP through the training loop's accelerate path, the same global batch), drawing one
-    progress bar from rank 0; returns the wall seconds. If a process fails, the others are
-    stopped (they would wait forever in the next all-reduce) and its exception is raised here."""
+    each: DDP through the training loop's accelerate path, the same global batch), showing rank
+    0's progress; returns the wall seconds. If a process fails, the others are stopped (they
+    would wait forever in the next all-reduce) and its exception is raised here."""
     import pickle
 
     if job.compress is None or job.after is not None:
@@ -249,8 +280,8 @@ def run_distributed(job: Job, world_size: int) -> float:
     events = context.Queue()
     _JOBS.clear()
     _JOBS[job.name] = job
-    progress = run_progress_bar()
-    tasks = {job.name: progress.add_task(job.name, total=None, loss="—")}
+    display = progress_display()
+    display.add_task(job.name, phased=job.phase is not None)
     port = _free_port()
     started = time.perf_counter()
     processes = [
@@ -259,11 +290,12 @@ def run_distributed(job: Job, world_size: int) -> float:
     ]
     finished: set[int] = set()
     try:
-        with progress:
+        with display:
+            display.start(job.name)
             for process in processes:
                 process.start()
             while len(finished) < world_size:
-                for event in _draw_events(events, progress, tasks):
+                for event in _draw_events(events, display):
                     if event[0] == "error":
                         raise pickle.loads(event[3])
                     finished.add(event[2])
@@ -276,9 +308,9 @@ def run_distributed(job: Job, world_size: int) -> float:
                         f"{job.name}: process {dead[0]} of {world_size} died "
                         f"(exit code {processes[dead[0]].exitcode}) without a report"
                     )
+                display.tick()
                 time.sleep(0.2)
-            total = progress.tasks[0].total or 1
-            progress.update(tasks[job.name], completed=total, total=total)
+            display.finish(job.name)
     finally:
         for process in processes:
             if process.is_alive():

@@ -15,8 +15,14 @@
    export the most accurate quantized one (packed and ONNX: ``distiq.export``);
 5. gather the records in ``OUT/results.json`` and write ``OUT/report.md`` / ``report.html``.
 
-Every recipe is validated and the output checked before any long work. The wall time of each
-stage goes to ``OUT/demo_times.json`` (with the command and the machine).
+Every recipe is validated and the output checked before any long work. Each stage says when it
+starts and ends, with its time, and training runs show their progress (:mod:`distiq.progress`:
+bars on a terminal, plain lines at a steady interval in a log). The wall time of each stage goes
+to ``OUT/demo_times.json`` (with the command and the machine).
+
+It runs on distiq's core install: without the ``onnx`` extra the benchmark times PyTorch alone
+and the best model is exported packed only (each said in one line); without Hugging Face
+accelerate the teacher trains in one process.
 """
 
 from __future__ import annotations
@@ -31,7 +37,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distiq.demo.jobs import Job, data_parallel_size, run_distributed, run_jobs
+from distiq.demo.jobs import (
+    Job,
+    data_parallel_size,
+    data_parallel_unavailable,
+    run_distributed,
+    run_jobs,
+)
 from distiq.demo.plan import (
     RUNS,
     TEACHER,
@@ -42,9 +54,20 @@ from distiq.demo.plan import (
     recipes_dir,
     run_dir,
 )
-from distiq.progress import console, step_progress
+from distiq.progress import quiet_library_bars, stage, step_progress
+from distiq.progress import say as _say
 
 QUANTIZED = ("rtn", "gptq", "qat", "qad", "qlora-kd")
+WARMUP_PHASE = "vision-only warm-up: the language model has not trained yet"
+
+
+def teacher_phase(info: Any) -> str | None:
+    """The phase of a demo teacher's training step (``distiq.progress``): its first
+    ``teacher.vision_steps`` steps train the vision side alone, and their loss terms
+    (``StepInfo.terms``) then hold no ``vqa`` term (:func:`distiq.demo.teacher.teacher_step_fn`),
+    so a validation accuracy of 0 there is the warm-up, not a failure."""
+    terms = getattr(info, "terms", None)
+    return WARMUP_PHASE if terms is not None and "vqa" not in terms else None
 
 
 class _Engine:
@@ -91,7 +114,7 @@ def _action(engine: _Engine, name: str, recipe: Any, reused: list, fresh: bool) 
 
 def say(message: str) -> None:
     """One line for the person watching the demo (stderr, above any progress bar)."""
-    console(stderr=True).print(message, markup=False)
+    _say(message)
 
 
 def _run(
@@ -103,34 +126,40 @@ def _run(
     jobs: int = 1,
     data: Any = None,
 ) -> None:
-    """Run or resume (``action``) one recipe: data-parallel over up to ``jobs`` forked processes
-    when its global batch splits (:func:`~distiq.demo.jobs.run_distributed`), else in this
-    process; with ``data``, its splits loaded already."""
-    run = engine.train_teacher if name == TEACHER else engine.compress
+    """Run or resume (``action``) one recipe as a stage: data-parallel over up to ``jobs``
+    forked processes when its global batch splits (:func:`~distiq.demo.jobs.run_distributed`)
+    and accelerate is there (else in one process, said in one line), else in this process;
+    with ``data``, its splits loaded already."""
+    run, phase = (
+        (engine.train_teacher, teacher_phase) if name == TEACHER else (engine.compress, None)
+    )
     world = data_parallel_size(recipe.train.batch_size, jobs)
-    if world > 1:
-        say(f"{name}: data-parallel over {world} processes")
-        times[name] = run_distributed(Job(name, run, recipe, action, data), world)
-        return
-    started = time.perf_counter()
-    with step_progress(f"{name}") as progress:
-        run(
-            recipe,
-            overwrite=action == "run",
-            resume=action == "resume",
-            on_step=progress.on_step,
-            on_eval=progress.on_eval,
-            data=data,
-        )
-    times[name] = round(time.perf_counter() - started, 1)
+    unavailable = data_parallel_unavailable() if world > 1 else None
+    if unavailable is not None:
+        say(f"{name}: training in one process, not {world} data-parallel ones: {unavailable}")
+        world = 1
+    with stage(name) as timed:
+        if world > 1:
+            say(f"{name}: data-parallel over {world} processes")
+            run_distributed(Job(name, run, recipe, action, data, phase=phase), world)
+        else:
+            with step_progress(name, phase) as progress:
+                run(
+                    recipe,
+                    overwrite=action == "run",
+                    resume=action == "resume",
+                    on_step=progress.on_step,
+                    on_eval=progress.on_eval,
+                    data=data,
+                )
+    times[name] = round(timed.seconds, 1)
 
 
 def _load(what: str, times: dict[str, float], load: Any, recipe: Any) -> Any:
-    """``load(recipe)`` under a status line; its seconds go to ``times["data"]``."""
-    started = time.perf_counter()
-    with console(stderr=True).status(f"Loading {what}…"):
+    """``load(recipe)`` as a stage; its seconds go to ``times["data"]``."""
+    with stage(f"loading {what}", status=f"Loading {what}…") as timed:
         data = load(recipe)
-    times["data"] = round(times.get("data", 0.0) + time.perf_counter() - started, 1)
+    times["data"] = round(times.get("data", 0.0) + timed.seconds, 1)
     return data
 
 
@@ -165,7 +194,8 @@ def _with_shared_data(
     return [dataclasses.replace(j, data=data) if s else j for j, s in zip(todo, sharing)]
 
 
-_TEACHER_EXPORTS = f"{TEACHER}: ONNX for bench"  # the name of the job that exports the teacher
+# the name of the job that exports the teacher
+_TEACHER_EXPORTS = f"{TEACHER} ONNX exports for bench"
 
 
 def _measured(records: list) -> bool:
@@ -211,7 +241,12 @@ def _with_bench_exports(engine: _Engine, todo: list[Job], out: Path, root: Path)
     def exporter(name: str) -> Any:
         return functools.partial(_bench_exports, engine, run_dir(out, name), root / name)
 
-    planned = [dataclasses.replace(job, after=exporter(job.name)) for job in todo]
+    planned = [
+        dataclasses.replace(
+            job, after=exporter(job.name), after_stage=f"{job.name} ONNX exports for bench"
+        )
+        for job in todo
+    ]
     if not _measured(read_records(run_dir(out, TEACHER) / "results.json")):
         planned.append(Job(_TEACHER_EXPORTS, None, None, "run", after=exporter(TEACHER)))
     return planned
@@ -250,6 +285,7 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
     """The whole demo into ``out``, the compression runs in ``jobs`` worker processes at once
     (see :mod:`distiq.demo.jobs`); returns ``{"report": ReportFiles, "times": {...},
     "records": [...], "goals": [GoalCheck], "best": record | None}``."""
+    from distiq.bench.backends import missing_onnx_packages
     from distiq.config import check_writable
     from distiq.report import check_goals, collect_inputs, write_report
     from distiq.results import read_records, upsert_records, with_retention
@@ -264,11 +300,18 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
     # validate every recipe before the long work (the scene folder is known only after step 1)
     _validated(engine, names, settings, out, out / "data" / "edge-scenes")
     times: dict[str, float] = {}
+    quiet_library_bars()
+    no_onnx = missing_onnx_packages()
+    if no_onnx:
+        say(
+            f"{', '.join(no_onnx)} not installed: latency is timed in PyTorch only and the best "
+            "model is exported packed only (pip install 'distiq[onnx]' adds the onnxruntime "
+            "timings and the ONNX export)"
+        )
 
-    started = time.perf_counter()
-    with console(stderr=True).status(f"Generating {settings.scenes} scenes…"):
+    with stage("scenes", status=f"Generating {settings.scenes} scenes…") as timed:
         scenes = engine.generate_scenes(out / "data", count=settings.scenes, seed=0)
-    times["scenes"] = round(time.perf_counter() - started, 1)
+    times["scenes"] = round(timed.seconds, 1)
     recipes = _validated(engine, names, settings, out, Path(scenes.root))
 
     if jobs > 1:  # the forked processes inherit the model code instead of importing it each
@@ -296,7 +339,9 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="distiq-demo-onnx-") as onnx_root:
         exports: dict[str, Any] = {}
         if workers > 1:
-            todo = _with_bench_exports(engine, todo, out, Path(onnx_root))
+            if not no_onnx:  # else there is nothing to export
+                todo = _with_bench_exports(engine, todo, out, Path(onnx_root))
+            say(f"{sum(j.compress is not None for j in todo)} runs in {workers} worker processes")
             seconds, made = run_jobs(todo, workers)
             times.update(seconds)
             exports = _usable_exports(made)
@@ -304,47 +349,52 @@ def run_demo(out: Path, settings: DemoSettings, jobs: int = 1) -> dict[str, Any]
             for job in todo:
                 _run(engine, job.name, job.recipe, job.action, times, data=job.data)
 
-        started = time.perf_counter()
         records = []
-        for name in names:
-            directory = run_dir(out, name)
-            existing = read_records(directory / "results.json")
-            if _measured(existing):
-                records += existing  # measured before (cached run)
-                continue
-            with console(stderr=True).status(f"Measuring {name}…"):
-                records += engine.bench_run(
-                    directory,
-                    repeats=settings.bench_repeats,
-                    workloads=settings.bench_workloads,
-                    exports=exports.get(name),
-                )
-        times["bench"] = round(time.perf_counter() - started, 1)
+        with stage("bench") as timed:
+            for name in names:
+                directory = run_dir(out, name)
+                existing = read_records(directory / "results.json")
+                if _measured(existing):
+                    records += existing  # measured before (cached run)
+                    continue
+                with stage(f"bench {name}", status=f"Measuring {name}…", part=True):
+                    records += engine.bench_run(
+                        directory,
+                        repeats=settings.bench_repeats,
+                        workloads=settings.bench_workloads,
+                        exports=exports.get(name),
+                    )
+        times["bench"] = round(timed.seconds, 1)
 
     quantized = [r for r in records if r.method in QUANTIZED and r.value is not None]
     best = max(quantized, key=lambda r: r.value) if quantized else None
-    started = time.perf_counter()
-    if best is not None:
-        directory = run_dir(out, best.name)
-        exported = []
-        for fmt in ("packed", "onnx"):
-            with console(stderr=True).status(f"Exporting {best.name} ({fmt})…"):
+    with stage("export") as timed:
+        if best is not None:
+            directory = run_dir(out, best.name)
+            exported = []
+            for fmt in ("packed", "onnx"):
+                if fmt == "onnx" and no_onnx:
+                    say(f"export onnx of {best.name} skipped: needs {', '.join(no_onnx)}")
+                    continue
                 try:
-                    exported.append(str(engine.export_run(directory, fmt)))
-                except ValueError as exc:  # what a format cannot hold (e.g. 2-bit in ONNX)
+                    with stage(
+                        f"{best.name} as {fmt}", status=f"Exporting {best.name}…", part=True
+                    ):
+                        exported.append(str(engine.export_run(directory, fmt)))
+                except ValueError as exc:  # what a format cannot hold (2-bit in ONNX)
                     say(f"export {fmt} of {best.name} skipped: {exc}")
-        records = [
-            r.replace(extra={**r.extra, "exported": exported}) if r.name == best.name else r
-            for r in records
-        ]
-    times["export"] = round(time.perf_counter() - started, 1)
+            records = [
+                r.replace(extra={**r.extra, "exported": exported}) if r.name == best.name else r
+                for r in records
+            ]
+    times["export"] = round(timed.seconds, 1)
 
     results = out / "results.json"
     upsert_records(results, with_retention(records))
-    started = time.perf_counter()
-    inputs = collect_inputs([out, run_dir(out, TEACHER)])
-    files = write_report(inputs, out)
-    times["report"] = round(time.perf_counter() - started, 1)
+    with stage("report") as timed:
+        inputs = collect_inputs([out, run_dir(out, TEACHER)])
+        files = write_report(inputs, out)
+    times["report"] = round(timed.seconds, 1)
     times["total"] = round(time.perf_counter() - total_started, 1)
 
     from distiq.bench.run import machine

@@ -307,7 +307,8 @@ def setup_distributed(config: TrainConfig) -> DistContext:
         from accelerate.utils import DistributedDataParallelKwargs
     except ImportError as exc:
         raise RuntimeError(
-            "distributed training needs Hugging Face accelerate: pip install 'distiq[dist]'"
+            "distributed training needs Hugging Face accelerate, a dependency of distiq that "
+            "is not installed here: pip install accelerate"
         ) from exc
     wanted = config.device
     cpu = wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available())

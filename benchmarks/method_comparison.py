@@ -174,10 +174,10 @@ def main() -> None:
     teacher = args.teacher
     teacher_seconds = None
     if teacher is None:
-        from distiq.train.methods import compress
+        from distiq.demo.teacher import train_teacher
 
         t0 = time.perf_counter()
-        teacher = compress(_recipe("teacher", args, Path()), overwrite=True)
+        teacher = train_teacher(_recipe("teacher", args, Path()), overwrite=True)
         teacher_seconds = round(time.perf_counter() - t0, 1)
     (teacher_record,) = [r for r in read_records(teacher / "results.json") if r.method == "teacher"]
     results, records = {}, [teacher_record]

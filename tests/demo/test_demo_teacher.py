@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distiq.data import generate_scenes
 from distiq.demo.recipe import load_teacher_recipe, teacher_recipe_from_dict
 from distiq.demo.teacher import load_teacher_training_data, train_teacher
 from distiq.models import VLMWithHeads, load
@@ -14,20 +13,6 @@ from distiq.results import read_records
 from distiq.train import read_metrics, run_data
 from distiq.train.recipe import recipe_from_dict
 
-TINY = dict(
-    image_size=32,
-    patch_size=8,
-    vision_hidden_size=32,
-    vision_layers=2,
-    vision_heads=2,
-    vision_intermediate_size=64,
-    text_hidden_size=64,
-    text_layers=2,
-    text_heads=2,
-    text_kv_heads=2,
-    text_intermediate_size=128,
-    max_length=64,
-)
 TRAIN = {"steps": 3, "batch_size": 8, "lr": 1.0e-3, "log_every": 1, "warmup_steps": 1}
 W4A8 = {
     "weight": {"bits": 4},
@@ -35,23 +20,9 @@ W4A8 = {
 }
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny scene set and a teacher trained on it for a few steps."""
-    root = tmp_path_factory.mktemp("demo-teacher")
-    scenes = generate_scenes(root / "data", count=48, image_size=32, workers=1).root
-    base = {"data": {"scenes": str(scenes), "val_questions": 9, "test_questions": 12}}
-    teacher = teacher_recipe_from_dict(
-        {
-            **base,
-            "method": "teacher",
-            "output": str(root / "teacher"),
-            "teacher": {"preset": "tiny", "model": TINY},
-            "train": {**TRAIN, "steps": 4, "eval_every": 2, "best_metric": "vqa_accuracy"},
-        }
-    )
-    train_teacher(teacher)
-    return root, base
+@pytest.fixture
+def world(demo_world):
+    return demo_world
 
 
 def test_teacher_directory(world):
@@ -72,7 +43,7 @@ def test_teacher_directory(world):
     assert {"vqa", "detection", "segmentation", "grounding", "centres"} <= terms
 
 
-def test_teacher_counts_weight_adds_the_scene_count_term(world):
+def test_teacher_counts_weight_adds_the_scene_count_term(tiny_teacher, world):
     """``teacher.weights.counts > 0`` trains the scene-count head on the image tokens."""
     root, base = world
     recipe = teacher_recipe_from_dict(
@@ -80,7 +51,7 @@ def test_teacher_counts_weight_adds_the_scene_count_term(world):
             **base,
             "method": "teacher",
             "output": str(root / "teacher-counts"),
-            "teacher": {"preset": "tiny", "model": TINY, "weights": {"counts": 0.5}},
+            "teacher": {"preset": "tiny", "model": tiny_teacher, "weights": {"counts": 0.5}},
             "train": {**TRAIN, "steps": 2},
         }
     )
@@ -91,13 +62,13 @@ def test_teacher_counts_weight_adds_the_scene_count_term(world):
 
 
 @pytest.mark.parametrize("side_target", [False, True])
-def test_teacher_side_target_reaches_the_grounding_heads(world, side_target):
+def test_teacher_side_target_reaches_the_grounding_heads(tiny_teacher, world, side_target):
     """``teacher.side_target`` (on in the shipped recipe) is what the grounding heads use."""
     from distiq.demo.teacher import _grounding_heads
     from distiq.train.prefix_engine import SharedPrefixEngine
 
     root, base = world
-    teacher = {"preset": "tiny", "model": TINY, "side_target": side_target}
+    teacher = {"preset": "tiny", "model": tiny_teacher, "side_target": side_target}
     recipe = teacher_recipe_from_dict(
         {**base, "method": "teacher", "output": str(root / "t"), "teacher": teacher}
     )
@@ -106,11 +77,11 @@ def test_teacher_side_target_reaches_the_grounding_heads(world, side_target):
     assert heads is not None and heads.side_target is side_target
 
 
-def test_teacher_side_layer_trains_a_separate_side_head(world):
+def test_teacher_side_layer_trains_a_separate_side_head(tiny_teacher, world):
     """``teacher.side_layer``: the side target's own head reads that layer in a real run; a
     layer the model does not have is refused before training."""
     root, base = world
-    teacher = {"preset": "tiny", "model": TINY, "side_layer": -1}
+    teacher = {"preset": "tiny", "model": tiny_teacher, "side_layer": -1}
     recipe = teacher_recipe_from_dict(
         {
             **base,

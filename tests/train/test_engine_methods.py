@@ -9,9 +9,6 @@ import json
 import pytest
 import torch
 
-from distiq.data import generate_scenes
-from distiq.demo.recipe import teacher_recipe_from_dict
-from distiq.demo.teacher import train_teacher
 from distiq.models import VLMWithHeads, load
 from distiq.quant import FakeQuantLinear, QuantSpec, dequantize, quantize
 from distiq.results import read_records
@@ -20,20 +17,6 @@ from distiq.train.methods import compress, evaluate
 from distiq.train.recipe import recipe_from_dict
 from distiq.train.runs import load_compressed
 
-TINY = dict(
-    image_size=32,
-    patch_size=8,
-    vision_hidden_size=32,
-    vision_layers=2,
-    vision_heads=2,
-    vision_intermediate_size=64,
-    text_hidden_size=64,
-    text_layers=2,
-    text_heads=2,
-    text_kv_heads=2,
-    text_intermediate_size=128,
-    max_length=64,
-)
 TRAIN = {"steps": 3, "batch_size": 8, "lr": 1.0e-3, "log_every": 1, "warmup_steps": 1}
 W4A8 = {
     "weight": {"bits": 4},
@@ -41,23 +24,9 @@ W4A8 = {
 }
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny scene set and a teacher trained on it for a few steps."""
-    root = tmp_path_factory.mktemp("engine")
-    scenes = generate_scenes(root / "data", count=48, image_size=32, workers=1).root
-    base = {"data": {"scenes": str(scenes), "val_questions": 9, "test_questions": 12}}
-    teacher = teacher_recipe_from_dict(
-        {
-            **base,
-            "method": "teacher",
-            "output": str(root / "teacher"),
-            "teacher": {"preset": "tiny", "model": TINY},
-            "train": {**TRAIN, "steps": 4, "eval_every": 2, "best_metric": "vqa_accuracy"},
-        }
-    )
-    train_teacher(teacher)
-    return root, base
+@pytest.fixture
+def world(demo_world):
+    return demo_world
 
 
 def _run(world, name: str, **recipe) -> tuple:

@@ -124,9 +124,9 @@ def test_scheme_fields_and_overrides():
     assert (quant.w_bits, quant.a_bits) == (4, 8)
     with pytest.raises(ConfigError, match="unknown quantization scheme 'W4A9'.*did you mean"):
         recipe_from_dict({"method": "rtn", "teacher": "t", "quantization": {"scheme": "W4A9"}})
-    with pytest.raises(ConfigError, match="neither a part.*did you mean 'heads'"):
+    with pytest.raises(ConfigError, match="neither a part.*did you mean 'vision'"):
         recipe_from_dict(
-            {"method": "rtn", "teacher": "t", "quantization": {"overrides": {"head": {}}}}
+            {"method": "rtn", "teacher": "t", "quantization": {"overrides": {"visoin": {}}}}
         )
 
 

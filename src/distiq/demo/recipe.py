@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from distiq.config import ConfigError, from_dict, load_yaml
+from distiq.config import ConfigError, from_dict
 from distiq.train.config import TrainConfig
-from distiq.train.recipe import EDGE_PRESET_NAMES, DataConfig, EvalConfig
+from distiq.train.recipe import EDGE_PRESET_NAMES, DataConfig, EvalConfig, read_recipe_file
 from distiq.util import suggest
 
 
@@ -130,8 +130,4 @@ def teacher_recipe_from_dict(data: dict, *, source: str | None = None) -> Teache
 
 def load_teacher_recipe(path: str | os.PathLike, **changes: Any) -> TeacherRecipe:
     """Read a teacher recipe YAML file; ``changes`` replace top-level keys."""
-    data = load_yaml(path)
-    if not isinstance(data, dict):
-        raise ConfigError("a recipe is a YAML mapping (method:, teacher:, ...)", str(path))
-    data.update({k: (str(v) if isinstance(v, Path) else v) for k, v in changes.items()})
-    return teacher_recipe_from_dict(data, source=str(path))
+    return teacher_recipe_from_dict(read_recipe_file(path, changes), source=str(path))

@@ -9,6 +9,15 @@ Schema (every key but ``method`` and ``teacher`` optional; defaults shown)::
 
     name: null                   # run name in results (default: the output folder's name)
     method: qad                  # rtn | gptq | qat | kd | qad | qlora-kd
+    task: vqa                    # vqa | segmentation | detection | depth, or a section:
+    #   name: segmentation
+    #   ignore_index: 255        #   segmentation: mask value left out of loss and metric
+    #   weight_ce: 1.0           #   segmentation: the task term's CE and Dice weights
+    #   weight_dice: 1.0
+    #   min_depth: 0.001         #   depth: ground-truth depths that count (metres), and
+    #   max_depth: null          #   the clip of predictions
+    #   variance_focus: 0.85     #   depth: the scale-invariant log loss's lambda
+    #   max_detections: 100      #   detection: detections per image COCO mAP scores
     seed: 0
     output: runs/qad-w4a8        # the run directory (refused if it holds a run, unless
                                  # overwrite / resume)
@@ -37,10 +46,16 @@ Schema (every key but ``method`` and ``teacher`` optional; defaults shown)::
       overrides: {}              # {part or glob: {weight: {fields} | null, activation: ...}}
       ignore: []                 # module globs kept in floating point
     objective: {terms: {task: {}}}   # distiq.objective's schema
-    data:                        # exactly one of scenes / vqa / hf
+    data:                        # exactly one of scenes / vqa / hf / format
       scenes: data/edge-scenes-s0-n25000-64px-xxxxxxxx   # a generated scene set
       vqa: null                  # {split: {questions, annotations, images}} (VQA v2 files)
       hf: null                   # a datasets folder (save_to_disk): {path, columns: {...}}
+      format: null               # dense tasks: a data set's own format (coco, voc, kitti,
+      splits: null               #   bdd100k, cityscapes, ade20k, scannet, folder) and per
+                                 #   split its loader's keys (distiq.train.engine_tasks.dense_data)
+      segmentation_target: category   # scenes, segmentation: category | colour masks
+      val_images: null           # dense tasks: validation / test images (null: all)
+      test_images: null
       train_split: train
       val_split: val
       test_split: test
@@ -72,6 +87,7 @@ from distiq.config import ConfigError, from_dict, load_yaml, to_dict
 from distiq.objective.config import ObjectiveConfig
 from distiq.train.config import TrainConfig
 from distiq.train.quant_plan import QuantizationConfig
+from distiq.train.recipe_task import TaskConfig, task_errors
 from distiq.util import suggest
 
 Method = Literal["rtn", "gptq", "qat", "kd", "qad", "qlora-kd"]
@@ -225,12 +241,18 @@ class HFDataConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the data is (a generated scene set, VQA v2 files or a ``datasets`` folder) and
-    which splits."""
+    """Where the data is (a generated scene set, VQA v2 files, a ``datasets`` folder, or — for
+    the dense tasks — a data set in its own ``format`` with loader keys per split) and which
+    splits."""
 
     scenes: Path | None = None
     vqa: dict[str, VQAFiles] | None = None
     hf: HFDataConfig | None = None
+    format: str | None = None
+    splits: dict[str, dict[str, Any]] | None = None
+    segmentation_target: Literal["category", "colour"] = "category"
+    val_images: int | None = None
+    test_images: int | None = None
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
@@ -241,11 +263,13 @@ class DataConfig:
 
     def _validate(self) -> list[str]:
         errors = []
-        if sum(x is not None for x in (self.scenes, self.vqa, self.hf)) > 1:
+        if sum(x is not None for x in (self.scenes, self.vqa, self.hf, self.format)) > 1:
             errors.append(
-                "give one of scenes (a generated scene set), vqa (VQA v2 files) and hf "
-                "(a datasets folder), not several"
+                "give one of scenes (a generated scene set), vqa (VQA v2 files), hf "
+                "(a datasets folder) and format (a data set in its own format), not several"
             )
+        if (self.format is None) != (self.splits is None):
+            errors.append("format and splits go together: the format, and its keys per split")
         if self.vqa is not None:
             for split in (self.train_split, self.val_split, self.test_split):
                 if split not in self.vqa:
@@ -253,7 +277,7 @@ class DataConfig:
                         f"vqa has no {split!r} split{suggest(split, list(self.vqa))}; it has "
                         f"{', '.join(self.vqa) or 'none'}"
                     )
-        for name in ("val_questions", "test_questions"):
+        for name in ("val_questions", "test_questions", "val_images", "test_images"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 errors.append(f"{name} must be >= 1 or null (all), got {value}")
@@ -343,6 +367,7 @@ class Recipe:
     output: Path = Path("runs/run")
     name: str | None = None
     seed: int = 0
+    task: TaskConfig = field(default_factory=TaskConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     quantization: QuantizationConfig | None = None
@@ -376,8 +401,13 @@ class Recipe:
                 f"qat trains with the task loss only; objective terms {sorted(terms)} given "
                 "(use method qad for distillation terms)"
             )
-        if method in DISTILLED_METHODS and "kd" not in terms:
-            errors.append(f"{method} distils the teacher: the objective needs a kd term")
+        distils = {"kd", "reg"} if self.task.dense else {"kd"}
+        if method in DISTILLED_METHODS and not distils & set(terms):
+            errors.append(
+                f"{method} distils the teacher: the objective needs a "
+                f"{' or a '.join(sorted(distils))} term"
+            )
+        errors += task_errors(self, set(terms))
         if method in ("kd", "qlora-kd") and {"pd", "rounding", "qk_entropy"} & set(terms):
             errors.append(
                 f"{method}: pd / rounding / qk_entropy act on fake-quantized layers, which this "
@@ -426,13 +456,19 @@ def recipe_from_dict(data: dict, *, source: str | None = None) -> Recipe:
     return from_dict(Recipe, data, source=source)
 
 
-def load_recipe(path: str | os.PathLike, **changes: Any) -> Recipe:
-    """Read a recipe YAML file; ``changes`` replace top-level keys (e.g. ``output=...``)."""
+def read_recipe_file(path: str | os.PathLike, changes: dict[str, Any]) -> dict:
+    """A recipe YAML file as a mapping, ``changes`` replacing its top-level keys (paths as
+    strings); the error for a file that is not a mapping names it."""
     data = load_yaml(path)
     if not isinstance(data, dict):
         raise ConfigError("a recipe is a YAML mapping (method:, teacher:, ...)", str(path))
     data.update({k: (str(v) if isinstance(v, Path) else v) for k, v in changes.items()})
-    return recipe_from_dict(data, source=str(path))
+    return data
+
+
+def load_recipe(path: str | os.PathLike, **changes: Any) -> Recipe:
+    """Read a recipe YAML file; ``changes`` replace top-level keys (e.g. ``output=...``)."""
+    return recipe_from_dict(read_recipe_file(path, changes), source=str(path))
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

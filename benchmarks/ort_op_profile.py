@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_info
 from deploy import CONFIGS, WORDS, synthetic_samples
 from distiq.export import export_onnx
+from distiq.export.ort import decoder_feed
 from distiq.quant import calibration, quantize_
 
 MATMUL_OPS = ("MatMul", "FusedMatMul", "MatMulIntegerToFloat", "QuantizeLinear", "Gemm")
@@ -99,13 +101,14 @@ def run_preset(preset: str, threads: int, runs: int) -> dict:
     teacher, model, adapter, tokens = _models(preset)
     dim = teacher.config.text_config.hidden_size
     embeds = np.random.default_rng(0).standard_normal((1, tokens, dim)).astype(np.float32)
-    feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, tokens), np.int64)}
     out: dict = {"tokens": tokens, "hidden_size": dim}
     with tempfile.TemporaryDirectory(prefix="distiq-ort-profile-") as tmp:
         for name, source, precision in (("fp32", teacher, "fp32"), ("int8", model, "int8")):
             target = Path(tmp) / name
             export_onnx(source, target, adapter=adapter, precision=precision, overwrite=True)
-            ops = profile_graph(target / "language_model.onnx", feed, threads, runs)
+            graph = target / "language_model.onnx"  # the prompt step: an empty KV cache
+            feed = decoder_feed(onnxruntime.InferenceSession(str(graph)), embeds)
+            ops = profile_graph(graph, feed, threads, runs)
             out[name] = {"ops": ops, **summarise(ops)}
     fp32, int8 = out["fp32"], out["int8"]
     out["ratios"] = {

@@ -234,6 +234,23 @@ def test_heads_export(deploy, tmp_path):
         out["cls_logits"], expected.detection["cls_logits"].numpy(), atol=2e-3
     )
     assert runner.manifest["heads"]["detection"]["num_classes"] == 3
+    # the vision graph's second output (the heads' input) does not disturb the VLM's answers
+    report = check_parity(student, tmp_path / "h", deploy.samples(3), max_new_tokens=3, threads=1)
+    assert report.answers_identical and report.genai_answers_identical in (None, True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_dynamo_exporter_writes_the_whole_vlm(deploy, tmp_path):
+    """exporter="dynamo" traces the three graphs with the KV cache and the same QDQ forms."""
+    model, adapter = deploy.tiny_vlm()
+    data = deploy.samples(4, seed=2)
+    student = deploy.quantized(model, adapter, deploy.W8, deploy.A8, data)
+    export = export_onnx(student, tmp_path / "d", adapter=adapter, exporter="dynamo")
+    report = check_parity(student, export.path, data, adapter=adapter, max_new_tokens=3, threads=1)
+    assert report.answers_identical and report.max_abs_logit_diff <= 2e-3
+    assert report.genai_answers_identical in (None, True)
+    assert _optimized_ops(export.graphs["language_model"])["MatMulIntegerToFloat"] == 7
 
 
 # -- bad input -------------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def _trace(
                 opset_version=21,
                 input_names=inputs,
                 output_names=outputs,
-                dynamic_axes=dynamic or None,
+                dynamic_shapes=_dynamic_shapes(module, inputs, dynamic),
                 custom_translation_table=register(),
                 verbose=False,
             )
@@ -149,6 +149,22 @@ def _trace(
             do_constant_folding=True,
             custom_opsets={"distiq": 1} if blockwise else None,
         )
+
+
+def _dynamic_shapes(module: nn.Module, inputs: list[str], dynamic: dict) -> Any:
+    """``dynamic_axes`` as torch.export's ``dynamic_shapes``: every named axis dynamic (sizes
+    that must agree, such as the batch, are related by the trace itself). A forward taking
+    ``*args`` (the decoder's cache) gets them as one tuple after the named parameters."""
+    import inspect
+
+    if not dynamic:
+        return None
+    axes = [{axis: torch.export.Dim.DYNAMIC for axis in dynamic.get(n, {})} for n in inputs]
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    named = [p for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    if len(named) == len(parameters):
+        return tuple(axes)
+    return (*axes[: len(named)], tuple(axes[len(named) :]))
 
 
 def _check_exporter(exporter: str) -> None:

@@ -102,6 +102,7 @@ class DecoderGraph(nn.Module):
         super().__init__()
         check_decoder(language_model)
         self.language_model, self.lm_head = language_model, lm_head
+        self.cache_argument = _cache_argument(language_model.layers[0])
 
     def forward(
         self,
@@ -127,9 +128,9 @@ class DecoderGraph(nn.Module):
             hidden = layer(
                 hidden,
                 attention_mask=mask,
-                cache=cache,
                 use_cache=True,
                 position_embeddings=position_embeddings,
+                **{self.cache_argument: cache},
             )
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
         logits = self.lm_head(model.norm(hidden))
@@ -198,6 +199,21 @@ def empty_past(language_model: nn.Module, batch: int, dtype=torch.float32) -> li
     geometry = kv_geometry(language_model)
     shape = (batch, geometry["num_key_value_heads"], 0, geometry["head_size"])
     return [torch.zeros(shape, dtype=dtype) for _ in range(2 * geometry["num_hidden_layers"])]
+
+
+def _cache_argument(layer: nn.Module) -> str:
+    """The name under which a decoder layer takes its cache (``cache`` in current transformers,
+    ``past_key_values`` in earlier 5.x releases)."""
+    import inspect
+
+    parameters = inspect.signature(layer.forward).parameters
+    for name in ("cache", "past_key_values", "past_key_value"):
+        if name in parameters:
+            return name
+    raise ValueError(
+        f"{type(layer).__name__}.forward takes no cache argument (cache / past_key_values); "
+        "the ONNX decoder export needs a decoder layer that does"
+    )
 
 
 def check_decoder(language_model: nn.Module) -> None:

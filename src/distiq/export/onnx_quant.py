@@ -25,7 +25,9 @@ per tensor)::
     codes (in, out) ─ DequantizeLinear(s (out,), z (out,), axis=1) ─ MatMul ─ Add(bias)
 
   onnxruntime fuses ``Q → DQ → MatMul ← DQ(weights)`` into ``MatMulIntegerToFloat`` (an int8
-  GEMM, int32 accumulation). Weight type: x86 CPUs without AVX-512 VNNI multiply u8 × s8 pairs
+  GEMM, int32 accumulation). Without activation QDQ (weight-only int8) it fuses
+  ``DQ(weights) → MatMul`` into an 8-bit ``MatMulNBits``, whose accuracy level (below) then
+  applies as for int4. Weight type: x86 CPUs without AVX-512 VNNI multiply u8 × s8 pairs
   with 16-bit saturation (``vpmaddubsw``), which corrupts int8 weights using the full [-128, 127]
   range (measured on this AVX2 machine: max |Δlogit| 0.066 on the demo-sized language model,
   logits of size ~0.7, against ≤ 0.005 with UINT8 weights). ``int8_weights=

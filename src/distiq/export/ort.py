@@ -20,10 +20,10 @@ onnxruntime-genai does (``distiq.export.onnx_genai.GenaiVLM`` runs the same expo
 long its past was: with the cache every call after the prompt takes one token.
 
 Sessions use ``intra_op_num_threads = threads`` (and one inter-op thread) so timings are
-reproducible. ``int4_accuracy_level`` sets onnxruntime's ``MatMulNBits`` accuracy level for
-INT4 graphs: None keeps onnxruntime's default (4: activations quantized to int8 per block inside
-the kernel, fastest), ``0`` keeps float activations (the exported model's arithmetic up to float
-rounding).
+reproducible. ``int4_accuracy_level`` sets onnxruntime's ``MatMulNBits`` accuracy level (the
+kernel onnxruntime runs INT4 layers and weight-only int8 layers with): None keeps onnxruntime's
+default (4: activations quantized to int8 per block inside the kernel, fastest), ``0`` keeps
+float activations (the exported model's arithmetic up to float rounding).
 """
 
 from __future__ import annotations
@@ -116,7 +116,8 @@ class OrtVLM:
     Args:
         path: a directory written by ``export_onnx``.
         threads: intra-op threads per session (None: onnxruntime's default).
-        int4_accuracy_level: ``MatMulNBits`` accuracy level for INT4 graphs (None: default).
+        int4_accuracy_level: ``MatMulNBits`` accuracy level (INT4 and weight-only int8 layers;
+            None: onnxruntime's default).
         optimize: onnxruntime graph optimizations (False runs the graph as written: slower,
             the reference semantics of the QDQ nodes).
         providers: onnxruntime execution providers.

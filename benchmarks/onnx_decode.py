@@ -180,9 +180,18 @@ def main() -> None:
                 "growth_uncached": last["uncached_ms"] / first["uncached_ms"],
                 **({"growth_genai": last["genai_ms"] / first["genai_ms"]} if genai else {}),
             }
+    import onnxruntime
+    import transformers
+
+    versions = {"onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__}
+    if genai:
+        import onnxruntime_genai
+
+        versions["onnxruntime_genai"] = onnxruntime_genai.__version__
     record = {
         "benchmark": "onnx_decode",
         "machine": machine_info(),
+        "versions": versions,
         "model": {
             "preset": args.preset,
             "text_hidden_size": int(text.hidden_size),

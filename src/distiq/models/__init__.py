@@ -7,19 +7,36 @@
   ``build_inputs(samples)``, ``generate_answers(model, samples)``.
 - ``build_edge_vlm(vocabulary, preset)``: the built-in LLaVA-architecture edge VLM.
 - ``DetectionHead``, ``SegmentationHead``, ``VLMWithHeads``; ``describe(model)``.
+- Dense vision models (:mod:`distiq.models.dense`): ``DenseAdapter`` for SegFormer, RT-DETR,
+  DETR, Depth Anything and DPT checkpoints; ``load_dense(path)``, ``build_dense(family)``.
 
 Importing this package does not import transformers (that happens on first use).
 """
 
 from distiq.models import (  # noqa: F401  (register adapters)
+    depth_estimation,
+    detr,
     gemma3,
     idefics3,
     llava,
     llava_next,
     paligemma,
     qwen2_vl,
+    segformer,
 )
 from distiq.models.adapter import DEFAULT_PARTS, PARTS, VLMAdapter
+from distiq.models.dense import (
+    DENSE_ADAPTERS,
+    DenseAdapter,
+    DenseOutputs,
+    build_dense,
+    dense_families,
+    dense_model_type,
+    is_dense_model,
+    load_dense,
+    load_dense_adapter,
+    register_dense,
+)
 from distiq.models.describe import ModelDescription, describe
 from distiq.models.edge_vlm import (
     EDGE_PRESETS,
@@ -59,10 +76,13 @@ from distiq.models.tokenizer import build_word_tokenizer
 
 __all__ = [
     "ADAPTERS",
+    "DENSE_ADAPTERS",
     "DEFAULT_PARTS",
     "EDGE_PRESETS",
     "IGNORE_INDEX",
     "PARTS",
+    "DenseAdapter",
+    "DenseOutputs",
     "DetectionHead",
     "EdgeVLMConfig",
     "FeaturePoints",
@@ -83,16 +103,23 @@ __all__ = [
     "VLMWithHeads",
     "adapter_class",
     "attention_probs_available",
+    "build_dense",
     "build_edge_processor",
     "build_edge_vlm",
     "build_word_tokenizer",
+    "dense_families",
+    "dense_model_type",
     "describe",
     "edge_vlm_config",
     "import_edge_vlm_code",
+    "is_dense_model",
     "load",
     "load_adapter",
+    "load_dense",
+    "load_dense_adapter",
     "narrow_layers",
     "register_adapter",
+    "register_dense",
     "supported_model_types",
     "to_rgb",
     "unwrap_vlm",

@@ -57,13 +57,23 @@ class CompressResult:
 def _loaded(model: Any, processor: Any, what: str) -> tuple[nn.Module, Any]:
     """``(model, adapter)`` from a directory, a ``(model, adapter)`` pair or a model with its
     processor."""
-    from distiq.models import LoadedVLM, adapter_class, unwrap_vlm
-    from distiq.train.modeling import load_vlm
+    from distiq.models import LoadedVLM, adapter_class, is_dense_model, unwrap_vlm
+    from distiq.train.modeling import load_model
 
     if isinstance(model, str | Path):
-        return load_vlm(model)
+        return load_model(model)
     if isinstance(model, LoadedVLM | tuple):
         return model[0], model[1]
+    if isinstance(model, nn.Module) and is_dense_model(model):
+        from distiq.models.dense import DENSE_ADAPTERS
+
+        if processor is None:
+            raise ValueError(
+                f"{what} is a dense vision model without its image processor: pass "
+                "processor= (its *ImageProcessorPil), or a (model, adapter) pair"
+            )
+        image_processor = getattr(processor, "image_processor", processor)
+        return model, DENSE_ADAPTERS.get(model.config.model_type)(model.config, image_processor)
     if isinstance(model, nn.Module):
         if processor is None:
             raise ValueError(

@@ -62,6 +62,17 @@ def load_vlm(path: str | Path) -> tuple[nn.Module, Any]:
     return vlm, adapter
 
 
+def load_model(path: str | Path) -> tuple[nn.Module, Any]:
+    """``(model, adapter)`` of any model directory distiq runs: a dense vision model
+    (``distiq.models.load_dense``) or a VLM (:func:`load_vlm`)."""
+    from distiq.models import dense_model_type, load_dense
+
+    path = resolve_model_dir(path)
+    if dense_model_type(path) is not None:
+        return load_dense(path)
+    return load_vlm(path)
+
+
 def _edge_config_of(vlm: nn.Module) -> dict[str, Any]:
     """EdgeVLMConfig fields read back from a LLaVA config built by ``build_edge_vlm``."""
     config = vlm.config

@@ -20,7 +20,9 @@ Recipe section::
                                   # chosen to fit the size (distiq.train.mixed_precision)
 
 Parts are the model adapter's: ``vision``, ``projector``, ``language_model``, ``lm_head``,
-``patch_embedding`` (and ``heads`` for the built-in VLM's task heads). A layer belongs to the
+``patch_embedding`` (and ``heads`` for the built-in VLM's task heads); for dense vision models
+(``distiq.models.DenseAdapter``) ``backbone``, ``neck``, ``head`` and ``patch_embedding`` (the
+stem), by default every part but the stem. A layer belongs to the
 first target that selects it. Blockwise weight specs (``per_group(g)``, NF4's blocks of 64)
 skip layers whose input width is not a multiple of the block; every skipped layer is recorded
 with its reason, and a target that keeps no layer at all is an error that lists them.
@@ -44,7 +46,17 @@ from distiq.util import suggest
 
 logger = logging.getLogger(__name__)
 
-PART_NAMES = ("vision", "projector", "language_model", "lm_head", "patch_embedding", "heads")
+PART_NAMES = (
+    "vision",
+    "projector",
+    "language_model",
+    "lm_head",
+    "patch_embedding",
+    "heads",
+    "backbone",
+    "neck",
+    "head",
+)
 DEFAULT_TARGETS = ("vision", "projector", "language_model")
 NF4_BLOCK = 64
 
@@ -229,7 +241,8 @@ def plan_quantization(model: nn.Module, adapter: Any, config: QuantizationConfig
     parts = _part_targets(model, adapter)
     names = config.targets
     if names is None:
-        names = tuple(p for p in DEFAULT_TARGETS if p in parts and p not in adapter.unquantizable)
+        defaults = getattr(adapter, "default_targets", DEFAULT_TARGETS)
+        names = tuple(p for p in defaults if p in parts and p not in adapter.unquantizable)
     selectors = {}
     for key in names:
         if key in PART_NAMES and (key not in parts or not parts[key].include):

@@ -29,6 +29,7 @@ exactly the model that was evaluated. Export (``distiq.export``) reads ``quantiz
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -162,11 +163,11 @@ def load_compressed(run_dir: str | Path) -> tuple[nn.Module, Any, dict[str, Any]
     """``(model, adapter, manifest)`` of a run directory: the saved model with its activation
     quantizers restored (static qparams loaded), in eval mode — the model that was evaluated."""
     from distiq.integrity import load_safetensors, verify_hashes
-    from distiq.train.modeling import load_vlm
+    from distiq.train.modeling import load_model
 
     run_dir = Path(run_dir)
     verify_hashes(run_dir)  # a weight file changed since the run wrote it: said, not evaluated
-    model, adapter = load_vlm(run_dir)
+    model, adapter = load_model(run_dir)
     manifest: dict[str, Any] = {"modules": {}}
     if (run_dir / MANIFEST).is_file():
         manifest = json.loads((run_dir / MANIFEST).read_text())
@@ -290,7 +291,12 @@ def check_resumable(run_dir: Path, recipe: Any) -> None:
     saved = load_yaml(run_dir / RECIPE_FILE)
     current = to_dict(recipe)
     if isinstance(saved, dict) and saved.get("method") == "teacher":
-        return  # the demo's teacher recipe: its own schema, compared by its trainer
+        return  # a teacher recipe: its own schema, compared by its trainer
+    if isinstance(saved, dict):
+        from distiq.train.recipe import recipe_from_dict
+
+        with contextlib.suppress(ValueError):  # else compared as written, each difference named
+            saved = to_dict(recipe_from_dict(saved))  # keys added since then take defaults
     differences = [
         key
         for key in sorted(set(saved) | set(current))

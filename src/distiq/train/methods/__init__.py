@@ -36,19 +36,17 @@ from torch import nn
 
 from distiq.config import dump_yaml
 from distiq.results import ResultRecord, read_records, upsert_records
-from distiq.train.data_setup import EngineData, check_data, load_data, load_split
+from distiq.train.data_setup import EngineData
 from distiq.train.distributed import launched_rank
-from distiq.train.engines import engine_for, evaluate_vqa
+from distiq.train.engine_tasks import engine_task
 from distiq.train.lock import RunLock
 from distiq.train.methods import ptq, qlora, trained  # noqa: F401  (register the methods)
 from distiq.train.methods.common import (
     METHODS,
     RunContext,
-    metric_extras,
     record_of,
     write_predictions,
 )
-from distiq.train.modeling import load_vlm, resolve_model_dir
 from distiq.train.recipe import Recipe, load_recipe
 from distiq.train.runs import (
     RECIPE_FILE,
@@ -71,10 +69,11 @@ def check_recipe(recipe: Recipe, *, overwrite: bool = False, resume: bool = Fals
             f"method {recipe.method} needs teacher: the teacher's model directory (or a teacher "
             "in memory: distiq.compress(model=..., teacher=...))"
         )
-    resolve_model_dir(recipe.teacher.path)
+    task = engine_task(recipe)
+    task.check_model(recipe.teacher.path)
     if recipe.student.init == "checkpoint":
-        resolve_model_dir(recipe.student.path)
-    check_data(recipe.data)
+        task.check_model(recipe.student.path)
+    task.check_data(recipe.data)
     _check_output_apart(recipe)
     prepare_run_dir(Path(recipe.output), overwrite=overwrite, resume=resume, empty=False)
     if resume:
@@ -85,16 +84,12 @@ def _check_output_apart(recipe: Recipe) -> None:
     """The output must not be, nor contain, the teacher, the student or the data (``--overwrite``
     would delete them)."""
     output = Path(recipe.output).resolve()
-    data = recipe.data
     inputs = [
         ("teacher", recipe.teacher.path),
         ("student", recipe.student.path),
         ("teacher cache", recipe.teacher.cache.path if recipe.teacher.cache else None),
-        ("data.scenes", data.scenes),
-        ("data.hf", data.hf.path if data.hf else None),
+        *engine_task(recipe).data_paths(recipe.data),
     ]
-    for split, files in (data.vqa or {}).items():
-        inputs += [(f"data.vqa.{split}.{k}", getattr(files, k)) for k in ("questions", "images")]
     for what, path in inputs:
         if path is None:
             continue
@@ -111,11 +106,10 @@ def run_data(recipe: Recipe) -> EngineData:
     processing (the teacher's, unless the student is a checkpoint of its own), read without
     loading any weights — so that several runs on the same data and teacher can share one
     copy: ``compress(recipe, data=run_data(recipe))``."""
-    from distiq.models import load_adapter
-
-    check_data(recipe.data)
+    task = engine_task(recipe)
+    task.check_data(recipe.data)
     source = recipe.student.path if recipe.student.init == "checkpoint" else recipe.teacher.path
-    return load_data(recipe, load_adapter(resolve_model_dir(source)))
+    return task.load_data(recipe, task.load_adapter(source))
 
 
 def compress(
@@ -150,7 +144,7 @@ def compress(
         check_recipe(recipe, overwrite=overwrite, resume=resume)
     else:
         if data is None:
-            check_data(recipe.data)
+            engine_task(recipe).check_data(recipe.data)
         _check_output_apart(recipe)
     run_dir = Path(recipe.output)
     with RunLock(run_dir):
@@ -166,9 +160,10 @@ def _compress(recipe, run_dir, resume, on_step, on_eval, data, teacher, student)
     """:func:`compress` once the run directory is locked and prepared."""
     torch.manual_seed(recipe.seed)
     started = time.perf_counter()
-    teacher_model, teacher_adapter = teacher or load_vlm(recipe.teacher.path)
+    task = engine_task(recipe)
+    teacher_model, teacher_adapter = teacher or task.load_model(recipe.teacher.path)
     if data is None:
-        data = run_data(recipe) if student is None else load_data(recipe, student[1])
+        data = run_data(recipe) if student is None else task.load_data(recipe, student[1])
     if not recipe.data.labels:
         from distiq.train.pseudo_labels import teacher_labelled
 
@@ -197,32 +192,22 @@ def _compress(recipe, run_dir, resume, on_step, on_eval, data, teacher, student)
 
 
 def teacher_accuracy(ctx: RunContext) -> float | None:
-    """The teacher's test accuracy (%): from its directory's ``results.json`` when it holds a
-    teacher record for the same test questions, else measured now on the run's test split
-    (``eval.teacher``; None when that is off)."""
-    recipe = ctx.recipe
+    """The teacher's test value (%, the task's metric): from its directory's ``results.json``
+    when it holds a teacher record for the same test split, else measured now on the run's test
+    split (``eval.teacher``; None when that is off)."""
+    recipe, task = ctx.recipe, ctx.task
     path = recipe.teacher.path
     if path is not None:
-        questions = ctx.data.test.question_count()
-        for record in read_records(Path(path) / RESULTS_FILE):
-            if record.method == "teacher" and record.extra.get("num_questions") in (
-                None,
-                questions,
-            ):
-                return record.value
+        value = task.teacher_record_value(read_records(Path(path) / RESULTS_FILE), ctx.data.test)
+        if value is not None:
+            return value
     if not recipe.eval.teacher:
         return None
     test = ctx.data.test.for_adapter(ctx.teacher_adapter)
-    engine = engine_for(ctx.teacher, ctx.teacher_adapter, test.path).eval()
-    metrics = evaluate_vqa(
-        engine,
-        test,
-        max_new_tokens=recipe.eval.max_new_tokens,
-        batch_images=recipe.eval.batch_images,
-    )
-    value = 100.0 * metrics["vqa_accuracy"]
-    logger.info("teacher: test VQA accuracy %.2f %% (measured for the retention)", value)
-    return value
+    engine = task.engine_for(ctx.teacher, ctx.teacher_adapter, test).eval()
+    evaluation = task.evaluate(engine, test, recipe)
+    logger.info("teacher: %s (measured for the retention)", task.describe(evaluation))
+    return evaluation.value
 
 
 def evaluate(
@@ -253,44 +238,36 @@ def evaluate(
         recipe = run_dir / RECIPE_FILE
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    task = engine_task(recipe)
     if test_questions != -1:
+        limit = "test_images" if recipe.task.dense else "test_questions"
         recipe = dataclasses.replace(
-            recipe, data=dataclasses.replace(recipe.data, test_questions=test_questions)
+            recipe, data=dataclasses.replace(recipe.data, **{limit: test_questions})
         )
     if own_recipe:
         model, adapter, _ = load_compressed(run_dir)
     else:
-        model, adapter = load_vlm(run_dir)
-    check_data(recipe.data)
-    test = load_split(recipe.data, recipe.data.test_split, adapter).limit_questions(
-        recipe.data.test_questions
-    )
-    engine = engine_for(model, adapter, test.path)
-    answers: list[dict] = []
-    metrics = evaluate_vqa(
-        engine,
-        test,
-        max_new_tokens=recipe.eval.max_new_tokens,
-        batch_images=recipe.eval.batch_images,
-        per_question=answers,
-    )
+        model, adapter = task.load_model(run_dir)
+    task.check_data(recipe.data)
+    test = task.load_test(recipe, adapter)
+    evaluation = task.evaluate(task.engine_for(model, adapter, test), test, recipe)
     target = Path(out) if out is not None else (run_dir if own_recipe else None)
     old = {r.name: r for r in read_records(target / RESULTS_FILE)} if target else {}
     if own_recipe:
         name = recipe.run_name
-        base = old.get(name) or record_of(recipe, model, metrics, steps=None)
+        base = old.get(name) or record_of(recipe, model, evaluation, steps=None, task=task)
     else:
         name = run_dir.name
         base = old.get(name) or ResultRecord(
             name=name,
             method="teacher",
             params=sum(p.numel() for p in model.parameters()),
+            task=task.name,
+            metric=task.metric,
             value=0.0,
             retention=1.0,
         )
-    record = base.replace(
-        value=100.0 * metrics["vqa_accuracy"], extra={**base.extra, **metric_extras(metrics)}
-    )
+    record = base.replace(value=evaluation.value, extra={**base.extra, **evaluation.extra})
     teacher_value = record.extra.get("teacher_value")
     if record.method == "teacher":
         record = record.replace(retention=1.0)
@@ -298,7 +275,7 @@ def evaluate(
         record = record.replace(retention=record.value / teacher_value)
     if target is None:
         return [record]
-    write_predictions(target, answers)
+    write_predictions(target, evaluation.items)
     return upsert_records(target / RESULTS_FILE, [record])
 
 

@@ -18,7 +18,6 @@ from torch import nn
 
 from distiq.registry import Registry
 from distiq.results import ResultRecord
-from distiq.train.engines import accuracy_by_type, engine_for, evaluate_vqa
 from distiq.train.quant_plan import QuantPlan, plan_quantization
 from distiq.train.runs import bake_quantized, save_run_model
 
@@ -51,6 +50,8 @@ class RunContext:
             teacher=...)``), or None: the recipe's ``student`` section builds it.
         resume: continue the run from its last checkpoint.
         on_step / on_eval: progress callbacks of the training loop.
+        task: the recipe's task (``distiq.train.engine_tasks.EngineTask``; built from the
+            recipe when not given), which the methods ask for everything task-specific.
     """
 
     recipe: Any
@@ -62,20 +63,23 @@ class RunContext:
     resume: bool = False
     on_step: Callable | None = None
     on_eval: Callable | None = None
+    task: Any = None
+
+    def __post_init__(self) -> None:
+        if self.task is None:
+            from distiq.train.engine_tasks import engine_task
+
+            self.task = engine_task(self.recipe)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.recipe.output)
 
     def build_student(self) -> tuple[nn.Module, Any]:
-        """The student: the one given, or the recipe's (``build_student``)."""
+        """The student: the one given, or the recipe's (the task's ``build_student``)."""
         if self.student is not None:
             return self.student, self.student_adapter
-        from distiq.train.modeling import build_student
-
-        return build_student(
-            self.teacher, self.teacher_adapter, self.recipe.student, seed=self.recipe.seed
-        )
+        return self.task.build_student(self)
 
 
 # ---------------------------------------------------------------------- calibration & PTQ
@@ -203,8 +207,11 @@ def plan_for(
 
 
 # ---------------------------------------------------------------------- records & finishing
-def record_of(recipe: Any, model: nn.Module, metrics: dict, *, steps: int | None) -> ResultRecord:
-    """The run's result record from its test metrics (:func:`evaluate_vqa`'s)."""
+def record_of(
+    recipe: Any, model: nn.Module, evaluation: Any, *, steps: int | None, task: Any
+) -> ResultRecord:
+    """The run's result record from its test evaluation (``TaskEvaluation``) by ``task`` (the
+    run's ``EngineTask``: the record's task and metric)."""
     quant = recipe.quantization
     return ResultRecord(
         name=recipe.run_name,
@@ -213,27 +220,22 @@ def record_of(recipe: Any, model: nn.Module, metrics: dict, *, steps: int | None
         a_bits=quant.a_bits if quant is not None else 16,
         group_size=quant.group_size if quant is not None else None,
         params=sum(p.numel() for p in model.parameters()),
-        value=100.0 * metrics["vqa_accuracy"],
+        task=task.name,
+        metric=task.metric,
+        value=evaluation.value,
         seed=recipe.seed,
         steps=steps,
-        extra=metric_extras(metrics),
+        extra=dict(evaluation.extra),
     )
-
-
-def metric_extras(metrics: dict[str, float]) -> dict[str, Any]:
-    """Per question type accuracy (%) and the question count, for a record's ``extra``."""
-    return {
-        "by_question_type": accuracy_by_type(metrics),
-        "num_questions": int(metrics["num_questions"]),
-    }
 
 
 PREDICTIONS_FILE = "predictions.jsonl"
 
 
 def write_predictions(run_dir: Path, rows: list[dict]) -> Path:
-    """``run_dir/predictions.jsonl``: each test question's answer and score (one JSON object a
-    line, by question id), so two runs can be compared question by question."""
+    """``run_dir/predictions.jsonl``: each test item's result (a question's answer and score, by
+    question id; an image's IoU or depth errors, by image id), one JSON object a line, so two
+    runs can be compared item by item."""
     import json
 
     from distiq.config import atomic_write
@@ -267,17 +269,10 @@ def finish(
         manifest["skipped"] = plan.summary()["skipped"]
         extra = {**plan.notes, **(extra or {})}
     save_run_model(ctx.run_dir, model, adapter, manifest)
-    engine = engine_for(model, adapter, ctx.data.test.path).eval()
-    answers: list[dict] = []
-    metrics = evaluate_vqa(
-        engine,
-        ctx.data.test,
-        max_new_tokens=recipe.eval.max_new_tokens,
-        batch_images=recipe.eval.batch_images,
-        per_question=answers,
-    )
-    write_predictions(ctx.run_dir, answers)
-    record = record_of(recipe, model, metrics, steps=steps)
+    engine = ctx.task.engine_for(model, adapter, ctx.data.test).eval()
+    evaluation = ctx.task.evaluate(engine, ctx.data.test, recipe)
+    write_predictions(ctx.run_dir, evaluation.items)
+    record = record_of(recipe, model, evaluation, steps=steps, task=ctx.task)
     record = record.replace(extra={**record.extra, **(extra or {})})
-    logger.info("%s: test VQA accuracy %.2f %%", recipe.run_name, record.value)
+    logger.info("%s: %s", recipe.run_name, ctx.task.describe(evaluation))
     return [record]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 
 from distiq.results import ResultRecord
-from distiq.train.engines import engine_for
 from distiq.train.methods.common import (
     RunContext,
     add_activation_quant,
@@ -26,7 +25,7 @@ def run_ptq(ctx: RunContext) -> list[ResultRecord]:
     student.eval()
     calib = calibration_batches(recipe, ctx.data)
     plan = plan_for(recipe, student, adapter, calib=calib, path=ctx.data.train.path)
-    engine = engine_for(student, adapter, ctx.data.train.path)
+    engine = ctx.task.engine_for(student, adapter, ctx.data.train)
     started = time.perf_counter()
     ptq = apply_ptq(recipe, student, plan, [engine.model_inputs(b) for b in calib], recipe.method)
     add_activation_quant(student, plan, engine, calib)

@@ -29,7 +29,6 @@ from torch import nn
 from distiq.results import ResultRecord
 from distiq.train.engines import engine_for, evaluate_vqa
 from distiq.train.methods.common import RunContext, finish, register_method
-from distiq.train.methods.trained import teacher_side
 from distiq.train.quant_plan import plan_quantization
 
 logger = logging.getLogger(__name__)
@@ -136,7 +135,7 @@ def run_qlora_kd(ctx: RunContext) -> list[ResultRecord]:
     peft_model = add_lora(base, recipe.qlora)
     llava = peft_model.get_base_model()
     engine = engine_for(llava, adapter, data.train.path)
-    side = teacher_side(ctx, adapter)
+    side = ctx.task.teacher_side(ctx, adapter)
     objective = QuantDistillObjective(recipe.objective)
     objective.attach(student=llava, teacher=teacher)
 

@@ -8,17 +8,16 @@
 
 The student is a copy of the teacher, a copy with layers dropped, a smaller checkpoint or a
 built-in preset (``recipe.student``); the teacher runs beside it, from a cache of its outputs
-(``teacher.cache``), or on its own batches when its processing differs
-(:class:`distiq.train.student.TeacherSide`). Validation accuracy picks the best checkpoint.
+(``teacher.cache``), or on its own batches when its processing differs (the task's
+``teacher_side``). The recipe's task (:mod:`distiq.train.engine_tasks`) gives the forward path,
+the step and the validation metric, which picks the best checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from distiq.results import ResultRecord
-from distiq.train.engines import GenericEngine, engine_for, evaluate_vqa
 from distiq.train.methods.common import (
     RunContext,
     apply_ptq,
@@ -28,68 +27,8 @@ from distiq.train.methods.common import (
     plan_for,
     register_method,
 )
-from distiq.train.student import TeacherSide
 
 logger = logging.getLogger(__name__)
-
-
-def teacher_side(ctx: RunContext, student_adapter: Any) -> TeacherSide:
-    """The teacher's side of the steps (see :class:`TeacherSide`); builds the teacher cache
-    when the recipe asks for one."""
-    from distiq.train.modeling import same_processing
-    from distiq.train.teacher_outputs import processing_view
-
-    recipe, data = ctx.recipe, ctx.data
-    teacher = ctx.teacher
-    teacher.eval()
-    for param in teacher.parameters():
-        param.requires_grad_(False)
-    if same_processing(student_adapter, ctx.teacher_adapter):
-        engine = engine_for(teacher, ctx.teacher_adapter, data.train.path)
-        collate = None
-    else:
-        if {"feat", "attn"} & set(recipe.objective.terms.active()):
-            raise ValueError(
-                "the feat / attn terms compare hidden states position by position, which needs "
-                "teacher and student to see the same tokens (the same processing); this teacher "
-                "and student process images and prompts differently"
-            )
-        engine = GenericEngine(teacher, ctx.teacher_adapter)
-        view = processing_view(data.train, ctx.teacher_adapter)
-
-        def collate(items: list) -> dict:
-            return GenericEngine.collate(view, items)
-
-    if recipe.teacher.cache is None:
-        return TeacherSide(engine=engine, collate=collate)
-    return TeacherSide(cache=_cache(ctx, engine, collate))
-
-
-def _cache(ctx: RunContext, engine: Any, collate: Any) -> Any:
-    """The teacher cache of the images this run visits (built or reused)."""
-    from distiq.train.teacher_outputs import (
-        build_teacher_cache,
-        teacher_fingerprint,
-        visited_images,
-    )
-
-    recipe, train = ctx.recipe, ctx.data.train
-    indices = visited_images(train, recipe.train)
-    question_ids = [int(train.questions[r]["question_id"]) for i in indices for r in train.rows[i]]
-    kd = recipe.objective.terms.kd
-    settings = f"{type(ctx.teacher_adapter).__name__}:{kd.temperature}"
-    fingerprint = teacher_fingerprint(recipe.teacher.path, question_ids, settings)
-    return build_teacher_cache(
-        engine,
-        train,
-        indices,
-        recipe.teacher.cache.path,
-        top_k=recipe.teacher.cache.top_k,
-        temperature=kd.temperature,
-        batch_images=recipe.eval.batch_images,
-        fingerprint=fingerprint,
-        collate=collate or train.collate,
-    )
 
 
 @register_method("qat", "kd", "qad")
@@ -97,13 +36,11 @@ def run_trained(ctx: RunContext) -> list[ResultRecord]:
     from distiq.objective import QuantDistillObjective
     from distiq.quant import quantize_
     from distiq.train.loop import train
-    from distiq.train.objective_layers import resolve_layer_names
     from distiq.train.optim import param_groups
-    from distiq.train.student import student_step_fn
 
-    recipe, data = ctx.recipe, ctx.data
+    recipe, data, task = ctx.recipe, ctx.data, ctx.task
     student, student_adapter = ctx.build_student()
-    engine = engine_for(student, student_adapter, data.train.path)
+    engine = task.engine_for(student, student_adapter, data.train)
     calib = calibration_batches(recipe, data) if recipe.quantization is not None else []
     plan = None
     if recipe.quantization is not None:
@@ -114,30 +51,22 @@ def run_trained(ctx: RunContext) -> list[ResultRecord]:
             apply_ptq(recipe, student, plan, inputs, recipe.init)
         quantize_(student, plan.config(weights=True, activations=True))
         calibrate(engine, calib)
-    side = teacher_side(ctx, student_adapter)
-    config = resolve_layer_names(
-        recipe.objective, student, student_adapter, ctx.teacher, ctx.teacher_adapter
-    )
-    objective = QuantDistillObjective(config)
+    side = task.teacher_side(ctx, student_adapter)
+    objective = QuantDistillObjective(task.objective_config(ctx, student, student_adapter))
     objective.attach(student=student, teacher=ctx.teacher)
     selected = None
     if recipe.selective is not None:
         from distiq.train.selective import apply_selective
 
         selected = apply_selective(engine, calib, recipe.selective, data=data)
-    step_fn = student_step_fn(objective, side, student)
-
-    def eval_fn(module: Any) -> dict[str, float]:
-        metrics = evaluate_vqa(module, data.val, max_new_tokens=recipe.eval.max_new_tokens)
-        return {"vqa_accuracy": 100.0 * metrics["vqa_accuracy"]}
-
+    step_fn = task.step_fn(objective, side, student, student_adapter, ctx)
     result = train(
         engine,
         step_fn,
         data.train,
         config=recipe.train,
         run_dir=recipe.output,
-        eval_fn=eval_fn,
+        eval_fn=task.validation_fn(data.val, recipe),
         collate_fn=data.train.collate,
         optimizer_params=param_groups([engine, objective], recipe.train.weight_decay),
         stateful={"objective": objective},
@@ -147,7 +76,7 @@ def run_trained(ctx: RunContext) -> list[ResultRecord]:
         on_eval=ctx.on_eval,
     )
     objective.remove_hooks()
-    extra = {"best_val_accuracy": result.best_value, "best_step": result.best_step}
+    extra = {task.best_key: result.best_value, "best_step": result.best_step}
     if selected is not None:
         extra["selective_layers"] = selected
     student.eval()

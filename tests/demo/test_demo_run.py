@@ -166,6 +166,9 @@ class FakeEngine:
             value=value,
         )
         upsert_records(out / "results.json", [record])
+        # each test question's score, as the engine writes them: the first value % right
+        rows = [{"question_id": q, "score": float(q < round(10 * value))} for q in range(1000)]
+        (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         if recipe.method in ("teacher", "qat", "kd", "qad"):
             on_step(SimpleNamespace(step=1, steps=1, total=1.0))
             lines = [{"kind": "train", "step": 1, "total": 1.0, "terms": {"task": 1.0}}]

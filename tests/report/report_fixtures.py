@@ -1,10 +1,14 @@
-"""Builders of report inputs for tests: a results file and runs' metrics.jsonl, written the way
-distiq.results and distiq.train.metrics write them."""
+"""Builders of report inputs for tests: a results file, runs' metrics.jsonl and predictions.jsonl,
+written the way distiq.results, distiq.train.metrics and distiq.train.methods write them."""
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from distiq.results import ResultRecord, write_records
 
@@ -208,14 +212,146 @@ def write_metrics(path: Path, lines: list[dict], tail: str = "") -> Path:
     return path
 
 
-def write_demo_dir(root: Path, records: list[ResultRecord] | None = None) -> Path:
-    """``root/results.json`` and ``root/runs/{qad-w4a8,rtn-w4a8}/metrics.jsonl``, as `distiq
-    demo --out root` leaves them (rtn-w4a8 evaluated once)."""
+def write_predictions(directory: Path, scores: Sequence[float] | Mapping) -> Path:
+    """``directory/predictions.jsonl`` as distiq.train.methods.write_predictions writes it:
+    ``scores`` by question id (a mapping) or for ids 0, 1, ... (a sequence)."""
+    items = scores.items() if isinstance(scores, Mapping) else enumerate(scores)
+    rows = [{"question_id": q, "prediction": "yes" if s else "no", "score": s} for q, s in items]
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "predictions.jsonl"
+    path.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+    return path
+
+
+def nested_scores(value: float, questions: int) -> list[float]:
+    """Binary scores with the first ``value`` % of the questions right: the runs of a demo dir
+    are nested (a better run is right wherever a worse one is)."""
+    right = round(value * questions / 100)
+    assert math.isclose(100 * right / questions, value), (value, questions)
+    return [1.0] * right + [0.0] * (questions - right)
+
+
+def write_demo_dir(
+    root: Path,
+    records: list[ResultRecord] | None = None,
+    questions: int | None = 400,
+) -> Path:
+    """``root/results.json``, ``root/runs/{qad-w4a8,rtn-w4a8}/metrics.jsonl`` and (unless
+    ``questions`` is None) every run's ``predictions.jsonl`` (nested binary scores, the
+    teacher's in ``root/teacher/``), as `distiq demo --out root` leaves them (rtn-w4a8 evaluated
+    once)."""
+    records = demo_records() if records is None else records
     root.mkdir(parents=True, exist_ok=True)
-    write_records(root / "results.json", demo_records() if records is None else records)
+    write_records(root / "results.json", records)
     write_metrics(root / "runs" / "qad-w4a8" / "metrics.jsonl", metrics_lines())
     write_metrics(root / "runs" / "rtn-w4a8" / "metrics.jsonl", metrics_lines(steps=3))
+    if questions is not None:
+        for r in records:
+            folder = root / "teacher" if r.method == "teacher" else root / "runs" / r.name
+            write_predictions(folder, nested_scores(r.value, questions))
     return root
+
+
+# ------------------------------------------------------------------ seeds and paired questions
+SEEDS = (0, 1, 2)
+# method, w, a, group, variant, size MB, target accuracy: differences of 0.1-0.6 points
+SEEDED_GROUPS = [
+    ("rtn", 8, 8, None, None, 1.05, 89.70),
+    ("gptq", 8, 8, None, None, 1.05, 89.72),
+    ("qat", 8, 8, None, None, 1.05, 89.75),
+    ("qad", 8, 8, None, None, 1.05, 89.78),
+    ("rtn", 4, 8, None, None, 0.73, 88.90),
+    ("gptq", 4, 8, None, None, 0.73, 89.30),
+    ("qat", 4, 8, None, None, 0.73, 89.20),
+    ("qad", 4, 8, None, None, 0.73, 89.60),
+    ("rtn", 4, 4, None, None, 0.73, 84.00),
+    ("gptq", 4, 4, None, None, 0.73, 86.50),
+    ("qat", 4, 4, None, None, 0.73, 88.40),
+    ("qad", 4, 4, None, None, 0.73, 88.90),
+    ("rtn", 2, 16, 64, None, 0.53, 75.00),
+    ("gptq", 2, 16, 64, None, 0.53, 86.00),
+    ("qat", 2, 16, 64, None, 0.53, 87.00),
+    ("qad", 2, 16, 64, None, 0.53, 88.00),
+    ("gptq", 4, 8, None, "half-depth", 0.45, 83.00),
+    ("qad", 4, 8, None, "half-depth", 0.45, 86.50),
+    ("kd", 16, 16, None, "half-depth", 2.10, 87.50),
+]
+ABLATION = [  # label, target accuracy at W4A4 (qad)
+    ("task", 88.40),
+    ("task+kd", 88.60),
+    ("task+kd+feat", 88.65),
+    ("task+kd+feat+attn", 88.70),
+    ("task+kd+feat+attn+pd", 88.85),
+    ("task+kd+feat+attn+pd+qk_entropy", 88.88),
+    ("task+kd+feat+attn+pd+qk_entropy+rounding", 88.90),
+    ("full", 88.95),
+]
+
+
+def correlated_scores(
+    accuracy: float, questions: int, seed: int, noise: float = 0.02
+) -> list[float]:
+    """Binary scores of a run with about ``accuracy`` % right: question q is right when its
+    difficulty (the same for every run) plus the run's noise is below the accuracy, so runs
+    agree on most questions as real models do."""
+    difficulty = np.random.default_rng(12345).random(questions)
+    jitter = np.random.default_rng(seed).normal(0.0, noise, questions)
+    return [float(x) for x in (difficulty + jitter < accuracy / 100)]
+
+
+def write_run(root: Path, record: ResultRecord, scores: Sequence[float]) -> ResultRecord:
+    """``root/runs/NAME/`` with ``results.json`` (``record`` with the value its scores give) and
+    ``predictions.jsonl``; returns the record written."""
+    record = record.replace(value=100 * math.fsum(scores) / len(scores))
+    folder = root / "runs" / record.name
+    write_records(folder / "results.json", [record])
+    write_predictions(folder, scores)
+    return record
+
+
+def write_seeded_dir(root: Path, questions: int = 1500) -> list[ResultRecord]:
+    """A teacher, every method at W8A8 / W4A8 / W4A4 / W2A16 g64 and a half-depth student, a
+    mixed-precision qad under a 0.6 MB budget, and the W4A4 ablation of the objective — every
+    group with 3 seeds, every run with its predictions.jsonl (correlated binary scores).
+    Returns the records."""
+    records = [
+        write_run(
+            root,
+            ResultRecord("teacher", "teacher", size_mb=3.74, seed=0, extra={"machine": MACHINE}),
+            correlated_scores(89.9, questions, seed=99),
+        )
+    ]
+    for index, (method, w, a, group, variant, size, target) in enumerate(SEEDED_GROUPS):
+        for seed in SEEDS:
+            name = f"{method}-w{w}a{a}" + (f"-g{group}" if group else "")
+            name += (f"-{variant}" if variant else "") + f"-s{seed}"
+            extra = {"variant": variant} if variant else {}
+            record = ResultRecord(name, method, w, a, group, size_mb=size, seed=seed, extra=extra)
+            scores = correlated_scores(target, questions, seed=1000 * index + seed)
+            records.append(write_run(root, record, scores))
+    for seed in SEEDS:
+        extra = {
+            "bits_allocation": {"vision": 8, "language_model": 4, "lm_head": 8},
+            "size_budget_mb": 0.6,
+        }
+        record = ResultRecord(
+            f"qad-mixed-0.6mb-s{seed}", "qad", 4, 8, size_mb=0.59, seed=seed, extra=extra
+        )
+        records.append(write_run(root, record, correlated_scores(89.0, questions, 500 + seed)))
+    for index, (label, target) in enumerate(ABLATION):
+        for seed in SEEDS:
+            record = ResultRecord(
+                f"ablation-{label.replace('+', '-')}-s{seed}",
+                "qad",
+                4,
+                4,
+                size_mb=0.73,
+                seed=seed,
+                extra={"ablation": label},
+            )
+            scores = correlated_scores(target, questions, seed=700 + 10 * index + seed)
+            records.append(write_run(root, record, scores))
+    return records
 
 
 def write_hostile_dir(root: Path) -> Path:

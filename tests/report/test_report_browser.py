@@ -101,7 +101,7 @@ def _check_page(facts, problems, images):
 
 
 def test_demo_report_renders_with_every_image(browser, tmp_path, fixtures):
-    root = fixtures.write_demo_dir(tmp_path / "demo", fixtures.crowded_records())
+    root = fixtures.write_demo_dir(tmp_path / "demo", fixtures.crowded_records(), questions=10_000)
     files = write_report(collect_inputs([root]), root)
     page, facts, problems = _open(browser, files.html)
     _check_page(facts, problems, images=4)

@@ -57,11 +57,72 @@ def test_collect_demo_dir(tmp_path, fixtures):
     retention = {r.name: r.retention for r in inputs.records}
     assert retention["teacher"] == 1.0
     assert retention["qad-w4a8"] == pytest.approx(91.5 / 92.0)
-    assert inputs.sources == [
-        root / "results.json",
-        root / "runs" / "qad-w4a8" / "metrics.jsonl",
-        root / "runs" / "rtn-w4a8" / "metrics.jsonl",
-    ]
+    assert inputs.sources[:2] == [root / "results.json", root / "teacher" / "predictions.jsonl"]
+    assert root / "runs" / "qad-w4a8" / "metrics.jsonl" in inputs.sources
+    assert root / "runs" / "rtn-w4a8" / "metrics.jsonl" in inputs.sources
+    # every run's per-question answers, by the record they belong to (the teacher's included)
+    assert sorted(inputs.predictions) == sorted(r.name for r in fixtures.demo_records())
+    qad = inputs.predictions["qad-w4a8"]
+    assert qad.path == root / "runs" / "qad-w4a8" / "predictions.jsonl"
+    assert len(qad.scores) == 400 and qad.binary and qad.accuracy == pytest.approx(91.5)
+    # old runs without predictions.jsonl are read all the same
+    old = fixtures.write_demo_dir(tmp_path / "old", questions=None)
+    assert collect_inputs([old]).predictions == {}
+
+
+def test_predictions_belong_to_the_record_of_their_folder(tmp_path, fixtures):
+    # a run directory: its one record, whatever the folder is called
+    run = tmp_path / "some-folder"
+    write_records(run / "results.json", [ResultRecord("qad-w4a8", "qad", 4, 8, value=50.0)])
+    fixtures.write_predictions(run, [1.0, 0.0])
+    assert list(collect_inputs([run]).predictions) == ["qad-w4a8"]
+    # its results.json given directly, or predictions.jsonl given directly
+    assert list(collect_inputs([run / "results.json"]).predictions) == ["qad-w4a8"]
+    assert list(collect_inputs([run / "predictions.jsonl"]).predictions) == ["qad-w4a8"]
+    # several records: the one named like the folder; none of them: not used (and said)
+    shared = tmp_path / "rtn"
+    write_records(
+        shared / "results.json",
+        [ResultRecord("rtn", "rtn", 4, 8, value=1.0), ResultRecord("x", "rtn", 2, 16, value=1.0)],
+    )
+    fixtures.write_predictions(shared, [1.0])
+    assert list(collect_inputs([shared]).predictions) == ["rtn"]
+    other = tmp_path / "other"
+    write_records(
+        other / "results.json",
+        [ResultRecord("a", "rtn", 4, 8, value=1.0), ResultRecord("b", "rtn", 2, 16, value=1.0)],
+    )
+    fixtures.write_predictions(other, [1.0])
+    assert collect_inputs([other]).predictions == {}
+    # a folder of a demo's runs/ without results.json: the record named like the folder
+    demo = tmp_path / "demo"
+    write_records(demo / "results.json", [ResultRecord("gptq", "gptq", 4, 8, value=50.0)])
+    fixtures.write_predictions(demo / "runs" / "gptq", {"q1": 1.0, "q2": 0.0})
+    assert collect_inputs([demo]).predictions["gptq"].scores == {"q1": 1.0, "q2": 0.0}
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "line 2 is not valid JSON"),
+        ("[1, 2]", "line 2 is not a JSON object"),
+        ('{"question_id": null, "score": 1}', "line 2: question_id must be an integer or a string"),
+        ('{"question_id": 7, "score": 1.5}', r"line 2: score must be a number in \[0, 1\]"),
+        ('{"question_id": 7, "score": true}', r"line 2: score must be a number in \[0, 1\]"),
+        ('{"question_id": 1, "score": 0}', "line 2: question_id 1 appears twice"),
+    ],
+)
+def test_bad_predictions_name_the_file_and_line(tmp_path, fixtures, line, message):
+    run = tmp_path / "run"
+    write_records(run / "results.json", [ResultRecord("run", "qad", 4, 8, value=50.0)])
+    path = fixtures.write_predictions(run, {1: 1.0})
+    path.write_text(path.read_text() + line + "\n")
+    with pytest.raises(ConfigError, match=message) as info:
+        collect_inputs([run])
+    assert str(path) in str(info.value) and "distiq eval RUN_DIR" in str(info.value)
+    path.write_text("\n")
+    with pytest.raises(ConfigError, match="no question in the file"):
+        collect_inputs([run])
 
 
 def test_collect_merges_records_by_name_across_files(tmp_path, fixtures):

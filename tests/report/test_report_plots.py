@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from matplotlib.text import Text
 
 from distiq.report import labels, plots
+from distiq.report.frontier import frontier_figure
+from distiq.report.groups import group_records
 from distiq.report.inputs import RunCurves, read_curves
 from distiq.results import ResultRecord
 
@@ -104,17 +106,25 @@ def test_place_prefers_beside_and_keeps_labels_off_other_points():
 def test_mathtext_characters_are_drawn_as_written(tmp_path, fixtures):
     name = r"run $\frac{$ & $x^2$ <b>"
     records = [
-        ResultRecord("teacher", "teacher", size_mb=2.0, value=90.0),
-        ResultRecord(name, "qad", 4, 8, size_mb=1.0, value=80.0),
+        ResultRecord("teacher", "teacher", size_mb=2.0, value=90.0, latency_ms=2.0),
+        ResultRecord(name, "qad", 4, 8, size_mb=1.0, value=80.0, latency_ms=1.0),
+        ResultRecord("v", "qad", 4, 8, size_mb=0.5, value=85.0, extra={"variant": name}),
     ]
+    groups = group_records(records)
     unescaped = plots.plain
     try:
         plots.plain = str  # without escaping, matplotlib parses "$\frac{$" and fails
         with pytest.raises(ValueError):
-            plots.accuracy_vs_size(records)
+            plots.accuracy_vs_latency(records)
+        with pytest.raises(ValueError):
+            plots.accuracy_vs_size(groups)
     finally:
         plots.plain = unescaped
-    assert plots.accuracy_vs_size(records).startswith(b"\x89PNG")
+    assert plots.accuracy_vs_latency(records).startswith(b"\x89PNG")
+    assert plots.accuracy_vs_size(groups).startswith(b"\x89PNG")
+    frontier = frontier_figure(groups)
+    label = next(t for t in frontier.axes[0].texts if "frac" in t.get_text())
+    assert label._preprocess_math(label.get_text()) == (f"qad W4A8 {name}", False)
     figure = plots.scatter_figure(records, lambda r: r.size_mb, "x", "t", lambda r: r.name)
     renderer = figure.canvas.get_renderer()
     label = next(t for t in figure.axes[0].texts if "frac" in t.get_text())

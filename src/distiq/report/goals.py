@@ -1,17 +1,22 @@
-"""Goals checked from result records alone: the caller says what to check, the report renders it.
+"""Goals checked from result records and per-question scores: the caller says what to check.
 
 A goal is a small frozen dataclass named for what it checks:
 
-- :class:`KeepsTeacherAccuracy` — the best record of a method at a bit setting keeps at least a
-  share (in %) of the teacher's value of the same task and metric;
-- :class:`BeatsBaseline` — the best record of a method at a bit setting beats the best record of
-  a baseline method at the same setting, by at least a margin in points (0: strictly more).
+- :class:`KeepsTeacherAccuracy` — a method at a bit setting keeps at least a share (in %) of the
+  teacher's value of the same task and metric, its mean over seeds against the teacher's;
+- :class:`BeatsBaseline` — a method at a bit setting beats a baseline method at the same setting
+  by at least a margin in points (0: any positive difference), and the paired test on the same
+  questions (:mod:`distiq.report.compare`) rejects a tie.
 
-``check_goals(records, goals)`` turns each goal into one :class:`GoalCheck` with a status
-``"met"``, ``"not met"`` or ``"not measured"`` (a record it needs is missing) and the numbers it
-was decided from, so a loss is shown, never hidden. When several records fit one method at one
-setting (seeds, variants), the best value of each method is used — for the method under test and
-for the baseline alike — and its record's name is shown.
+The records of one method at one setting are grouped across seeds (:mod:`distiq.report.groups`;
+a goal names the ``variant`` it means, the plain runs by default; ablation and mixed-precision
+groups never count). Where several groups fit (a setting that accepts any group size), the one
+with the best mean is used, for the method under test and the baseline alike.
+
+``check_goals(records, goals, predictions)`` turns each goal into one :class:`GoalCheck` with a
+status ``"met"``, ``"not met"``, ``"tie"`` (the test cannot tell the two apart: ``p >= ALPHA``)
+or ``"not measured"`` (a record it needs is missing, or a run left no ``predictions.jsonl`` for
+the test) and the numbers it was decided from, so a loss is shown, never hidden.
 
 :data:`DEFAULT_GOALS` is the set the ``distiq`` demo aims for: at W4A8, ``qad`` keeps ≥ 99 % of
 the teacher's VQA accuracy and beats ``rtn``, ``gptq`` and ``qat``; at W2A16 with groups of 64,
@@ -21,20 +26,25 @@ Example::
 
     goals = [KeepsTeacherAccuracy("qad", Setting(4, 8), min_retention_percent=99.0),
              BeatsBaseline("qad", "gptq", Setting(2, 16, 64), min_margin_points=10.0)]
-    checks = check_goals(records, goals)
-    print(goals_summary(checks))          # "1 of 2 goals met, 1 not met."
+    inputs = collect_inputs(["out/demo"])
+    checks = check_goals(inputs.records, goals, inputs.predictions)
+    print(goals_summary(checks))          # "1 of 2 goals met, 1 tie."
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from distiq.report.compare import compare
+from distiq.report.groups import Group, fmt_mean_std, group_records, teacher_group
+from distiq.report.predictions import QuestionScores
 from distiq.results import ResultRecord
 
-Status = Literal["met", "not met", "not measured"]
+Status = Literal["met", "not met", "tie", "not measured"]
+STATUSES: tuple[Status, ...] = ("met", "tie", "not met", "not measured")
 
 WIDE_MARGIN = 10.0
 """Points of VQA accuracy by which ``qad`` must beat ``gptq`` at W2A16 in :data:`DEFAULT_GOALS`."""
@@ -67,49 +77,74 @@ class Setting:
             and (self.group_size is None or record.group_size == self.group_size)
         )
 
+    def fits_group(self, group: Group) -> bool:
+        """Whether a (fixed-precision) group is at this setting."""
+        key = group.key
+        return (
+            not key.mixed
+            and key.w_bits == self.w_bits
+            and key.a_bits == self.a_bits
+            and (self.group_size is None or key.group_size == self.group_size)
+        )
+
 
 @dataclass(frozen=True)
 class GoalCheck:
     """One goal and what the records say about it.
 
     ``goal`` is the goal in words; ``measured`` the numbers it was decided from (in words, with
-    record names); ``status`` met / not met / not measured; ``value`` the measured quantity
-    (retention in %, or the margin in points) and ``target`` its threshold."""
+    record names or group labels and seeds); ``status`` met / not met / tie / not measured;
+    ``value`` the measured quantity (retention in %, or the difference in points), ``target``
+    its threshold and ``p_value`` the paired test's (a :class:`BeatsBaseline` that was tested)."""
 
     goal: str
     measured: str
     status: Status
     value: float | None = None
     target: float | None = None
-
-
-def _fits(record: ResultRecord, task: str, metric: str) -> bool:
-    return (
-        record.task == task
-        and record.metric == metric
-        and record.value is not None
-        and math.isfinite(record.value)
-    )
+    p_value: float | None = None
 
 
 def _best(
-    records: Sequence[ResultRecord], method: str, setting: Setting, task: str, metric: str
-) -> ResultRecord | None:
-    fits = [r for r in records if r.method == method and _fits(r, task, metric) and setting.fits(r)]
-    return max(fits, key=lambda r: r.value) if fits else None
+    groups: Sequence[Group],
+    method: str,
+    setting: Setting,
+    variant: str | None,
+    task: str,
+    metric: str,
+) -> Group | None:
+    """The group of ``method`` (plain, or ``variant``) at ``setting`` with the best mean."""
+    fits = [
+        g
+        for g in groups
+        if g.method == method
+        and (g.key.task, g.key.metric) == (task, metric)
+        and g.key.variant == variant
+        and g.key.ablation is None
+        and setting.fits_group(g)
+        and g.mean is not None
+    ]
+    return max(fits, key=lambda g: g.mean) if fits else None
 
 
-def _teacher(records: Sequence[ResultRecord], task: str, metric: str) -> ResultRecord | None:
-    teachers = [r for r in records if r.method == "teacher" and _fits(r, task, metric)]
-    return teachers[-1] if teachers else None  # the one with_retention measures against
+def _describe(group: Group) -> str:
+    """``"qad-w4a8: 91.50"`` for one run, ``"qad W4A8 g64 (3 seeds): 91.50 ± 0.12"`` for more."""
+    if group.n == 1:
+        record = next(r for r in group.records if r.value is not None)
+        return f"{record.name}: {record.value:.2f}"
+    return f"{group.label} ({group.n} seeds): {fmt_mean_std(group)}"
 
 
-def _missing(what: list[tuple[str, ResultRecord | None]], metric: str) -> str:
+def _missing(what: list[tuple[str, Group | None]], metric: str) -> str:
     return (
         "no "
-        + " and no ".join(name for name, rec in what if rec is None)
+        + " and no ".join(name for name, found in what if found is None)
         + f" record with {metric}"
     )
+
+
+def _named(method: str, setting: Setting, variant: str | None) -> str:
+    return f"{method} {setting.label}" + (f" ({variant})" if variant else "")
 
 
 def _check_threshold(goal: object, name: str, value: float) -> None:
@@ -121,35 +156,44 @@ def _check_threshold(goal: object, name: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class KeepsTeacherAccuracy:
-    """Goal: ``method``'s best record at ``setting`` keeps at least ``min_retention_percent`` %
-    of the teacher's ``metric`` on ``task`` (retention = value / teacher value)."""
+    """Goal: ``method`` at ``setting`` (its ``variant``; plain runs by default) keeps at least
+    ``min_retention_percent`` % of the teacher's ``metric`` on ``task``: retention = the mean
+    over its seeds / the teacher's mean."""
 
     method: str
     setting: Setting
     min_retention_percent: float
     task: str = "vqa"
     metric: str = "vqa_accuracy"
+    variant: str | None = None
 
     def __post_init__(self) -> None:
         _check_threshold(self, "min_retention_percent", self.min_retention_percent)
 
     def describe(self) -> str:
+        variant = f" ({self.variant})" if self.variant else ""
         return (
-            f"{self.setting.label}: {self.method} keeps ≥ {self.min_retention_percent:g} % of "
-            f"the teacher's {_metric_words(self.metric)}"
+            f"{self.setting.label}: {self.method}{variant} keeps ≥ "
+            f"{self.min_retention_percent:g} % of the teacher's {_metric_words(self.metric)}"
         )
 
-    def check(self, records: Sequence[ResultRecord]) -> GoalCheck:
+    def check(
+        self,
+        records: Sequence[ResultRecord],
+        predictions: Mapping[str, QuestionScores] | None = None,
+    ) -> GoalCheck:
+        """Decide the goal from ``records`` (``predictions`` are not needed)."""
         goal, target = self.describe(), self.min_retention_percent
-        teacher = _teacher(records, self.task, self.metric)
-        best = _best(records, self.method, self.setting, self.task, self.metric)
+        groups = group_records(records)
+        teacher = teacher_group(groups, self.task, self.metric)
+        best = _best(groups, self.method, self.setting, self.variant, self.task, self.metric)
         if teacher is None or best is None:
-            what = [("teacher", teacher), (f"{self.method} {self.setting.label}", best)]
+            name = _named(self.method, self.setting, self.variant)
+            what = [("teacher", teacher), (name, best)]
             return GoalCheck(goal, _missing(what, self.metric), "not measured", target=target)
-        retention = 100.0 * best.value / teacher.value if teacher.value else 0.0
+        retention = 100.0 * best.mean / teacher.mean if teacher.mean else 0.0
         measured = (
-            f"{best.name}: {best.value:.2f} vs the teacher ({teacher.name}): "
-            f"{teacher.value:.2f} → {retention:.2f} % retained"
+            f"{_describe(best)} vs the teacher ({_describe(teacher)}) → {retention:.2f} % retained"
         )
         status: Status = "met" if retention >= target else "not met"
         return GoalCheck(goal, measured, status, value=retention, target=target)
@@ -157,9 +201,10 @@ class KeepsTeacherAccuracy:
 
 @dataclass(frozen=True)
 class BeatsBaseline:
-    """Goal: ``method``'s best record at ``setting`` beats ``baseline``'s best record at the same
-    setting by at least ``min_margin_points`` points of ``metric`` on ``task`` (0: strictly
-    more)."""
+    """Goal: ``method`` at ``setting`` beats ``baseline`` at the same setting by at least
+    ``min_margin_points`` points of ``metric`` on ``task`` (0: any positive difference), and the
+    paired test on the questions both answered rejects a tie (``p < ALPHA``). ``variant`` and
+    ``baseline_variant`` pick the groups (plain runs by default)."""
 
     method: str
     baseline: str
@@ -167,28 +212,52 @@ class BeatsBaseline:
     min_margin_points: float = 0.0
     task: str = "vqa"
     metric: str = "vqa_accuracy"
+    variant: str | None = None
+    baseline_variant: str | None = None
 
     def __post_init__(self) -> None:
         _check_threshold(self, "min_margin_points", self.min_margin_points)
 
     def describe(self) -> str:
         margin = f" by ≥ {self.min_margin_points:g} points" if self.min_margin_points else ""
-        return f"{self.setting.label}: {self.method} beats {self.baseline}{margin}"
+        method = self.method + (f" ({self.variant})" if self.variant else "")
+        baseline = self.baseline + (f" ({self.baseline_variant})" if self.baseline_variant else "")
+        return f"{self.setting.label}: {method} beats {baseline}{margin}"
 
-    def check(self, records: Sequence[ResultRecord]) -> GoalCheck:
+    def check(
+        self,
+        records: Sequence[ResultRecord],
+        predictions: Mapping[str, QuestionScores] | None = None,
+    ) -> GoalCheck:
+        """Decide the goal: ``"met"`` when the difference reaches the margin (is positive) and
+        the paired test rejects a tie, ``"tie"`` when it does not, ``"not met"`` when the test
+        rejects a tie but the difference falls short, ``"not measured"`` when a group or a
+        run's ``predictions.jsonl`` is missing."""
         goal, target = self.describe(), self.min_margin_points
-        best = _best(records, self.method, self.setting, self.task, self.metric)
-        base = _best(records, self.baseline, self.setting, self.task, self.metric)
-        if best is None or base is None:
-            label = self.setting.label
-            what = [(f"{self.method} {label}", best), (f"{self.baseline} {label}", base)]
-            return GoalCheck(goal, _missing(what, self.metric), "not measured", target=target)
-        diff = best.value - base.value
-        measured = (
-            f"{best.name}: {best.value:.2f} vs {base.name}: {base.value:.2f} ({diff:+.2f} points)"
+        groups = group_records(records)
+        best = _best(groups, self.method, self.setting, self.variant, self.task, self.metric)
+        base = _best(
+            groups, self.baseline, self.setting, self.baseline_variant, self.task, self.metric
         )
-        met = diff >= target if target else diff > 0
-        return GoalCheck(goal, measured, "met" if met else "not met", value=diff, target=target)
+        if best is None or base is None:
+            what = [
+                (_named(self.method, self.setting, self.variant), best),
+                (_named(self.baseline, self.setting, self.baseline_variant), base),
+            ]
+            return GoalCheck(goal, _missing(what, self.metric), "not measured", target=target)
+        result = compare(best, base, predictions or {})
+        measured = f"{_describe(best)} vs {_describe(base)} → {result.numbers()}"
+        if result.notes:
+            measured += "; " + "; ".join(result.notes)
+        if not result.tested:
+            return GoalCheck(goal, measured, "not measured", value=result.difference, target=target)
+        diff = result.difference
+        status: Status
+        if result.tie:
+            status = "tie"
+        else:
+            status = "met" if diff > 0 and diff >= target else "not met"
+        return GoalCheck(goal, measured, status, value=diff, target=target, p_value=result.p_value)
 
 
 Goal = KeepsTeacherAccuracy | BeatsBaseline
@@ -209,9 +278,13 @@ DEFAULT_GOALS: tuple[Goal, ...] = (
 
 
 def check_goals(
-    records: Sequence[ResultRecord], goals: Sequence[Goal] = DEFAULT_GOALS
+    records: Sequence[ResultRecord],
+    goals: Sequence[Goal] = DEFAULT_GOALS,
+    predictions: Mapping[str, QuestionScores] | None = None,
 ) -> list[GoalCheck]:
-    """Check each of ``goals`` against ``records``, in order (one :class:`GoalCheck` per goal).
+    """Check each of ``goals`` against ``records``, in order (one :class:`GoalCheck` per goal);
+    ``predictions`` (``ReportInputs.predictions``: each run's per-question scores by record name)
+    are what a :class:`BeatsBaseline` is tested on — without them it is ``"not measured"``.
 
     Raises:
         TypeError: an item of ``goals`` is not a goal (a :class:`KeepsTeacherAccuracy` or a
@@ -223,13 +296,15 @@ def check_goals(
                 f"goals[{index}] is a {type(goal).__name__}, not a goal; pass "
                 "KeepsTeacherAccuracy(...) or BeatsBaseline(...) objects from distiq.report.goals"
             )
-    return [goal.check(records) for goal in goals]
+    return [goal.check(records, predictions) for goal in goals]
 
 
 def goals_summary(checks: Sequence[GoalCheck]) -> str:
-    """One sentence: how many goals were met, missed and not measured."""
-    counts = {s: sum(c.status == s for c in checks) for s in ("met", "not met", "not measured")}
+    """One sentence: how many goals were met, tied, missed and not measured."""
+    counts = {s: sum(c.status == s for c in checks) for s in STATUSES}
     parts = [f"{counts['met']} of {len(checks)} goals met"]
+    if counts["tie"]:
+        parts.append(f"{counts['tie']} tie{'s' if counts['tie'] != 1 else ''}")
     if counts["not met"]:
         parts.append(f"{counts['not met']} not met")
     if counts["not measured"]:

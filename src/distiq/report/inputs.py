@@ -2,11 +2,17 @@
 
 ``collect_inputs(paths)`` takes what a user passes to ``distiq report``:
 
-- a results file (``*.json``, a JSON list of records, see :mod:`distiq.results`);
-- a run directory: its ``results.json`` (if any) and its ``metrics.jsonl`` (training curves);
-- a demo output directory: its ``results.json`` and every ``runs/NAME/`` below it (each
-  ``runs/NAME/metrics.jsonl`` gives run ``NAME``'s curves, each ``runs/NAME/results.json`` more
-  records).
+- a results file (``*.json``, a JSON list of records, see :mod:`distiq.results`), with the
+  ``predictions.jsonl`` beside it when the file is a ``results.json``;
+- a run directory: its ``results.json`` (if any), its ``metrics.jsonl`` (training curves) and its
+  ``predictions.jsonl`` (each test question's score, :mod:`distiq.report.predictions`);
+- a demo output directory: its ``results.json``, every ``runs/NAME/`` below it and its
+  ``teacher/`` (each read as a run directory: ``runs/NAME/metrics.jsonl`` gives run ``NAME``'s
+  curves, ``runs/NAME/results.json`` more records).
+
+A ``predictions.jsonl`` belongs to the record of its directory: the one record of the
+``results.json`` beside it, else the record named like the directory. Runs without one (older
+runs) are reported all the same; their comparisons say that they could not be tested.
 
 Records with the same ``name`` are merged as :func:`distiq.results.upsert_records` merges them
 (later non-None fields win, ``extra`` dicts are merged); ``retention`` is then filled in from the
@@ -17,6 +23,7 @@ JSON is an error naming the file and line, except a torn *last* line (a run kill
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -24,11 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from distiq.config import ConfigError
+from distiq.report.predictions import PREDICTIONS_FILE, QuestionScores, read_predictions
 from distiq.results import ResultRecord, merge_records, read_records, with_retention
 
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.jsonl"
 RUNS_DIR = "runs"
+TEACHER_DIR = "teacher"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,11 +68,13 @@ class RunCurves:
 @dataclass(frozen=True)
 class ReportInputs:
     """Everything a report renders: merged ``records`` (retention filled in), the training
-    ``curves`` of each run (in the order found) and the ``sources`` files that were read."""
+    ``curves`` of each run (in the order found), the ``sources`` files that were read and the
+    per-question scores of the runs that left them (``predictions[record name]``)."""
 
     records: list[ResultRecord]
     curves: list[RunCurves]
     sources: list[Path]
+    predictions: dict[str, QuestionScores] = field(default_factory=dict)
 
 
 def _number(value: Any) -> float:
@@ -137,10 +150,24 @@ def read_curves(path: str | os.PathLike, name: str | None = None) -> RunCurves:
 
 
 def _run_dirs(directory: Path) -> list[Path]:
+    """The run directories of a demo output directory: ``runs/*/`` and ``teacher/``."""
     runs = directory / RUNS_DIR
-    if not runs.is_dir():
-        return []
-    return sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith("."))
+    found = []
+    if runs.is_dir():
+        found = sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if found and (directory / TEACHER_DIR).is_dir():
+        found.insert(0, directory / TEACHER_DIR)
+    return found
+
+
+def _owner(directory: Path, results: Path) -> str | None:
+    """The record name a directory's ``predictions.jsonl`` belongs to (module docstring)."""
+    names = [r.name for r in read_records(results)] if results.is_file() else []
+    if len(set(names)) == 1:
+        return names[0]
+    if not names or directory.name in names:
+        return directory.name
+    return None
 
 
 def collect_inputs(paths: list[str | os.PathLike]) -> ReportInputs:
@@ -152,17 +179,46 @@ def collect_inputs(paths: list[str | os.PathLike]) -> ReportInputs:
     records: list[ResultRecord] = []
     curves: list[RunCurves] = []
     sources: list[Path] = []
-    seen_metrics: set[Path] = set()
+    predictions: dict[str, QuestionScores] = {}
+    seen: set[Path] = set()
+
+    def first_time(file: Path) -> bool:
+        resolved = file.resolve()
+        if resolved in seen:
+            return False
+        seen.add(resolved)
+        return True
 
     def add_results(file: Path) -> None:
+        if not first_time(file):
+            return
         records.extend(read_records(file))
         sources.append(file)
 
+    def add_predictions(directory: Path) -> bool:
+        file = directory / PREDICTIONS_FILE
+        if not file.is_file():
+            return False
+        if not first_time(file):
+            return True
+        name = _owner(directory.resolve(), directory / RESULTS_FILE)
+        if name is None:
+            logger.warning(
+                "%s: its results.json holds several records and none is named %s; the "
+                "predictions are not used",
+                file,
+                directory.resolve().name,
+            )
+            return True
+        if name in predictions:
+            logger.warning("%s replaces %s for %s", file, predictions[name].path, name)
+        predictions[name] = read_predictions(file, name)
+        sources.append(file)
+        return True
+
     def add_metrics(file: Path, name: str) -> None:
-        resolved = file.resolve()
-        if resolved in seen_metrics:
+        if not first_time(file):
             return
-        seen_metrics.add(resolved)
         run = read_curves(file, name=name)
         sources.append(file)
         if not run.empty:
@@ -176,10 +232,14 @@ def collect_inputs(paths: list[str | os.PathLike]) -> ReportInputs:
                 "results JSON file"
             )
         if path.is_file():
-            if path.name.endswith(".jsonl"):
+            if path.name == PREDICTIONS_FILE:
+                add_predictions(path.parent)
+            elif path.name.endswith(".jsonl"):
                 add_metrics(path, path.parent.name)
             else:
                 add_results(path)
+                if path.name == RESULTS_FILE:
+                    add_predictions(path.parent)
             continue
         found = False
         if (path / RESULTS_FILE).is_file():
@@ -188,6 +248,7 @@ def collect_inputs(paths: list[str | os.PathLike]) -> ReportInputs:
         if (path / METRICS_FILE).is_file():
             add_metrics(path / METRICS_FILE, path.resolve().name)
             found = True
+        found = add_predictions(path) or found
         for run in _run_dirs(path):
             if (run / RESULTS_FILE).is_file():
                 add_results(run / RESULTS_FILE)
@@ -195,6 +256,7 @@ def collect_inputs(paths: list[str | os.PathLike]) -> ReportInputs:
             if (run / METRICS_FILE).is_file():
                 add_metrics(run / METRICS_FILE, run.name)
                 found = True
+            found = add_predictions(run) or found
         if not found:
             raise FileNotFoundError(
                 f"nothing to report in {path}: it holds no {RESULTS_FILE}, no {METRICS_FILE} and "
@@ -202,5 +264,8 @@ def collect_inputs(paths: list[str | os.PathLike]) -> ReportInputs:
                 "`distiq demo` output directory or a results JSON file"
             )
     return ReportInputs(
-        records=with_retention(merge_records(records)), curves=curves, sources=sources
+        records=with_retention(merge_records(records)),
+        curves=curves,
+        sources=sources,
+        predictions=predictions,
     )

@@ -15,9 +15,12 @@ from __future__ import annotations
 import io
 import logging
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from distiq.report import labels
+from distiq.report.groups import Group
 from distiq.report.inputs import RunCurves
 from distiq.report.tables import METHOD_ORDER
 from distiq.results import ResultRecord
@@ -88,12 +91,23 @@ def _legends(axes: Any, methods: list[str], bits: list[int]) -> None:
     )
 
 
-def _label_text(group: list[tuple[float, ResultRecord]], label_of: Any) -> str:
-    if len(group) == 1:
-        return plain(label_of(group[0][1]))
+@dataclass(frozen=True)
+class LabelPoint:
+    """A point to label, in data coordinates: ``text`` alone, or ``"text: value"`` in a label
+    shared with the points whose markers touch it."""
+
+    x: float
+    y: float
+    text: str
+    value: float
+
+
+def _label_text(members: list[LabelPoint]) -> str:
+    if len(members) == 1:
+        return plain(members[0].text)
     # markers that touch: one label that tells them apart by their values
-    ordered = sorted(group, key=lambda point: -point[1].value)
-    return "\n".join(plain(f"{label_of(r)}: {r.value:.2f}") for _, r in ordered)
+    ordered = sorted(members, key=lambda point: -point.value)
+    return "\n".join(plain(f"{point.text}: {point.value:.2f}") for point in ordered)
 
 
 def scatter_figure(
@@ -150,7 +164,9 @@ def scatter_figure(
     methods = sorted({r.method for _, r in points}, key=lambda m: (_colour(m), m))
     _legends(axes, methods, sorted({r.w_bits for _, r in points}, reverse=True))
     axes.get_xlim(), axes.get_ylim()  # fixes the limits, so data -> pixels is final
-    placed = _draw_labels(figure, axes, points, label_of)
+    placed = draw_labels(
+        figure, axes, [LabelPoint(x, r.value, label_of(r), r.value) for x, r in points]
+    )
     if placed or height >= _SCATTER_SIZE[1] * _GROWTH ** (_TRIES - 1):
         if not placed:
             logger.warning("%s: some point labels overlap (too many points for the plot)", title)
@@ -158,19 +174,25 @@ def scatter_figure(
     return scatter_figure(records, x_of, x_label, title, label_of, height * _GROWTH)
 
 
-def _draw_labels(
-    figure: Any, axes: Any, points: list[tuple[float, ResultRecord]], label_of: Any
+def draw_labels(
+    figure: Any,
+    axes: Any,
+    points: list[LabelPoint],
+    obstacles: Sequence[tuple[float, float, int]] = (),
 ) -> bool:
-    """Label every point (points whose markers touch share one label); ``False`` when some label
-    found no free place (it is then drawn at its point, overlapping)."""
+    """Label every point (points whose markers touch share one label) where no label overlaps
+    another or a marker (:func:`distiq.report.labels.place`); ``obstacles`` are more places to
+    keep clear of, ``(x, y, index of the point they belong to)`` in data coordinates (error
+    bars). The axes' limits must be final. ``False`` when some label found no free place (it is
+    then drawn at its point, overlapping)."""
     renderer = figure.canvas.get_renderer()
-    pixels = [tuple(axes.transData.transform((x, r.value))) for x, r in points]
+    pixels = [tuple(axes.transData.transform((p.x, p.y))) for p in points]
     marker = math.sqrt(_MARKER_AREA) * DPI / 72 / 2 + 2  # marker radius in pixels, padded
     groups = labels.cluster(pixels, radius=2 * marker - 2)
     texts, anchors, sizes = [], [], []
     ordered = sorted(groups, key=lambda g: (-max(pixels[i][1] for i in g), pixels[g[0]][0]))
     for group in ordered:
-        text = _label_text([points[i] for i in group], label_of)
+        text = _label_text([points[i] for i in group])
         probe = axes.text(0, 0, text, fontsize=_LABEL_FONT)
         extent = probe.get_window_extent(renderer)
         probe.remove()
@@ -186,9 +208,13 @@ def _draw_labels(
     for label, group in enumerate(ordered):
         for i in group:
             owners[i] = label
+    keep_clear = list(pixels)
+    for x, y, index in obstacles:
+        keep_clear.append(tuple(axes.transData.transform((x, y))))
+        owners.append(owners[index])
     box = axes.get_window_extent(renderer)
     bounds = (box.x0 + 2, box.y0 + 2, box.x1 - 2, box.y1 - 2)
-    boxes = labels.place(anchors, sizes, pixels, owners, bounds, marker=marker)
+    boxes = labels.place(anchors, sizes, keep_clear, owners, bounds, marker=marker)
     for text, anchor, size, where in zip(texts, anchors, sizes, boxes):
         if where is None:
             where = (
@@ -221,10 +247,13 @@ def _scatter(
     return None if figure is None else _png(figure)
 
 
-def accuracy_vs_size(records: list[ResultRecord]) -> bytes | None:
-    """Accuracy (``value``) against size in MB, one point per record that has both; the
-    teacher's accuracy as a dashed line. ``None`` when no record has both."""
-    return _scatter(records, lambda r: r.size_mb, "size (MB)", "Accuracy vs size", lambda r: r.name)
+def accuracy_vs_size(groups: list[Group]) -> bytes | None:
+    """The frontier: accuracy (mean over seeds, ± std) against size in MB, one line per method
+    family (:func:`distiq.report.frontier.frontier_figure`). ``None`` when no group has both."""
+    from distiq.report.frontier import frontier_figure
+
+    figure = frontier_figure(groups)
+    return None if figure is None else _png(figure)
 
 
 def accuracy_vs_latency(records: list[ResultRecord]) -> bytes | None:

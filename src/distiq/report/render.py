@@ -20,19 +20,32 @@ from pathlib import Path
 
 from distiq import __version__, config
 from distiq.config import atomic_write
-from distiq.report import latency, plots
+from distiq.report import latency, plots, sections, stats
+from distiq.report.blocks import Block, Bullets, Heading, Image, Paragraph, TableBlock
 from distiq.report.goals import DEFAULT_GOALS, Goal, GoalCheck, check_goals, goals_summary
+from distiq.report.groups import group_records
 from distiq.report.inputs import ReportInputs, collect_inputs
-from distiq.report.tables import (
-    Table,
-    blind_baseline,
-    fmt_number,
-    group_by_metric,
-    machines,
-    merge_table,
-    question_type_table,
-    results_table,
-)
+from distiq.report.tables import group_by_metric, machines, merge_table, question_type_table
+
+__all__ = [
+    "REPORT_HTML",
+    "REPORT_MD",
+    "Block",
+    "Bullets",
+    "Heading",
+    "Image",
+    "Paragraph",
+    "RenderedReport",
+    "ReportFiles",
+    "TableBlock",
+    "build_blocks",
+    "check_writable",
+    "render",
+    "report",
+    "to_html",
+    "to_markdown",
+    "write_report",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,55 +53,25 @@ REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 
 
-# --------------------------------------------------------------------------- blocks
-@dataclass(frozen=True)
-class Heading:
-    text: str
-    level: int = 2
-
-
-@dataclass(frozen=True)
-class Paragraph:
-    text: str
-
-
-@dataclass(frozen=True)
-class Bullets:
-    items: list[str]
-
-
-@dataclass(frozen=True)
-class TableBlock:
-    table: Table
-    status_column: int | None = None  # cells "not met" are highlighted
-
-
-@dataclass(frozen=True)
-class Image:
-    file: str
-    alt: str
-
-
-Block = Heading | Paragraph | Bullets | TableBlock | Image
-
-
 @dataclass
 class RenderedReport:
-    """A rendered report: ``markdown`` and ``html`` text and the ``images`` ``{file: PNG bytes}``
-    the Markdown links to (the HTML embeds them)."""
+    """A rendered report: ``markdown`` and ``html`` text, the ``images`` ``{file: PNG bytes}``
+    the Markdown links to (the HTML embeds them) and the ``goals`` it shows, checked."""
 
     markdown: str
     html: str
     images: dict[str, bytes] = field(default_factory=dict)
+    goals: list[GoalCheck] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class ReportFiles:
-    """Paths written by :func:`write_report`."""
+    """Paths written by :func:`write_report`, and the ``goals`` it checked (as rendered)."""
 
     markdown: Path
     html: Path
     images: list[Path]
+    goals: list[GoalCheck] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- content
@@ -101,54 +84,48 @@ def _goal_blocks(checks: list[GoalCheck]) -> list[Block]:
     return [
         Heading("Goals"),
         Paragraph(
-            f"{goals_summary(checks)} Each goal is checked from the records of its task and "
-            "metric above; where a method has several records at one setting (seeds, variants), "
-            "its best is used, for the method under test and its baselines alike."
+            f"{goals_summary(checks)} Each goal is checked from the groups of its task and "
+            "metric above: a method's mean over its seeds (where several groups fit one "
+            "setting, the best mean, for the method under test and its baselines alike). A "
+            "method beats a baseline only when the paired test on the same questions rejects a "
+            f"tie (p < {stats.ALPHA:g}); otherwise the goal is a tie."
         ),
         TableBlock((["goal", "measured", "status"], rows), status_column=2),
     ]
 
 
-def _results_notes(group: list) -> str:
-    teachers = [r for r in group if r.method == "teacher" and r.value is not None]
-    notes = []
-    if teachers:
-        notes.append(
-            f"Teacher accuracy: {fmt_number(teachers[-1].value)} (record "
-            f"{teachers[-1].name}); retention is each model's accuracy divided by the "
-            "teacher's."
-        )
-    else:
-        notes.append("No teacher record: retention cannot be computed.")
-    blind = blind_baseline(group)
-    if blind is not None:
-        notes.append(f"Blind-question baseline (question only, no image): {blind:.2f}.")
-    return " ".join(notes)
-
-
 def build_blocks(
     inputs: ReportInputs, goals: Sequence[Goal] = DEFAULT_GOALS
-) -> tuple[list[Block], dict[str, bytes]]:
-    """The report's content (blocks) and the PNG images it refers to, from ``inputs`` only;
-    ``goals`` are checked and shown in a section of their own (none: no such section)."""
+) -> tuple[list[Block], dict[str, bytes], list[GoalCheck]]:
+    """The report's content (blocks), the PNG images it refers to and the checked ``goals``
+    (shown in a section of their own; none: no such section), from ``inputs`` only."""
     records = inputs.records
     blocks: list[Block] = [
         Heading("distiq report", 1),
         Paragraph(
             f"Rendered by distiq {__version__} from {len(records)} result record(s) and the "
-            f"training metrics of {len(inputs.curves)} run(s)."
+            f"training metrics of {len(inputs.curves)} run(s); {len(inputs.predictions)} run(s) "
+            "left their answer to each test question (predictions.jsonl), which the paired "
+            "comparisons are tested on."
         ),
     ]
     images: dict[str, bytes] = {}
 
     groups = group_by_metric(records)
+    by_metric = {key: group_records(members) for key, members in groups.items()}
     if not groups:
         blocks.append(Paragraph("No result records were found: there is no results table."))
-    for (task, metric), group in groups.items():
-        blocks.append(Heading(f"Results: {task} ({metric})"))
-        blocks.append(Paragraph(_results_notes(group)))
-        blocks.append(TableBlock(results_table(group)))
-        blocks += [Paragraph(note) for note in latency.latency_notes(group)]
+    else:
+        front, pictures = sections.frontier_blocks(by_metric)
+        blocks += front
+        images.update(pictures)
+    for (task, metric), members in groups.items():
+        blocks += sections.results_blocks(
+            task, metric, members, by_metric[(task, metric)], inputs.predictions
+        )
+    blocks += sections.ablation_blocks(
+        [g for found in by_metric.values() for g in found], inputs.predictions
+    )
 
     every = [r for group in groups.values() for r in group]
     per_backend = latency.backend_table(list({r.name: r for r in every}.values()))
@@ -175,15 +152,15 @@ def build_blocks(
             TableBlock(merges),
         ]
 
+    checks = check_goals(records, goals, inputs.predictions) if goals else []
     if goals:
-        blocks += _goal_blocks(check_goals(records, goals))
+        blocks += _goal_blocks(checks)
 
     per_type = question_type_table(every)
     if per_type is not None:
         blocks += [Heading("Accuracy per question type"), TableBlock(per_type)]
 
     for title, file, draw, missing in (
-        ("Accuracy vs size", "accuracy_vs_size.png", plots.accuracy_vs_size, "size"),
         ("Accuracy vs latency", "accuracy_vs_latency.png", plots.accuracy_vs_latency, "latency"),
     ):
         blocks.append(Heading(title))
@@ -232,8 +209,19 @@ def build_blocks(
         blocks.append(Paragraph("The result records do not say which machine measured them."))
 
     blocks.append(Heading("Sources"))
-    blocks.append(Bullets([str(path) for path in inputs.sources]))
-    return blocks, images
+    blocks.append(Bullets(_sources(inputs.sources)))
+    return blocks, images, checks
+
+
+def _sources(paths: list[Path]) -> list[str]:
+    """The files read, one line per folder: ``folder/: results.json, predictions.jsonl``."""
+    by_folder: dict[Path, list[str]] = {}
+    for path in paths:
+        by_folder.setdefault(path.parent, []).append(path.name)
+    return [
+        str(folder / names[0]) if len(names) == 1 else f"{folder}/: {', '.join(names)}"
+        for folder, names in by_folder.items()
+    ]
 
 
 # --------------------------------------------------------------------------- writers
@@ -285,6 +273,7 @@ th { background: #f2f2f2; }
 td.met { color: #176c2b; font-weight: 600; }
 td.not-met { color: #b00020; font-weight: 700; }
 td.not-measured { color: #8a6d00; }
+td.tie { color: inherit; }
 img { max-width: 100%; }
 """
 
@@ -327,8 +316,8 @@ def to_html(blocks: list[Block], images: dict[str, bytes]) -> str:
 
 def render(inputs: ReportInputs, goals: Sequence[Goal] = DEFAULT_GOALS) -> RenderedReport:
     """Render ``inputs`` in memory (nothing is written), checking ``goals``."""
-    blocks, images = build_blocks(inputs, goals)
-    return RenderedReport(to_markdown(blocks), to_html(blocks, images), images)
+    blocks, images, checks = build_blocks(inputs, goals)
+    return RenderedReport(to_markdown(blocks), to_html(blocks, images), images, checks)
 
 
 def check_writable(out_dir: str | os.PathLike) -> Path:
@@ -348,7 +337,7 @@ def write_report(
     markdown = atomic_write(out / REPORT_MD, rendered.markdown)
     page = atomic_write(out / REPORT_HTML, rendered.html)
     logger.info("wrote %s and %s (%d images)", markdown, page, len(image_paths))
-    return ReportFiles(markdown=markdown, html=page, images=image_paths)
+    return ReportFiles(markdown=markdown, html=page, images=image_paths, goals=rendered.goals)
 
 
 def report(

@@ -87,8 +87,9 @@ def group_by_metric(records: list[ResultRecord]) -> dict[tuple[str, str], list[R
 
 
 def results_table(records: list[ResultRecord]) -> Table:
-    """The main table: one row per record. Speed vs teacher compares each record with the teacher
-    of its task and metric on one backend and thread count (:mod:`distiq.report.latency`)."""
+    """One row per record (every run, its seed last). Speed vs teacher compares each record with
+    the teacher of its task and metric on one backend and thread count
+    (:mod:`distiq.report.latency`)."""
     header = [
         "name",
         "method",
@@ -100,6 +101,7 @@ def results_table(records: list[ResultRecord]) -> Table:
         "latency ms",
         "latency backend",
         "speed vs teacher",
+        "seed",
     ]
     teachers = {key: latency.teacher_of(group) for key, group in group_by_metric(records).items()}
     rows = [
@@ -113,6 +115,7 @@ def results_table(records: list[ResultRecord]) -> Table:
             DASH if r.retention is None else f"{100 * r.retention:.1f} %",
             *fmt_latency(r),
             latency.speed_cell(r, teachers[(r.task, r.metric)]),
+            DASH if r.seed is None else str(r.seed),
         ]
         for r in records
     ]

@@ -15,7 +15,7 @@ language model each get so that the quantized model fits ``size_mb`` and loses t
    additive model of the damage, as HAWQ's and the usual mixed-precision searches assume).
 
 The chosen widths become overrides of the recipe's quantization (``{part: {weight: {bits}}}``)
-and the run's record keeps them (``extra["bits_allocation"]``, ``extra["budget_mb"]``).
+and the run's record keeps them (``extra["bits_allocation"]``, ``extra["size_budget_mb"]``).
 """
 
 from __future__ import annotations

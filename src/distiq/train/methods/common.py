@@ -199,7 +199,7 @@ def plan_for(
     plan = plan_quantization(model, adapter, with_widths(quantization, allocation.bits))
     plan.notes.update(
         bits_allocation=allocation.bits,
-        budget_mb=quantization.budget.size_mb,
+        size_budget_mb=quantization.budget.size_mb,
         estimated_mb=round(allocation.size_mb, 4),
         sensitivity=allocation.sensitivity,
     )

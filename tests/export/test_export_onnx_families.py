@@ -250,3 +250,25 @@ def test_genai_decodes_one_token_per_step(exported, families, family):
     assert generator.get_input("attention_mask").shape == (1, past + 1)
     expected = (3, 1, 1) if family == "qwen2_vl" else (1, 1)
     assert generator.get_input("position_ids").shape == expected
+
+
+@pytest.mark.parametrize("family", ["idefics3", "qwen2_vl"])
+def test_quantized_vision_tower_and_projector(families, family, tmp_path):
+    """Quantized layers in the vision graph too (tower, connector / merger): weight-only int4
+    everywhere, exact at MatMulNBits accuracy level 0."""
+    from distiq.export import export_onnx
+    from distiq.models import load
+    from distiq.quant import quantize_
+
+    model, adapter = load(families.module.base_model(family, families.root))
+    weight = QuantSpec(bits=4, granularity=PerGroup(16))
+    for part in ("vision", "projector", "language_model"):
+        quantize_(model, adapter.quant_config(part, weight=weight, model=model))
+    export = export_onnx(model.eval(), tmp_path / "onnx", adapter=adapter, precision="int4")
+    vision = onnx.load(str(export.graphs["vision"])).graph
+    assert sum(t.data_type == onnx.TensorProto.INT4 for t in vision.initializer) >= 4
+    report = check_parity(
+        model, export.path, questions(families), adapter=adapter, max_new_tokens=6, threads=1,
+        int4_accuracy_level=0, genai=False,
+    )  # fmt: skip
+    assert report.answers_identical and report.max_abs_logit_diff <= 1e-5

@@ -40,7 +40,7 @@ def test_deterministic_by_seed_whatever_the_workers(tmp_path, monkeypatch):
     other = generate_scenes(tmp_path / "c", count=30, seed=6, workers=1)
     assert one.root.name == two.root.name
     digest_one = _tree_digest(one.root)
-    assert len(digest_one) == 30 * 3 + 3 * 3 + 2  # 3 PNGs a scene, 3 JSON a split, 2 label maps
+    assert len(digest_one) == 30 * 4 + 3 * 3 + 2  # 4 PNGs a scene, 3 JSON a split, 2 label maps
     assert digest_one == _tree_digest(two.root)
     assert digest_one != _tree_digest(other.root)
     meta = json.loads(one.meta.read_text())

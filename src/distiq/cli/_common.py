@@ -215,7 +215,13 @@ def run_recipe(
     changes = {"output": out} if out is not None else {}
     quiet_library_bars()
     phase = None
-    if verb == "teacher":
+    if verb == "teacher" and _dense_teacher(recipe_path):
+        from distiq.train.dense_teacher import check_dense_teacher, load_dense_teacher_recipe
+        from distiq.train.dense_teacher import train_dense_teacher as run
+
+        recipe = load_dense_teacher_recipe(recipe_path, **changes)
+        check_dense_teacher(recipe, overwrite=overwrite, resume=resume)
+    elif verb == "teacher":
         from distiq.demo.recipe import load_teacher_recipe
         from distiq.demo.run import teacher_phase as phase
         from distiq.demo.teacher import train_teacher as run
@@ -239,6 +245,15 @@ def run_recipe(
         )
     show_run(run_dir)
     return run_dir
+
+
+def _dense_teacher(recipe_path: Path) -> bool:
+    """Whether a teacher recipe trains a dense vision model (its ``task`` is segmentation,
+    detection or depth: the engine's ``train_dense_teacher``) rather than the demo's VLM."""
+    from distiq.config import load_yaml
+    from distiq.train.dense_teacher import is_dense_teacher_recipe
+
+    return is_dense_teacher_recipe(load_yaml(recipe_path))
 
 
 def show_run(run_dir: Path) -> None:

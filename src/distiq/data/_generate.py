@@ -66,9 +66,9 @@ def render_chunk(task: ChunkTask) -> list[dict[str, Any]]:
     shape_count = len(config.shapes)
     nouns = config.nouns
     # Plain string paths: pathlib costs more than the PNG encoding of a 64×64 mask.
-    image_dir, mask_dir, colour_dir = (
+    image_dir, mask_dir, colour_dir, depth_dir = (
         os.path.join(task.root, folder, task.split)
-        for folder in ("images", "masks", "colour_masks")
+        for folder in ("images", "masks", "colour_masks", "depth")
     )
     bank = _DIGIT_BANKS[task.bank]
     margin = config.position_margin * size
@@ -118,6 +118,7 @@ def render_chunk(task: ChunkTask) -> list[dict[str, Any]]:
             )
         save_mask_png(os.path.join(mask_dir, name), category_mask)
         save_mask_png(os.path.join(colour_dir, name), colour_mask)
+        save_png(os.path.join(depth_dir, name), scene_depth_mm(instance, objects))
         options = candidates(
             question_objects, size=size, colours=config.colours, nouns=nouns, margin=margin
         )
@@ -126,6 +127,26 @@ def render_chunk(task: ChunkTask) -> list[dict[str, Any]]:
             {"image_id": image_id, "file_name": name, "objects": object_rows, "qas": qas}
         )
     return records
+
+
+NEAR_DEPTH, FAR_DEPTH = 2.0, 8.0  # metres: the ground plane at the bottom and top image rows
+
+
+def scene_depth_mm(instance: np.ndarray, objects: list) -> np.ndarray:
+    """The scene's depth map in millimetres, uint16 ``(S, S)`` (ScanNet's depth PNG units).
+
+    The background is a ground plane receding to the top: ``FAR_DEPTH`` metres at the top row,
+    ``NEAR_DEPTH`` at the bottom, linear in the row. Each object is an upright card standing on
+    that plane at the bottom row of its visible box: all its pixels at the ground's depth there,
+    so it is nearer than the ground it hides. (Occlusion follows the drawing order, not depth.)
+    """
+    size = instance.shape[0]
+    rows = (np.arange(size, dtype=np.float64) + 0.5) / size  # (S,) 0 at the top, 1 at the bottom
+    ground = FAR_DEPTH - (FAR_DEPTH - NEAR_DEPTH) * rows
+    depth = np.repeat(ground[:, None], instance.shape[1], axis=1)
+    for index, obj in enumerate(objects):
+        depth[instance == index] = ground[obj.box[3] - 1]
+    return np.rint(depth * 1000.0).astype(np.uint16)
 
 
 def write_annotations(

@@ -149,28 +149,32 @@ def write_coco_instances(
 
 
 def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
-    """PNG bytes of an 8-bit ``(H, W)`` grey or ``(H, W, 3)`` RGB uint8 array (no interlace, row
-    filter 0). A direct zlib writer: several times faster than PIL's for small images, and
-    any PNG reader (PIL included) decodes it."""
-    if (
+    """PNG bytes of an 8-bit ``(H, W)`` grey or ``(H, W, 3)`` RGB uint8 array, or a 16-bit
+    ``(H, W)`` grey uint16 array (depth maps), no interlace, row filter 0. A direct zlib writer:
+    several times faster than PIL's for small images, and any PNG reader (PIL included) decodes
+    it."""
+    grey16 = array.dtype == np.uint16 and array.ndim == 2
+    if not grey16 and (
         array.dtype != np.uint8
         or array.ndim not in (2, 3)
         or (array.ndim == 3 and array.shape[2] != 3)
     ):
         raise ValueError(
-            f"encode_png takes (H, W) or (H, W, 3) uint8, got {array.dtype} {array.shape}"
+            "encode_png takes (H, W) or (H, W, 3) uint8, or (H, W) uint16, got "
+            f"{array.dtype} {array.shape}"
         )
     height, width = array.shape[:2]
     colour_type = 0 if array.ndim == 2 else 2
-    rows = np.zeros((height, 1 + array[0].size), dtype=np.uint8)  # filter byte 0 per row
-    rows[:, 1:] = array.reshape(height, -1)
+    data = array.astype(">u2").view(np.uint8) if grey16 else array  # PNG samples are big-endian
+    rows = np.zeros((height, 1 + data[0].size), dtype=np.uint8)  # filter byte 0 per row
+    rows[:, 1:] = data.reshape(height, -1)
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (
             struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
         )
 
-    header = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, 16 if grey16 else 8, colour_type, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
@@ -180,7 +184,8 @@ def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
 
 
 def save_png(path: str | os.PathLike, array: np.ndarray, compress_level: int = 1) -> None:
-    """Save a uint8 ``(H, W)`` or ``(H, W, 3)`` array as PNG (see :func:`encode_png`)."""
+    """Save a uint8 ``(H, W)`` or ``(H, W, 3)`` array, or a uint16 ``(H, W)`` one, as PNG (see
+    :func:`encode_png`)."""
     with open(path, "wb") as fh:
         fh.write(encode_png(array, compress_level))
 

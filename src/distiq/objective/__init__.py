@@ -50,6 +50,10 @@ YAML schema (a recipe's ``objective:`` section; every key optional; defaults sho
           layer_map: null
           layer_weights: null
           output_index: 1        # Hugging Face attention modules return (output, weights)
+        reg:                     # Σ_r d(s_r, t_r): real-valued outputs toward the teacher's
+          weight: 1.0            # (boxes of matched detection queries, depth maps)
+          loss: l1               # l1 | mse | smooth_l1 (mean over the values)
+          giou_weight: 1.0       # boxes ((cx, cy, w, h)): + giou_weight · mean(1 − GIoU)
         pd:                      # D(p_S^fp ‖ p_Sq): the student's own fp path vs its quantized path
           weight: 1.0
           divergence: forward_kl
@@ -130,6 +134,11 @@ What each argument is for (all keyword-only; give what the active terms need):
   the config gives no layer globs (e.g. ``outputs.hidden_states``); otherwise the attached hooks
   supply them.
 - ``visual_mask`` ``(B, T)`` bool: visual tokens, for ``feat``'s modality weights.
+- ``student_regressions`` / ``teacher_regressions`` (``{name: (N, D)}``, the positions to
+  compare already selected): the ``reg`` term's inputs (``boxes`` of matched detection queries as
+  (cx, cy, w, h) fractions, ``log_depth`` of depth maps). ``student_fp_regressions``: the
+  student's full-precision ones — ``pd`` for outputs without a class distribution (depth) is
+  the mean L1 between them and ``student_regressions``.
 - ``student`` and ``student_inputs`` (the forward's keyword arguments, or a tuple of
   positional ones): ``pd`` reruns the student under ``distiq.quant.fake_quant_disabled`` without
   gradient (hooks paused); ``student_fp_logits`` ``(..., V)`` replaces that rerun. ``rounding``
@@ -152,6 +161,7 @@ from distiq.objective.config import (
     ObjectiveConfig,
     PDTerm,
     QKEntropyTerm,
+    RegressionTerm,
     RoundingTerm,
     TaskTerm,
     Terms,
@@ -169,6 +179,7 @@ __all__ = [
     "PDTerm",
     "QKEntropyTerm",
     "QuantDistillObjective",
+    "RegressionTerm",
     "RoundingTerm",
     "Schedule",
     "TaskTerm",

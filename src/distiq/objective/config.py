@@ -159,6 +159,25 @@ class PDTerm:
 
 
 @dataclass(frozen=True)
+class RegressionTerm:
+    """Regression distillation ``Σ_r d(s_r, t_r)``: the student's real-valued outputs pulled
+    toward the teacher's — the boxes of matched detection queries, depth maps — each a mean
+    over its values; regressions named ``boxes`` ((cx, cy, w, h) fractions) add
+    ``giou_weight · mean(1 − GIoU)``."""
+
+    weight: float = 1.0
+    schedule: Schedule = field(default_factory=Schedule)
+    loss: Literal["l1", "mse", "smooth_l1"] = "l1"
+    giou_weight: float = 1.0
+
+    def _validate(self) -> list[str]:
+        errors = _common_errors(self)
+        if self.giou_weight < 0:
+            errors.append(f"giou_weight must be >= 0, got {self.giou_weight}")
+        return errors
+
+
+@dataclass(frozen=True)
 class QKEntropyTerm:
     """EdgeQAT's ``−Σ_h [log(1 + Var(Q_h)) + log(1 + Var(K_h))]``, averaged over layers."""
 
@@ -200,6 +219,7 @@ class Terms:
     kd: KDTerm | None = None
     feat: FeatureTerm | None = None
     attn: AttentionTerm | None = None
+    reg: RegressionTerm | None = None
     pd: PDTerm | None = None
     qk_entropy: QKEntropyTerm | None = None
     rounding: RoundingTerm | None = None

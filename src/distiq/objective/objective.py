@@ -25,6 +25,8 @@ from distiq.objective.terms import (
     kd_value,
     pd_value,
     qk_entropy_value,
+    regression_pd_value,
+    regression_value,
     task_value,
 )
 
@@ -315,6 +317,9 @@ class QuantDistillObjective(nn.Module):
         student: nn.Module | None = None,
         student_inputs: Mapping[str, Any] | Sequence[Any] | None = None,
         student_fp_logits: Tensor | None = None,
+        student_regressions: Mapping[str, Tensor] | None = None,
+        teacher_regressions: Mapping[str, Tensor] | None = None,
+        student_fp_regressions: Mapping[str, Tensor] | None = None,
     ) -> LossOutput:
         """Compute every active term at optimizer step ``step``; see :mod:`distiq.objective`
         for each argument's shape and which term needs it."""
@@ -350,8 +355,20 @@ class QuantDistillObjective(nn.Module):
                 raw[name] = self._features(term, batch, student_features, teacher_features)
             elif name == "attn":
                 raw[name] = self._attention(term, batch, student_attentions, teacher_attentions)
+            elif name == "reg":
+                if student_regressions is None or teacher_regressions is None:
+                    raise ValueError(
+                        "the 'reg' term needs student_regressions and teacher_regressions "
+                        "({name: (N, D)}: boxes of matched queries, depth maps)"
+                    )
+                raw[name] = regression_value(term, student_regressions, teacher_regressions)  # type: ignore[arg-type]
             elif name == "pd":
                 if step % term.every:  # type: ignore[attr-defined]
+                    continue
+                if student_logits is None and student_fp_regressions is not None:
+                    raw[name] = regression_pd_value(
+                        student_fp_regressions, student_regressions or {}
+                    )
                     continue
                 fp_logits = student_fp_logits
                 if fp_logits is None:

@@ -36,6 +36,7 @@ from distiq.objective.config import (
     FeatureTerm,
     KDTerm,
     PDTerm,
+    RegressionTerm,
     TaskTerm,
     Tokens,
 )
@@ -211,6 +212,65 @@ def pd_value(term: PDTerm, batch: Batch, fp_logits: Tensor) -> Tensor:
         temperature=term.temperature,
         beta=term.beta,
     )
+
+
+def _regression_distance(loss: str, student: Tensor, teacher: Tensor) -> Tensor:
+    """Mean elementwise ``l1`` / ``mse`` / ``smooth_l1`` (β = 1) distance; equal shapes."""
+    import torch.nn.functional as F
+
+    if loss == "mse":
+        return F.mse_loss(student.float(), teacher.float())
+    if loss == "smooth_l1":
+        return F.smooth_l1_loss(student.float(), teacher.float())
+    return F.l1_loss(student.float(), teacher.float())
+
+
+def _cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+
+
+def regression_value(
+    term: RegressionTerm, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]
+) -> Tensor:
+    """``Σ_r d(s_r, t_r)`` over the regressions both sides give (``(N, D)`` each, the positions
+    to compare already selected; teacher values detached here), plus ``giou_weight · mean(1 −
+    GIoU)`` for ``boxes`` ((cx, cy, w, h), ``(N, 4)``). Zero when a regression has no rows."""
+    from distiq.tasks.boxes import elementwise_giou
+
+    if not student or set(student) != set(teacher):
+        raise ValueError(
+            "the 'reg' term compares the regressions of student and teacher (boxes of matched "
+            f"queries, depth maps); got student {sorted(student)} and teacher {sorted(teacher)}"
+        )
+    total: Tensor | None = None
+    for name in sorted(student):
+        s, t = student[name], teacher[name].detach()
+        if s.shape != t.shape:
+            raise ValueError(
+                f"reg: student {name} {tuple(s.shape)} and teacher {name} {tuple(t.shape)} differ"
+            )
+        if s.numel() == 0:
+            value = s.sum() * 0.0
+        else:
+            value = _regression_distance(term.loss, s, t)
+            if name == "boxes" and term.giou_weight:
+                giou = elementwise_giou(_cxcywh_to_xyxy(s.float()), _cxcywh_to_xyxy(t.float()))
+                value = value + term.giou_weight * (1 - giou).mean()
+        total = value if total is None else total + value
+    assert total is not None
+    return total
+
+
+def regression_pd_value(fp: Mapping[str, Tensor], quant: Mapping[str, Tensor]) -> Tensor:
+    """``pd`` for outputs without a class distribution (depth): the mean L1 between the
+    student's full-precision and quantized regressions, averaged over the regressions."""
+    if not quant or set(fp) != set(quant):
+        raise ValueError(
+            f"pd: full-precision regressions {sorted(fp)} and quantized ones {sorted(quant)} differ"
+        )
+    values = [_regression_distance("l1", quant[n], fp[n].detach()) for n in sorted(quant)]
+    return torch.stack(values).mean()
 
 
 def _pair_weights(weights: Sequence[float] | None, n_pairs: int, term: str) -> list[float]:

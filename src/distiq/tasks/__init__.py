@@ -1,4 +1,5 @@
-"""Tasks: each head type's loss, distillation view and metric behind one interface.
+"""Tasks: each head type's loss, distillation view and metric behind one interface
+(``vqa``, ``detection``, ``segmentation``, ``depth``).
 
 >>> from distiq.tasks import build_task
 >>> task = build_task("segmentation", num_classes=5)
@@ -23,6 +24,7 @@ from distiq.tasks.base import (
     Task,
     TaskLoss,
 )
+from distiq.tasks.depth import DepthTask
 from distiq.tasks.detection import DetectionTask
 from distiq.tasks.segmentation import SegmentationTask
 from distiq.tasks.vqa import VQATask
@@ -31,10 +33,11 @@ TASKS: Registry[type[Task]] = Registry("task")
 TASKS.register("vqa", VQATask)
 TASKS.register("detection", DetectionTask)
 TASKS.register("segmentation", SegmentationTask)
+TASKS.register("depth", DepthTask)
 
 
 def build_task(name: str, **options: Any) -> Task:
-    """The task registered as ``name`` (``vqa``, ``detection``, ``segmentation``), built and
+    """The task registered as ``name`` (``vqa``, ``detection``, ``segmentation``, ``depth``), built and
     validated from ``options`` (e.g. a recipe's YAML section) by ``distiq.config.from_dict``, so
     unknown or mistyped options are reported together with "did you mean"."""
     from distiq.config import from_dict
@@ -44,6 +47,7 @@ def build_task(name: str, **options: Any) -> Task:
 
 __all__ = [
     "TASKS",
+    "DepthTask",
     "DetectionTask",
     "Distribution",
     "DistillView",

@@ -1,5 +1,5 @@
-"""The recipe's task as the engine runs it: ``vqa`` (vision-language models) today, through one
-interface that dense vision tasks plug into.
+"""The recipe's task as the engine runs it: ``vqa`` (vision-language models), ``segmentation``,
+``detection`` and ``depth`` (dense vision models).
 
 ``engine_task(recipe)`` gives the :class:`EngineTask` of a recipe (its ``task`` section); the
 compression methods ask it for models, data, the forward path, the step, the teacher's side and
@@ -13,10 +13,13 @@ from typing import Any
 
 from distiq.registry import Registry
 from distiq.train.engine_tasks.base import EngineTask, TaskEvaluation
+from distiq.train.engine_tasks.dense import DenseEngineTask
 from distiq.train.engine_tasks.vqa import VQAEngineTask
 
 ENGINE_TASKS: Registry[type[EngineTask]] = Registry("task")
 ENGINE_TASKS.register("vqa", VQAEngineTask)
+for _name in ("segmentation", "detection", "depth"):
+    ENGINE_TASKS.register(_name, DenseEngineTask)
 
 
 def register_engine_task(name: str, cls: type[EngineTask]) -> type[EngineTask]:
@@ -35,6 +38,7 @@ def engine_task(recipe_or_config: Any) -> EngineTask:
 
 __all__ = [
     "ENGINE_TASKS",
+    "DenseEngineTask",
     "EngineTask",
     "TaskEvaluation",
     "VQAEngineTask",

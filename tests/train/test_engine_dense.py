@@ -1,0 +1,164 @@
+"""The engine on dense vision models, as a user runs it: a tiny scene set (class masks, COCO
+boxes, depth maps), a tiny checkpoint of each dense family (SegFormer trained by ``distiq
+teacher``; RT-DETR, DETR, Depth Anything and DPT built from config), then ``distiq compress``
+with rtn, gptq, qat and qad, ``distiq eval`` and reloading the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distiq.cli import app
+from distiq.results import read_records
+
+FAMILIES = {
+    "segformer": "segmentation",
+    "rt_detr": "detection",
+    "detr": "detection",
+    "depth_anything": "depth",
+}
+METHODS = ("rtn", "gptq", "qat", "qad")
+IMAGE = 32
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    from distiq.data import generate_scenes
+
+    root = tmp_path_factory.mktemp("dense-scenes")
+    return generate_scenes(root, count=30, image_size=IMAGE, workers=1)
+
+
+def _data(scenes) -> dict:
+    return {"scenes": str(scenes.root), "val_images": 2, "test_images": 3}
+
+
+_TEACHERS: dict[str, Path] = {}
+
+
+@pytest.fixture
+def teacher(dense_family, scenes, tmp_path_factory, runner):
+    """The family's tiny teacher directory (built once): SegFormer trained for a few steps with
+    ``distiq teacher``, the others built from their small config."""
+    from distiq.models import build_dense
+
+    if dense_family in _TEACHERS:
+        return _TEACHERS[dense_family]
+    path = tmp_path_factory.mktemp(f"{dense_family}-teacher")
+    task = FAMILIES[dense_family]
+    if dense_family == "segformer":
+        recipe = {
+            "method": "teacher",
+            "task": task,
+            "output": str(path),
+            "model": {"family": dense_family, "image_size": IMAGE},
+            "data": _data(scenes),
+            "train": {"steps": 3, "batch_size": 4, "lr": 2.0e-3, "warmup_steps": 1},
+            "eval": {"batch_images": 4},
+        }
+        recipe_file = path.parent / f"{dense_family}-teacher.yaml"
+        recipe_file.write_text(yaml.safe_dump(recipe))
+        result = runner.invoke(app, ["teacher", str(recipe_file), "--overwrite"])
+        assert result.exit_code == 0, result.output
+        (record,) = read_records(path / "results.json")
+        assert (record.method, record.task, record.metric) == ("teacher", task, "miou")
+        assert record.extra["num_images"] == 3 and 0 <= record.value <= 100
+    else:
+        meta = scenes.read_meta()
+        classes = meta["categories"] if task == "detection" else []
+        model, adapter = build_dense(
+            dense_family, num_labels=max(1, len(classes)), image_size=IMAGE, class_names=classes
+        )
+        model.save_pretrained(path)
+        adapter.save_pretrained(path)
+    _TEACHERS[dense_family] = path
+    return path
+
+
+def _recipe(method: str, task: str, teacher: Path, output: Path, scenes) -> dict:
+    recipe = {
+        "method": method,
+        "task": task,
+        "teacher": str(teacher),
+        "output": str(output),
+        "data": _data(scenes),
+        "quantization": {"scheme": "W4A8"},
+        "train": {"steps": 2, "batch_size": 4, "lr": 1.0e-3, "warmup_steps": 1, "log_every": 1},
+        "calibration": {"samples": 4, "batch_size": 4},
+        "eval": {"batch_images": 4},
+    }
+    if method == "qad":
+        terms = {"task": {}, "feat": {"weight": 0.1}, "pd": {"weight": 0.5}}
+        if task != "depth":
+            terms["kd"] = {"temperature": 2.0}
+        if task != "segmentation":
+            terms["reg"] = {}
+        recipe["objective"] = {"terms": terms}
+    return recipe
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dense_family", FAMILIES)
+def test_compress_eval_reload(dense_family, method, teacher, scenes, tmp_path, runner):
+    from distiq.train import load_recipe
+    from distiq.train.engine_tasks import engine_task
+    from distiq.train.runs import load_compressed
+
+    task = FAMILIES[dense_family]
+    run = tmp_path / "run"
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(_recipe(method, task, teacher, run, scenes)))
+    result = runner.invoke(app, ["compress", str(recipe_file)])
+    assert result.exit_code == 0, result.output
+    (record,) = read_records(run / "results.json")
+    metric = {"segmentation": "miou", "detection": "map", "depth": "delta1"}[task]
+    assert (record.method, record.task, record.metric) == (method, task, metric)
+    assert (record.w_bits, record.a_bits) == (4, 8) and 0 <= record.value <= 100
+    assert record.extra["num_images"] == 3 and record.extra["teacher_value"] is not None
+    manifest = json.loads((run / "quantization.json").read_text())
+    assert manifest["modules"] and all(m["activation"] for m in manifest["modules"].values())
+    if method in ("qat", "qad"):
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        terms = next(x for x in lines if x["kind"] == "train")["terms"]
+        expected = {"task"} if method == "qat" else {"task", "feat", "pd"}
+        if method == "qad":
+            expected |= {"kd"} if task != "depth" else set()
+            expected |= {"reg"} if task != "segmentation" else set()
+        assert expected <= set(terms)  # every objective term logged ...
+        assert any(name.startswith("task/") for name in terms)  # ... and the task's parts
+
+    result = runner.invoke(app, ["eval", str(run)])
+    assert result.exit_code == 0, result.output
+    (again,) = read_records(run / "results.json")
+    assert again.value == pytest.approx(record.value)
+
+    model, adapter, _ = load_compressed(run)
+    recipe = load_recipe(run / "recipe.yaml")
+    engine_of = engine_task(recipe)
+    test = engine_of.load_test(recipe, adapter)
+    evaluation = engine_of.evaluate(engine_of.engine_for(model, adapter, test), test, recipe)
+    assert evaluation.value == pytest.approx(record.value)
+    if task != "detection":
+        rows = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 and all("image_id" in row for row in rows)
+
+
+def test_dense_recipes_refuse_what_only_vqa_has(tmp_path):
+    from distiq.config import ConfigError
+    from distiq.train.recipe import recipe_from_dict
+
+    base = {"method": "qad", "task": "depth", "teacher": "t", "quantization": {"scheme": "W4A8"}}
+    with pytest.raises(ConfigError, match="depth has no class distribution") as error:
+        recipe_from_dict({**base, "objective": {"terms": {"task": {}, "kd": {}}}})
+    assert "needs a kd or a reg term" not in str(error.value)
+    with pytest.raises(ConfigError, match="needs a kd or a reg term"):
+        recipe_from_dict({**base, "objective": {"terms": {"task": {}}}})
+    with pytest.raises(ConfigError, match="the attn term compares VLM attention maps"):
+        recipe_from_dict(
+            {**base, "task": "segmentation", "objective": {"terms": {"kd": {}, "attn": {}}}}
+        )
+    with pytest.raises(ConfigError, match="the reg term distils dense outputs"):
+        recipe_from_dict({**base, "task": "vqa", "objective": {"terms": {"kd": {}, "reg": {}}}})

@@ -12,7 +12,9 @@ benchmark's PyTorch backends use them) and is what the ONNX graph computes:
   ``logits``), which the benchmark times in PyTorch against the decoder graph's prefill;
 - the task heads of ``VLMWithHeads`` on the vision tower's features.
 
-The vision graphs of each family live in ``distiq.export.onnx_vision``.
+``embedding_part`` / ``decoder_part`` / ``head_parts`` give each traced module with its example
+inputs, input / output names and dynamic axes. The vision graphs of each family live in
+``distiq.export.onnx_vision``.
 """
 
 from __future__ import annotations
@@ -177,6 +179,87 @@ class SegmentationGraph(nn.Module):
 
     def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
         return self.head(vision_features[:, self.prefix :], self.grid, self.size)
+
+
+# -- the traced parts' signatures (what export_onnx traces) -------------------------------
+def embedding_part(vlm: nn.Module, adapter: Any, hidden: int) -> tuple:
+    """``embedding.onnx``: traced with 3 image tokens among 7 (the padded batch of 2 too)."""
+    module = EmbedGraph(vlm.get_input_embeddings(), adapter.image_token_id)
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    ids[0, 2:5] = adapter.image_token_id
+    dynamic = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "image_features": {0: "num_image_tokens"},
+        "inputs_embeds": {0: "batch", 1: "sequence"},
+    }
+    return (
+        "embedding", module, (ids, torch.randn(3, hidden)), ["input_ids", "image_features"],
+        ["inputs_embeds"], dynamic,
+    )  # fmt: skip
+
+
+def cache_names(layers: int) -> tuple[list[str], list[str]]:
+    """(past input names, present output names) in the decoder's order: key, value per layer."""
+    past = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    present = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    return past, present
+
+
+def decoder_part(decoder: DecoderGraph, geometry: dict, mrope: bool) -> tuple:
+    """``language_model.onnx``: traced with batch 2, 5 new tokens after 3 cached ones, the first
+    row left-padded (so no shape is a constant of the trace)."""
+    batch, length, past_length = 2, 5, 3
+    embeds = torch.randn(batch, length, geometry["hidden_size"])
+    mask = torch.ones(batch, past_length + length, dtype=torch.long)
+    mask[0, :2] = 0
+    positions = torch.arange(past_length, past_length + length).expand(batch, length)
+    if mrope:
+        positions = positions[None].expand(3, batch, length)
+    shape = (batch, geometry["num_key_value_heads"], past_length, geometry["head_size"])
+    past = [torch.randn(shape) for _ in range(2 * geometry["num_hidden_layers"])]
+    past_names, present_names = cache_names(geometry["num_hidden_layers"])
+    dynamic = {
+        "inputs_embeds": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {1: "batch", 2: "sequence"} if mrope else {0: "batch", 1: "sequence"},
+        "logits": {0: "batch", 1: "sequence"},
+        **{name: {0: "batch", 2: "past_sequence"} for name in past_names},
+        **{name: {0: "batch", 2: "total_sequence"} for name in present_names},
+    }
+    return (
+        "language_model", decoder, (embeds, mask, positions, *past),
+        ["inputs_embeds", "attention_mask", "position_ids", *past_names],
+        ["logits", *present_names], dynamic,
+    )  # fmt: skip
+
+
+def head_parts(heads: nn.Module | None, vision) -> list[tuple]:
+    """The task heads' graphs on the vision graph's ``vision_features`` (VLMWithHeads)."""
+    if heads is None:
+        return []
+    facts = vision.facts
+    prefix = 0 if facts["drop_class_token"] else 1
+    grid = tuple(facts["grid"])
+    with torch.no_grad():
+        features = vision.module(*vision.example)[1]
+    dynamic = {"vision_features": {0: "num_images"}}
+    parts = []
+    if heads.detection_head is not None:
+        module = DetectionGraph(heads.detection_head, prefix, grid, facts["patch_size"])
+        parts.append(
+            ("detection_head", module, (features,), ["vision_features"],
+             ["cls_logits", "box_ltrb"],
+             {**dynamic, "cls_logits": {0: "num_images"}, "box_ltrb": {0: "num_images"}})
+        )  # fmt: skip
+    if heads.segmentation_head is not None:
+        module = SegmentationGraph(
+            heads.segmentation_head, prefix, grid, tuple(facts["image_size"])
+        )
+        parts.append(
+            ("segmentation_head", module, (features,), ["vision_features"], ["seg_logits"],
+             {**dynamic, "seg_logits": {0: "num_images"}})
+        )  # fmt: skip
+    return parts
 
 
 # -- the decoder's cache geometry ------------------------------------------------------------------

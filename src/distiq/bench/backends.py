@@ -120,7 +120,9 @@ def _inputs(model: nn.Module, adapter: Any, seq_len: int | None) -> dict[str, to
     from distiq.export.onnx_parts import image_facts
 
     facts = image_facts(model, adapter)
-    vlm = getattr(model, "vlm", model)
+    from distiq.models.multitask import unwrap_vlm
+
+    vlm = unwrap_vlm(model)
     length = seq_len or facts["num_image_tokens"] + 16
     length = min(length, adapter.max_length)
     generator = torch.Generator().manual_seed(0)

@@ -253,7 +253,9 @@ def export_gguf(
 
     _check_options(fallback, float_type)
     path = check_destination(path, overwrite=overwrite)
-    vlm = getattr(model, "vlm", model)  # VLMWithHeads keeps the VLM as .vlm
+    from distiq.models.multitask import unwrap_vlm
+
+    vlm = unwrap_vlm(model)
     config = vlm.config
     names = adapter.module_names()
     sources, shapes, tied = _sources(vlm)

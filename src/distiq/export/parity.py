@@ -100,7 +100,9 @@ def check_parity(
     adapter = adapter or getattr(model, "base_adapter", None)
     if adapter is None:
         raise ValueError("check_parity needs the model's adapter (adapter=...)")
-    vlm = getattr(model, "vlm", model)
+    from distiq.models.multitask import unwrap_vlm
+
+    vlm = unwrap_vlm(model)
     runner = OrtVLM(onnx_dir, threads=threads, int4_accuracy_level=int4_accuracy_level)
     gap = top = 0.0
     was_training = vlm.training

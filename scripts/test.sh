@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up .venv with the dev tools, then runs lint, the layer contract and the test suite.
+# Sets up .venv with the dev tools, then runs lint, the layer contract and the test suite, and
+# (for the whole suite) checks that a core install runs the demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
@@ -27,3 +28,9 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff format --check src tests benchmarks
 .venv/bin/lint-imports
 .venv/bin/python -m pytest "$@"
+
+# The main job on a core install (no extras): a second venv and a few-step demo in it
+# (scripts/check_core_install.sh), with the whole suite only (no pytest arguments given).
+if [[ $# -eq 0 ]]; then
+  bash scripts/check_core_install.sh
+fi

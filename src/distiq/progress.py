@@ -305,7 +305,7 @@ class LineDisplay(_Display):
                     continue
                 elapsed = format_seconds(now - task.started)
                 if task.step is None:
-                    self.line(f"{task.name}: no step done yet, elapsed {elapsed}")
+                    self.line(f"{task.name}: still running, elapsed {elapsed}")
                 else:
                     quiet = format_seconds(now - task.last_step_at)
                     self.line(

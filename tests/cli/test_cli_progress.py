@@ -143,7 +143,7 @@ def test_a_silent_run_is_reported_at_the_interval(clock, capsys):
         assert capsys.readouterr().err == ""
         clock.advance(1.0)
         display.tick()
-        assert capsys.readouterr().err == "teacher: no step done yet, elapsed 15 s\n"
+        assert capsys.readouterr().err == "teacher: still running, elapsed 15 s\n"
         display.update("teacher", 3, 100, 1.5)
         clock.advance(20.0)
         display.tick()
@@ -158,7 +158,7 @@ def test_the_heartbeat_thread_of_a_run_in_this_process(clock, monkeypatch, capsy
     with progress.step_progress("kd") as run:
         clock.advance(16.0)
         for _ in range(500):  # the thread ticks every 10 ms
-            if "no step done yet" in capsys.readouterr().err:
+            if "kd: still running, elapsed" in capsys.readouterr().err:
                 break
             threading.Event().wait(0.01)
         else:

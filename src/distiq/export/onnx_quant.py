@@ -387,16 +387,14 @@ class swapped_layers:
 
     def __enter__(self) -> nn.Module:
         for plan in self.plans:
-            parent_name, _, child = plan.name.rpartition(".")
-            parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            old = getattr(parent, child)
-            self.saved.append((parent, child, old))
-            setattr(parent, child, _ExportLayer(old, plan, self.exporter))
+            old = self.model.get_submodule(plan.name)
+            self.saved.append((plan.name, old))
+            self.model.set_submodule(plan.name, _ExportLayer(old, plan, self.exporter))
         return self.model
 
     def __exit__(self, *exc) -> None:
-        for parent, child, old in reversed(self.saved):
-            setattr(parent, child, old)
+        for name, old in reversed(self.saved):
+            self.model.set_submodule(name, old)
 
 
 def _int4_tensor(onnx_module, name: str, values, dims, signed: bool):

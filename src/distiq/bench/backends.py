@@ -12,9 +12,15 @@ Backends (each where it applies; otherwise reported as unavailable with the reas
 - ``ort-int4``: the model exported with INT4 blockwise weights (``precision="int4"``),
   onnxruntime's ``MatMulNBits`` at ``int4_accuracy_level`` (None: onnxruntime's default).
 
-Workloads, batch 1: ``language_model`` (``inputs_embeds (1, L, D)`` → logits: a prefill of the
-prompt, L = image tokens + 16 text tokens by default) and ``vision`` (``pixel_values`` → image
-features). ``max_abs_diff`` compares a backend's output with the model's own PyTorch output
+Workloads, batch 1 (``WORKLOAD_NAMES`` says them in words):
+
+- ``language_model``: the *prefill*, ``inputs_embeds (1, L, D)`` → logits of the whole prompt,
+  L = image tokens + 16 text tokens by default;
+- ``decode``: ONE new token with the KV cache of that prompt (L cached tokens) → its logits:
+  the per-token cost of an answer (``distiq.bench.decode``);
+- ``vision``: ``pixel_values`` → image features.
+
+``max_abs_diff`` compares a backend's output with the model's own PyTorch output
 (fake-quant or quantized layers) on the same input — the export parity; it is left out for the
 float baselines, whose difference from the quantized model is the quantization itself.
 """
@@ -34,12 +40,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from distiq.bench.decode import OrtDecodeStep, TorchDecodeStep, step_embedding
 from distiq.bench.timing import Timing, peak_memory, set_threads, time_interleaved
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("pytorch-fp32", "pytorch-w8a8", "ort-fp32", "ort-int8", "ort-int4")
-WORKLOADS = ("language_model", "vision")
+WORKLOADS = ("language_model", "decode", "vision")
+WORKLOAD_NAMES = {
+    "language_model": "prefill",
+    "decode": "decode (one token)",
+    "vision": "vision",
+}
+LANGUAGE_WORKLOADS = ("language_model", "decode")
 _ORT_PRECISION = {"ort-fp32": "fp32", "ort-int8": "int8", "ort-int4": "int4"}
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the ``onnx`` extra
 
@@ -132,10 +145,16 @@ def _inputs(model: nn.Module, adapter: Any, seq_len: int | None) -> dict[str, to
         embeds = vlm.get_input_embeddings()(ids).float()
     height, width = facts["image_size"]
     pixels = torch.randn(1, 3, height, width, generator=generator)
-    return {"inputs_embeds": embeds, "pixel_values": pixels}
+    return {"inputs_embeds": embeds, "step_embeds": step_embedding(model), "pixel_values": pixels}
 
 
-def _torch_call(part: nn.Module, workload: str, inputs: dict) -> Callable[[], torch.Tensor]:
+def _torch_call(
+    model: nn.Module, adapter: Any, workload: str, inputs: dict
+) -> Callable[[], torch.Tensor]:
+    """The zero-argument call that runs ``workload`` of ``model`` in eager PyTorch."""
+    if workload == "decode":
+        return TorchDecodeStep(model, adapter, inputs["inputs_embeds"], inputs["step_embeds"])
+    part = _part(model, adapter, workload)
     if workload == "language_model":
         embeds = inputs["inputs_embeds"]
         mask = torch.ones(embeds.shape[:2], dtype=torch.long)
@@ -169,12 +188,16 @@ def _ort_call(path: Path, workload: str, inputs: dict, threads: int, level: int 
 
     from distiq.export.ort import decoder_feed, session_options
 
-    name = "language_model" if workload == "language_model" else "vision"
+    name = "language_model" if workload in LANGUAGE_WORKLOADS else "vision"
     session = ort.InferenceSession(
         str(path / f"{name}.onnx"),
         session_options(threads, level, spinning=False),
         ["CPUExecutionProvider"],
     )
+    if workload == "decode":
+        return OrtDecodeStep(
+            session, inputs["inputs_embeds"].numpy(), inputs["step_embeds"].numpy()
+        )
     if workload == "language_model":
         feed = decoder_feed(session, inputs["inputs_embeds"].numpy())  # the prompt, no cache
     else:
@@ -266,7 +289,9 @@ def measure_model(
         adapter: its adapter (not needed for ``VLMWithHeads``).
         threads: torch intra-op threads and onnxruntime ``intra_op_num_threads``.
         warmup, repeats: untimed and timed runs per backend (timed runs interleaved).
-        seq_len: language-model length L (default: image tokens + 16).
+        workloads: ``language_model`` (the prefill), ``decode`` (one token after the
+            prompt's cache), ``vision``.
+        seq_len: the prompt length L of the language workloads (default: image tokens + 16).
         workdir: where ONNX exports go (default: a temporary directory, removed after).
         exports: the ONNX models of the ``ort-*`` backends, exported before by
             :func:`export_backends` from this model for the same ``backends`` (then nothing is
@@ -296,16 +321,19 @@ def measure_model(
                 model, adapter, root, backends=backends, int8_weights=int8_weights, twin=twin
             )
         results = []
+        prompt_tokens = int(inputs["inputs_embeds"].shape[1])
         for workload in workloads:
-            reference = _torch_call(_part(model, adapter, workload), workload, inputs)()
+            reference = _torch_call(model, adapter, workload, inputs)()
             calls: dict[str, Callable] = {}
             for backend in backends:
                 result = BackendResult(backend, workload, True)
+                if workload in LANGUAGE_WORKLOADS:
+                    result.detail["prompt_tokens"] = prompt_tokens
+                if workload == "decode":
+                    result.detail["new_tokens"] = 1
                 with peak_memory() as memory:
                     if backend == "pytorch-fp32":
-                        calls[backend] = _torch_call(
-                            _part(twin, adapter, workload), workload, inputs
-                        )
+                        calls[backend] = _torch_call(twin, adapter, workload, inputs)
                         result.size_bytes = _fp32_bytes(twin)
                     elif backend == "pytorch-w8a8":
                         if w8a8_layers == 0:
@@ -315,8 +343,7 @@ def measure_model(
                                 "activations"
                             )
                         else:
-                            part = _part(w8a8, adapter, workload)
-                            calls[backend] = _torch_call(part, workload, inputs)
+                            calls[backend] = _torch_call(w8a8, adapter, workload, inputs)
                             result.size_bytes = _state_bytes(w8a8)
                             result.detail["int8_layers"] = w8a8_layers
                     elif isinstance(exports.get(backend), Path):

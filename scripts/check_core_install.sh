@@ -37,6 +37,9 @@ fi
 echo "core install: venv ready in $((SECONDS - started)) s"
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# the bytecode of what the demo imports, kept in the venv for the next run (pip wrote none)
+unset PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX="$venv/pycache"
 started=$SECONDS
 "$venv/bin/python" -c "import distiq, distiq.demo"
 "$venv/bin/distiq" --help >/dev/null

@@ -128,15 +128,12 @@ def build_blocks(
     )
 
     every = [r for group in groups.values() for r in group]
-    per_backend = latency.backend_table(list({r.name: r for r in every}.values()))
+    unique = list({r.name: r for r in every}.values())
+    per_backend = latency.backend_table(unique)
     if per_backend is not None:
         blocks += [
             Heading("Latency per backend"),
-            Paragraph(
-                "The language model at batch 1, median ms on every backend each model was "
-                "timed on; in brackets, its speed vs the teacher on that backend and threads "
-                "(the teacher's latency divided by the model's: above 1× the model is faster)."
-            ),
+            Paragraph(latency.backend_table_note(unique)),
             TableBlock(per_backend),
         ]
 

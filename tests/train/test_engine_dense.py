@@ -1,7 +1,8 @@
 """The engine on dense vision models, as a user runs it: a tiny scene set (class masks, COCO
-boxes, depth maps), a tiny checkpoint of each dense family (SegFormer trained by ``distiq
-teacher``; RT-DETR, DETR, Depth Anything and DPT built from config), then ``distiq compress``
-with rtn, gptq, qat and qad, ``distiq eval`` and reloading the run."""
+boxes, depth maps), a tiny checkpoint of each dense family (SegFormer and RT-DETR trained for a
+few steps by ``distiq teacher``, the others built from config), then ``distiq compress`` with
+rtn, gptq, qat and qad, ``distiq eval``, reloading the run, ``distiq export --format onnx``
+(int8 QDQ, scored on the test split in onnxruntime) and ``distiq bench``."""
 
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ FAMILIES = {
     "detr": "detection",
     "depth_anything": "depth",
 }
+TRAINED = ("segformer", "rt_detr")  # teachers trained by distiq teacher (the others: random)
+SMALLER = {  # the families' small configs, smaller still where a test needs no more
+    "rt_detr": {
+        "encoder_hidden_dim": 16, "encoder_in_channels": [16, 16, 16],
+        "decoder_in_channels": [16, 16, 16], "d_model": 16, "encoder_ffn_dim": 32,
+        "decoder_ffn_dim": 32, "num_queries": 10,
+        "backbone_config": {"embedding_size": 8, "hidden_sizes": [8, 16, 16, 16]},
+    },
+}  # fmt: skip
+STATIC_A8 = {"bits": 8, "symmetric": False, "granularity": "per_tensor", "observer": "minmax"}
 METHODS = ("rtn", "gptq", "qat", "qad")
 IMAGE = 32
 
@@ -41,20 +52,24 @@ _TEACHERS: dict[str, Path] = {}
 
 @pytest.fixture
 def teacher(dense_family, scenes, tmp_path_factory, runner):
-    """The family's tiny teacher directory (built once): SegFormer trained for a few steps with
-    ``distiq teacher``, the others built from their small config."""
+    """The family's tiny teacher directory (built once): trained for a few steps with ``distiq
+    teacher`` (``TRAINED``), or built from the family's small config."""
     from distiq.models import build_dense
 
     if dense_family in _TEACHERS:
         return _TEACHERS[dense_family]
     path = tmp_path_factory.mktemp(f"{dense_family}-teacher")
     task = FAMILIES[dense_family]
-    if dense_family == "segformer":
+    if dense_family in TRAINED:
         recipe = {
             "method": "teacher",
             "task": task,
             "output": str(path),
-            "model": {"family": dense_family, "image_size": IMAGE},
+            "model": {
+                "family": dense_family,
+                "image_size": IMAGE,
+                "config": SMALLER.get(dense_family, {}),
+            },
             "data": _data(scenes),
             "train": {"steps": 3, "batch_size": 4, "lr": 2.0e-3, "warmup_steps": 1},
             "eval": {"batch_images": 4},
@@ -64,7 +79,8 @@ def teacher(dense_family, scenes, tmp_path_factory, runner):
         result = runner.invoke(app, ["teacher", str(recipe_file), "--overwrite"])
         assert result.exit_code == 0, result.output
         (record,) = read_records(path / "results.json")
-        assert (record.method, record.task, record.metric) == ("teacher", task, "miou")
+        metric = {"segmentation": "miou", "detection": "map"}[task]
+        assert (record.method, record.task, record.metric) == ("teacher", task, metric)
         assert record.extra["num_images"] == 3 and 0 <= record.value <= 100
     else:
         meta = scenes.read_meta()
@@ -78,14 +94,17 @@ def teacher(dense_family, scenes, tmp_path_factory, runner):
     return path
 
 
-def _recipe(method: str, task: str, teacher: Path, output: Path, scenes) -> dict:
+def _recipe(method: str, task: str, teacher: Path, output: Path, scenes, bits: int = 4) -> dict:
     recipe = {
         "method": method,
         "task": task,
         "teacher": str(teacher),
         "output": str(output),
         "data": _data(scenes),
-        "quantization": {"scheme": "W4A8"},
+        "quantization": {
+            "weight": {"bits": bits, "symmetric": True, "granularity": "per_channel(0)"},
+            "activation": STATIC_A8,  # static: what ONNX QDQ holds
+        },
         "train": {"steps": 2, "batch_size": 4, "lr": 1.0e-3, "warmup_steps": 1, "log_every": 1},
         "calibration": {"samples": 4, "batch_size": 4},
         "eval": {"batch_images": 4},
@@ -144,6 +163,80 @@ def test_compress_eval_reload(dense_family, method, teacher, scenes, tmp_path, r
     if task != "detection":
         rows = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
         assert len(rows) == 3 and all("image_id" in row for row in rows)
+
+
+@pytest.mark.parametrize("dense_family", FAMILIES)
+def test_onnx_export_scores_like_pytorch_and_benches(
+    dense_family, teacher, scenes, tmp_path, runner
+):
+    """A W8A8 qad run exports as int8 QDQ at its fixed input size, loads in onnxruntime and
+    scores the test split within 0.1 of the PyTorch model; ``distiq bench`` times it against
+    its fp32 export."""
+    from distiq.export.onnx_dense import OrtDenseEngine, read_dense_manifest
+    from distiq.train import load_recipe
+    from distiq.train.engine_tasks import engine_task
+
+    task = FAMILIES[dense_family]
+    run = tmp_path / "run"
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(_recipe("qad", task, teacher, run, scenes, bits=8)))
+    assert runner.invoke(app, ["compress", str(recipe_file)]).exit_code == 0
+    result = runner.invoke(app, ["export", str(run), "--format", "onnx"])
+    assert result.exit_code == 0, result.output
+    export = run / "export" / "onnx-int8"
+    manifest = read_dense_manifest(export)
+    assert manifest["task"] == task and manifest["input"]["shape"] == ["batch", 3, IMAGE, IMAGE]
+    assert any(":int8:" in k or ":uint8:" in k for k in manifest["layers"])
+    assert "verification" in manifest
+
+    (record,) = read_records(run / "results.json")
+    recipe = load_recipe(run / "recipe.yaml")
+    engine_of = engine_task(recipe)
+    engine = OrtDenseEngine(export)
+    test = engine_of.load_test(recipe, engine.adapter)
+    onnx_value = engine_of.evaluate(engine, test, recipe).value
+    assert onnx_value == pytest.approx(record.value, abs=0.1)
+
+    if dense_family != "segformer":
+        return  # distiq bench: timed on one family (the others export and score above)
+    result = runner.invoke(app, ["bench", str(run), "--repeats", "2", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    (benched,) = read_records(run / "results.json")
+    timings = benched.extra["bench"]["dense"]
+    assert timings["ort-int8"]["available"] and timings["ort-fp32"]["available"]
+    assert benched.latency_backend.startswith("ort-int8") and benched.latency_ms > 0
+    assert timings["ort-int8"]["max_abs_diff"] is not None
+
+
+@pytest.mark.parametrize("dense_family", ["segformer"])
+def test_kd_distils_a_smaller_checkpoint_through_feature_projections(
+    dense_family, teacher, scenes, tmp_path, runner
+):
+    """A narrower SegFormer checkpoint learns from the teacher (kd): per-pixel KL and the
+    stages' feature maps through learned projections (widths 8/16/32 against 16/32/64)."""
+    from distiq.models import build_dense, load_dense
+
+    _, teacher_adapter = load_dense(teacher)
+    small = tmp_path / "small"
+    model, adapter = build_dense(
+        "segformer", num_labels=teacher_adapter.num_labels, image_size=IMAGE,
+        class_names=teacher_adapter.class_names, config={"hidden_sizes": [8, 16, 32]},
+    )  # fmt: skip
+    model.save_pretrained(small)
+    adapter.save_pretrained(small)
+    run = tmp_path / "run"
+    recipe = _recipe("kd", "segmentation", teacher, run, scenes)
+    del recipe["quantization"]
+    recipe["student"] = {"init": "checkpoint", "path": str(small)}
+    recipe["objective"] = {"terms": {"task": {}, "kd": {"temperature": 2.0}, "feat": {}}}
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    result = runner.invoke(app, ["compress", str(recipe_file)])
+    assert result.exit_code == 0, result.output
+    (record,) = read_records(run / "results.json")
+    assert (record.method, record.w_bits, record.params) == ("kd", 16, model.num_parameters())
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"task", "kd", "feat"} <= set(next(x for x in lines if x["kind"] == "train")["terms"])
 
 
 def test_dense_recipes_refuse_what_only_vqa_has(tmp_path):

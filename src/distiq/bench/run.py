@@ -13,7 +13,8 @@ per task) gets, by name (``distiq.results.upsert_records``):
   for a float one (MiB = 2²⁰ bytes);
 - ``latency_ms`` / ``latency_backend``: the language model's median latency at batch 1 on the
   headline backend — ``ort-int8`` when the model exports to int8, else ``ort-int4``, else
-  ``ort-fp32``;
+  ``ort-fp32``; for a dense vision model (segmentation, detection, depth) one image through the
+  whole model (``distiq.bench.dense``);
 - ``extra["bench"]``: every backend and workload (median / mean / min / p90 ms, repeats, warm-up,
   peak and added memory, size on disk, parity ``max_abs_diff``), the packed size breakdown, the
   threads and the machine.
@@ -137,11 +138,23 @@ def bench_run(
         results_path = Path(run_dir) / "results.json"
     else:
         results_path = None  # a user's checkpoint: measured, not written into
-    measured = measure_model(
-        run.model, run.adapter, backends=backends, workloads=workloads, threads=threads,
-        warmup=warmup, repeats=repeats, int4_accuracy_level=int4_accuracy_level,
-        exports=exports,
-    )  # fmt: skip
+    from distiq.models import is_dense_model
+
+    dense = is_dense_model(run.adapter)
+    if dense:  # segmentation, detection, depth: one image through the whole model
+        from distiq.bench.dense import DENSE_BACKENDS, measure_dense
+
+        measured = measure_dense(
+            run.model, run.adapter, backends=tuple(b for b in backends if b in DENSE_BACKENDS),
+            threads=threads, warmup=warmup, repeats=repeats,
+            int4_accuracy_level=int4_accuracy_level,
+        )  # fmt: skip
+    else:
+        measured = measure_model(
+            run.model, run.adapter, backends=backends, workloads=workloads, threads=threads,
+            warmup=warmup, repeats=repeats, int4_accuracy_level=int4_accuracy_level,
+            exports=exports,
+        )  # fmt: skip
     extra: dict[str, Any] = {"threads": threads, "machine": machine(), "batch_size": 1}
     for result in measured:
         extra.setdefault(result.workload, {})[result.backend] = result.to_dict()
@@ -155,7 +168,7 @@ def bench_run(
         extra["packed"] = sizes.to_dict()
         size_bytes, fp32_bytes = sizes.total_bytes, sizes.fp32_bytes
     extra["fp32_bytes"] = fp32_bytes
-    top = headline(measured)
+    top = headline(measured, "dense" if dense else "language_model")
     existing = read_records(results_path) if results_path is not None else []
     w_bits, a_bits, group = _bits(run.modules)
     base = dict(

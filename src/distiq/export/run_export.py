@@ -127,6 +127,10 @@ def _write_packed(run: LoadedRun, path: Path, options: dict, verify: bool) -> di
 
 def _write_onnx(run: LoadedRun, path: Path, options: dict, verify: bool) -> dict | None:
     from distiq.export.onnx import export_onnx
+    from distiq.models import is_dense_model
+
+    if is_dense_model(run.adapter):  # segmentation, detection, depth: one graph
+        return _write_onnx_dense(run, path, options, verify)
 
     export_onnx(
         run.model, path, adapter=run.adapter, precision=options["precision"],
@@ -139,6 +143,30 @@ def _write_onnx(run: LoadedRun, path: Path, options: dict, verify: bool) -> dict
     samples = synthetic_samples(run.adapter)
     report = check_parity(run.model, path, samples, adapter=run.adapter, max_new_tokens=4)
     return report.to_dict()
+
+
+def _write_onnx_dense(run: LoadedRun, path: Path, options: dict, verify: bool) -> dict | None:
+    from distiq.export.onnx_dense import dense_parity, export_dense_onnx
+
+    export_dense_onnx(
+        run.model, path, adapter=run.adapter, precision=options["precision"],
+        int8_weights=options["int8_weights"],
+    )  # fmt: skip
+    if not verify:
+        return None
+    return dense_parity(run.model, run.adapter, path, synthetic_images(run.adapter))
+
+
+def synthetic_images(adapter: Any, n: int = 4, seed: int = 0) -> list:
+    """``n`` noise images at the dense model's input size."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    height, width = adapter.input_size
+    return [
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(n)
+    ]
 
 
 def _write_compressed(run: LoadedRun, path: Path, options: dict, verify: bool) -> dict | None:

@@ -163,9 +163,11 @@ def read_quant_manifest(path: Path) -> dict[str, dict]:
 
 
 def _load_model(path: Path) -> tuple[nn.Module, Any]:
-    from distiq.models import VLMWithHeads, load
+    from distiq.models import VLMWithHeads, dense_model_type, load, load_dense
     from distiq.models.multitask import HEADS_CONFIG
 
+    if dense_model_type(path) is not None:  # a dense vision model (segmentation, ...)
+        return load_dense(path)
     if (path / HEADS_CONFIG).is_file():
         model = VLMWithHeads.from_pretrained(path, attn_implementation="eager")
         return model, model.base_adapter

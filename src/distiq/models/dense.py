@@ -194,7 +194,8 @@ class DenseAdapter:
     @classmethod
     def tiny_config(cls, num_labels: int, image_size: int, **changes: Any) -> Any:
         """A small config of this family (a few hundred thousand parameters at most) for tests
-        and teachers trained from scratch on small images; ``changes`` override its fields."""
+        and teachers trained from scratch on small images; ``changes`` override its fields
+        (``backbone_config``: a mapping of the backbone config's fields to override)."""
         raise NotImplementedError(f"{cls.__name__} has no tiny config")
 
     def __repr__(self) -> str:

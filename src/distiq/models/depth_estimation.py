@@ -97,7 +97,7 @@ class DepthAnythingAdapter(DepthAdapter):
     def tiny_config(cls, num_labels: int, image_size: int, **changes: Any) -> Any:
         from transformers import DepthAnythingConfig
 
-        backbone = changes.pop("backbone_config", None) or _dinov2(image_size)
+        backbone = _dinov2(image_size, **changes.pop("backbone_config", {}))
         fields = dict(
             backbone_config=backbone,
             reassemble_hidden_size=32,

@@ -141,13 +141,14 @@ class RTDetrAdapter(DetectionAdapter):
     def tiny_config(cls, num_labels: int, image_size: int, **changes: Any) -> Any:
         from transformers import RTDetrConfig, RTDetrResNetConfig
 
-        backbone = changes.pop("backbone_config", None) or RTDetrResNetConfig(
+        fields = dict(
             embedding_size=16,
             hidden_sizes=[16, 32, 64, 64],
             depths=[1, 1, 1, 1],
             layer_type="basic",
             out_features=["stage2", "stage3", "stage4"],
         )
+        backbone = RTDetrResNetConfig(**{**fields, **changes.pop("backbone_config", {})})
         fields = dict(
             backbone_config=backbone,
             encoder_hidden_dim=32,
@@ -195,13 +196,14 @@ class DetrAdapter(DetectionAdapter):
     def tiny_config(cls, num_labels: int, image_size: int, **changes: Any) -> Any:
         from transformers import DetrConfig, ResNetConfig
 
-        backbone = changes.pop("backbone_config", None) or ResNetConfig(
+        fields = dict(
             embedding_size=16,
             hidden_sizes=[16, 32],
             depths=[1, 1],
             layer_type="basic",
             out_features=["stage2"],
         )
+        backbone = ResNetConfig(**{**fields, **changes.pop("backbone_config", {})})
         fields = dict(
             use_timm_backbone=False,
             use_pretrained_backbone=False,

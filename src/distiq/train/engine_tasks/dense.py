@@ -242,7 +242,8 @@ class DenseEngineTask(EngineTask):
         """``(batch, predictions)`` over ``split`` in batches of ``batch_images`` (eval mode)."""
         from distiq.train.batches import move_to_device
 
-        device = next(engine.parameters()).device
+        weights = next(engine.parameters(), None)  # an onnxruntime engine holds none
+        device = weights.device if weights is not None else torch.device("cpu")
         was_training = engine.training
         engine.eval()
         try:

@@ -284,6 +284,8 @@ def export_onnx(
     graphs: dict[str, dict] = {}
     try:
         with torch.no_grad(), swapped_layers(model, plans, exporter):
+            # the swapped lm_head is a new module: the decoder must hold it, not the old one
+            decoder = DecoderGraph(*language_parts(vlm, adapter))
             parts = [
                 ("vision", vision.module, vision.example, vision.input_names,
                  vision.output_names, vision.dynamic_axes),

@@ -142,7 +142,13 @@ def plan_tuning(study: Study) -> list[str]:
                     study.add(
                         f"tune-{method}-w4a4-{config}",
                         method,
-                        merged(change, {"data": {"val_questions": None}}),
+                        merged(
+                            change,  # validated once, after the last step, on every question
+                            {
+                                "data": {"val_questions": None},
+                                "train": {"eval_every": study.args.steps},
+                            },
+                        ),
                         {"config": {"lr": lr, "init": init}, "tuning": True},
                     )
                 )

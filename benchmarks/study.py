@@ -138,20 +138,19 @@ def plan_tuning(study: Study) -> list[str]:
                 change = w4a4({"train": {"lr": lr}, "init": init})
                 if method == "qad":
                     change["objective"] = W4A4_QAD
-                names.append(
-                    study.add(
-                        f"tune-{method}-w4a4-{config}",
-                        method,
-                        merged(
-                            change,  # validated once, after the last step, on every question
-                            {
-                                "data": {"val_questions": None},
-                                "train": {"eval_every": study.args.steps},
-                            },
-                        ),
-                        {"config": {"lr": lr, "init": init}, "tuning": True},
-                    )
+                # validated once, after the last step, on every validation question
+                change = merged(
+                    change,
+                    {"train": {"eval_every": study.args.steps, "best_metric": "vqa_accuracy"}},
                 )
+                name = study.add(
+                    f"tune-{method}-w4a4-{config}",
+                    method,
+                    change,
+                    {"config": {"lr": lr, "init": init}, "tuning": True},
+                )
+                study.planned[name]["data"]["val_questions"] = None  # null: all of them
+                names.append(name)
     return names
 
 

@@ -1,7 +1,7 @@
 """The method study: where the combined objective earns its place, over seeds, with equal tuning.
 
     python benchmarks/study.py --teacher DIR --scenes DIR --out DIR [--seeds 0 1 2] [--jobs 2]
-        [--regimes tune w4a4 labels small ablation] [--steps N] [--small-steps N]
+        [--regimes tune w4a4 labels small ablation ablation-small] [--steps N] [--small-steps N]
 
 Every run is a shipped recipe (``recipes/*-w4a8.yaml``, with the demo's paths) and the changes
 its name says, on one teacher and one scene set, so every method gets the same data, steps,
@@ -16,8 +16,8 @@ batch size and data order. Regimes:
 - ``small``: a student of 2 + 2 of the teacher's 3 + 3 layers (its own layers to start), W4A8,
   trained ``--small-steps``: task loss only (qat) against the whole objective (qad: task, kd,
   feature and attention distillation on the language model); the float distilled twin (kd).
-- ``ablation``: at W4A4 and for the small student, terms added one at a time: task, + kd,
-  + feat, + attn, + pd, + qk_entropy, + rounding.
+- ``ablation`` (at W4A4) and ``ablation-small`` (the small student): terms added one at a time:
+  task, + kd, + feat, + attn, + pd, + qk_entropy, + rounding.
 
 Records get ``extra["variant"]`` (label-free, small student), ``extra["ablation"]`` (the terms)
 and ``extra["config"]`` (the tuned settings), and each run keeps ``predictions.jsonl``, so the
@@ -59,6 +59,7 @@ TERMS = {
 }
 ABLATION = ("task", "kd", "feat", "attn", "pd", "qk_entropy", "rounding")
 SMALL = {"depth": 2, "vision_depth": 2}
+REGIMES = ("tune", "w4a4", "labels", "small", "ablation", "ablation-small")
 
 
 def merged(base: dict, change: dict) -> dict:
@@ -221,7 +222,7 @@ def plan_regimes(study: Study, regimes: list[str]) -> list[str]:
             )
             kd = {**merged(small, s), "objective": full, "quantization": None, "method": "kd"}
             names.append(study.add(f"small-kd-s{seed}", "qad", kd, {"variant": "small"}))
-        if "ablation" in regimes:
+        if "ablation" in regimes or "ablation-small" in regimes:
             for index in range(len(ABLATION)):
                 terms = ABLATION[: index + 1]
                 label = "+".join(terms)
@@ -230,23 +231,25 @@ def plan_regimes(study: Study, regimes: list[str]) -> list[str]:
                     method = "qat"
                 else:
                     method = "qad"
-                names.append(
-                    study.add(
-                        f"ablation-w4a4-{label}-s{seed}",
-                        method,
-                        merged(merged(w4a4(tuned[method]), change), s),
-                        {"ablation": label},
+                if "ablation" in regimes:
+                    names.append(
+                        study.add(
+                            f"ablation-w4a4-{label}-s{seed}",
+                            method,
+                            merged(merged(w4a4(tuned[method]), change), s),
+                            {"ablation": label},
+                        )
                     )
-                )
-                small = {"student": SMALL, "train": {"steps": study.args.small_steps}}
-                names.append(
-                    study.add(
-                        f"ablation-small-{label}-s{seed}",
-                        method,
-                        merged(merged(small, change), s),
-                        {"ablation": label, "variant": "small"},
+                if "ablation-small" in regimes:
+                    small = {"student": SMALL, "train": {"steps": study.args.small_steps}}
+                    names.append(
+                        study.add(
+                            f"ablation-small-{label}-s{seed}",
+                            method,
+                            merged(merged(small, change), s),
+                            {"ablation": label, "variant": "small"},
+                        )
                     )
-                )
     return list(dict.fromkeys(names))
 
 
@@ -297,8 +300,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-runs/study"))
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument(
-        "--regimes", nargs="+", default=["tune", "w4a4", "labels", "small", "ablation"],
-        choices=["tune", "w4a4", "labels", "small", "ablation"],
+        "--regimes", nargs="+", default=list(REGIMES), choices=REGIMES,
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=100, help="steps of qat / qad runs")
     parser.add_argument("--small-steps", type=int, default=600, help="steps of small students")

@@ -1,4 +1,5 @@
-"""Compute kernels for quantized inference (Triton on CUDA, with PyTorch fallbacks elsewhere).
+"""Compute kernels for quantized inference (PyTorch's int4 kernel and Triton on CUDA, with
+PyTorch fallbacks elsewhere).
 
 Kernels know nothing about models or configs: they take packed tensors and return tensors.
 Triton is optional and imported lazily.

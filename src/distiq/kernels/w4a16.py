@@ -10,12 +10,25 @@ Layout of a ``W4A16Weight`` (N = out features, K = in features, G = K / group_si
   ``w[n, k] = codes[n, k] · scale[g, n] − zero_scaled[g, n]`` with ``g = k // group_size``
   (the same value as distiq's ``(q − z) · s``, regrouped for the kernel).
 
-``w4a16_linear(x, weight)`` computes ``x @ wᵀ``. With a CUDA device, Triton, a power-of-two
-group size ≥ 16, and at most ``GEMV_MAX_ROWS`` rows of ``x`` (a decode step), it runs ONE Triton
-kernel (no memset, no cast: it writes ``x.dtype`` into an uninitialised output, bias fused) that
-reads the packed weights once (4 bits per weight: the memory traffic a decode step is bound by)
-and folds the zero-point out of the inner loop: per group, Σₖ wₖxₖ = s·Σₖ qₖxₖ − (z·s)·Σₖ xₖ.
-Two inner loops, picked per shape and row count by the autotuner:
+``w4a16_linear(x, weight)`` computes ``x @ wᵀ``, on one of three paths (``select_w4a16_kernel``
+picks it from the device, dtype, group size, shape and row count):
+- ``"tinygemm"``: PyTorch's own int4 tensor-core kernel (``distiq.kernels.tinygemm``), for bf16
+  activations on an sm80+ CUDA device, group sizes 32-256, N a multiple of 8 and at most
+  ``TINYGEMM_MAX_ROWS`` rows. Its packed weight and ``scales_and_zeros`` are built on the first
+  such call and cached on the ``W4A16Weight`` (rebuilt if its tensors are replaced or changed in
+  place); they take about as much memory again as the weight itself. The first call therefore
+  allocates and launches packing kernels: make it before capturing a CUDA graph;
+- ``"triton"``: distiq's own Triton GEMV below, where tinygemm does not apply (fp16 activations,
+  other group sizes) and ``x`` has at most ``GEMV_MAX_ROWS`` rows (a decode step);
+- ``"dequantize"``: dequantize and ``F.linear`` everywhere else (CPU, fp32, prefill): tinygemm
+  re-reads and re-dequantizes the whole weight once per 16 rows, so beyond a few such tiles one
+  dequantization plus a cuBLAS GEMM is the faster of the two.
+
+The Triton kernel is ONE launch (no memset, no cast: it writes ``x.dtype`` into an
+uninitialised output, bias fused) that reads the packed weights once (4 bits per weight: the
+memory traffic a decode step is bound by) and folds the zero-point out of the inner loop: per
+group, Σₖ wₖxₖ = s·Σₖ qₖxₖ − (z·s)·Σₖ xₖ. Two inner loops, picked per shape and row count by
+the autotuner:
 - FMA (``USE_DOT=0``): per word row, the 8 nibbles are turned into floats without the
   quarter-rate int→float conversion — ``MAGIC=1``: ``float(bits | 2²³) − 2²³``; ``MAGIC=2``
   (one row): one shift places two nibbles at the top of a 1.0f mantissa, no per-weight
@@ -24,19 +37,27 @@ Two inner loops, picked per shape and row count by the autotuner:
 - DOT (``USE_DOT=1``): the tile is dequantized to ``x.dtype`` codes and multiplied on tensor
   cores (``tl.dot``, rows padded to 16), so M rows cost one unpack instead of M, and Triton
   pipelines its weight loads (cp.async, ``num_stages``).
-Otherwise (CPU, prefill) it dequantizes and calls ``F.linear`` — on a GPU a prefill is
-compute-bound, so the one extra pass over the weights costs little there.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from distiq.kernels.tinygemm import (
+    TinygemmWeight,
+    cuda_capability,
+    pack_tinygemm,
+    tinygemm_applies,
+    tinygemm_linear,
+)
+
 GEMV_MAX_ROWS = 8
+W4A16Kernel = Literal["tinygemm", "triton", "dequantize"]
 
 # The configs the first call autotunes over (one compile and one timing each, per shape and row
 # count): the winners of benchmarks/w4a16_variants.py on an NVIDIA H200
@@ -65,6 +86,8 @@ class W4A16Weight:
     scale: torch.Tensor  # (G, N)
     zero_scaled: torch.Tensor  # (G, N)
     group_size: int
+    # (source tensors, their versions, tinygemm weight), built by the first tinygemm call
+    _tinygemm: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -127,22 +150,85 @@ def dequantize_w4a16(weight: W4A16Weight, dtype: torch.dtype = torch.float32) ->
     return w.reshape(codes.shape).to(dtype)
 
 
+def select_w4a16_kernel(
+    *,
+    device_type: str,
+    dtype: torch.dtype,
+    group_size: int,
+    shape: tuple[int, int],
+    rows: int,
+    capability: tuple[int, int] | None,
+    triton_available: bool,
+) -> W4A16Kernel:
+    """The path ``w4a16_linear`` takes for ``x`` (``device_type``, ``dtype``, ``rows`` = its
+    elements over K) and a weight (``group_size``, ``shape`` = (N, K)), given the CUDA device's
+    ``capability`` (``cuda_capability``) and whether Triton imports. A pure function."""
+    if device_type != "cuda" or rows <= 0:
+        return "dequantize"
+    if tinygemm_applies(device_type, dtype, group_size, shape, rows, capability):
+        return "tinygemm"
+    power_of_two = group_size & (group_size - 1) == 0  # Triton tiles have power-of-two sizes
+    if rows <= GEMV_MAX_ROWS and power_of_two and group_size >= 16 and triton_available:
+        return "triton"
+    return "dequantize"
+
+
+def tinygemm_weight(weight: W4A16Weight) -> TinygemmWeight:
+    """``weight`` packed for tinygemm on its own device, built once and cached on ``weight``.
+
+    The cache is rebuilt when ``packed``, ``scale`` or ``zero_scaled`` is replaced or changed in
+    place (tensor version counters). Raises ``ValueError`` (from ``pack_tinygemm``) for weights
+    tinygemm does not take.
+    """
+    sources = (weight.packed, weight.scale, weight.zero_scaled)
+    versions = tuple(t._version for t in sources)
+    cached = weight._tinygemm
+    if (
+        cached is not None
+        and all(a is b for a, b in zip(cached[0], sources, strict=True))
+        and cached[1] == versions
+    ):
+        return cached[2]
+    with torch.no_grad():
+        packed = pack_tinygemm(
+            unpack_w4a16_codes(weight), weight.scale, weight.zero_scaled, weight.group_size
+        )
+    weight._tinygemm = (sources, versions, packed)
+    return packed
+
+
 def w4a16_linear(
     x: torch.Tensor, weight: W4A16Weight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``x (..., K) @ wᵀ (+ bias) -> (..., N)`` in ``x.dtype``."""
-    rows = x.numel() // x.shape[-1]
-    group = weight.group_size
-    power_of_two = group & (group - 1) == 0  # Triton tiles have power-of-two sizes
-    if (
-        x.is_cuda
-        and 0 < rows <= GEMV_MAX_ROWS
-        and power_of_two
-        and group >= 16
-        and _triton_kernel() is not None
-    ):
-        out = _triton_w4a16(x.reshape(rows, x.shape[-1]), weight, bias)
-        return out.reshape(*x.shape[:-1], -1)
+    """``x (..., K) @ wᵀ (+ bias) -> (..., N)`` in ``x.dtype``, on the path
+    ``select_w4a16_kernel`` picks.
+
+    Raises:
+        ValueError: if ``x`` is not on the weight's device or has the wrong width.
+    """
+    n, k = weight.shape
+    if x.device != weight.packed.device:
+        raise ValueError(
+            f"x is on {x.device} but the W4A16Weight on {weight.packed.device}; move the weight "
+            f"with weight.to({str(x.device)!r})"
+        )
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
+    rows = x.numel() // k if k else 0
+    kernel = select_w4a16_kernel(
+        device_type=x.device.type,
+        dtype=x.dtype,
+        group_size=weight.group_size,
+        shape=(n, k),
+        rows=rows,
+        capability=cuda_capability(x.device) if x.is_cuda else None,
+        triton_available=x.is_cuda and _triton_kernel() is not None,
+    )
+    if kernel == "tinygemm":
+        return tinygemm_linear(x, tinygemm_weight(weight), bias)
+    if kernel == "triton":
+        out = _triton_w4a16(x.reshape(rows, k), weight, bias)
+        return out.reshape(*x.shape[:-1], n)
     return F.linear(x, dequantize_w4a16(weight, x.dtype), bias)
 
 

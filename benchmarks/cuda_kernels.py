@@ -1,8 +1,10 @@
 """Low-bit GEMM kernels on a CUDA GPU: bf16 vs W8A8 (int8) vs fp8 vs W4A16, decode and prefill.
 
     python benchmarks/cuda_kernels.py [--out benchmarks/results/cuda_kernels.json] [--quick]
+        [--batches 1,8,16,64,128,256,2048]
 
-For each weight shape (out N × in K) and each batch M (1 = one decode step, 2048 = a prefill):
+For each weight shape (out N × in K) and each batch M (1 = one decode step, 2048 = a prefill;
+the rows between place the limit of ``distiq.kernels.tinygemm.TINYGEMM_MAX_ROWS``):
 - ``bf16``: ``F.linear`` in bf16 (the baseline);
 - ``w8a8``: weights int8 per output channel (distiq's symmetric int8 spec), activations int8 per
   token quantized *inside the timed region*, ``torch._int_mm`` (int32 accumulate), rescale to bf16;
@@ -11,9 +13,15 @@ For each weight shape (out N × in K) and each batch M (1 = one decode step, 204
   activation cast inside the timed region; M padded to 16 where needed;
 - ``w4a16_tinygemm``: 4-bit asymmetric weights in groups of 128 (distiq's ``QuantSpec(bits=4,
   symmetric=False, granularity=PerGroup(128))``) run by PyTorch's tinygemm kernel
-  (``torch._weight_int4pack_mm``), bf16 activations;
-- ``w4a16_distiq``: the same weights through ``distiq.kernels.w4a16_linear`` (distiq's Triton
-  GEMV at decode; dequantize + cuBLAS at prefill).
+  (``torch._weight_int4pack_mm``) called directly on scales built from the fp32 qparams, bf16
+  activations (a reference: what the library path costs on top of the bare op);
+- ``w4a16_distiq``: the same weights through ``distiq.kernels.w4a16_linear``, whatever path it
+  picks (recorded as ``path``: tinygemm up to ``TINYGEMM_MAX_ROWS`` rows, dequantize + cuBLAS
+  above); its tinygemm cache is built before timing, as a server would build it at load;
+- ``w4a16_distiq_dequant``: the same weights dequantized and multiplied by cuBLAS every call
+  (``w4a16_linear``'s fallback, forced), so each batch shows both sides of the row limit;
+- ``w4a16_triton``: distiq's Triton GEMV at up to ``GEMV_MAX_ROWS`` rows (the path fp16
+  activations and group sizes tinygemm lacks take), bf16 activations.
 
 Every kernel's output is first checked against ``x @ dequantize(W)ᵀ`` computed in fp32 from
 distiq's own quantized codes, so a layout mistake shows as an error, not as a fast wrong number.
@@ -38,7 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import machine_info
-from distiq.kernels import pack_w4a16, w4a16_linear
+from distiq.kernels import dequantize_w4a16, pack_w4a16, w4a16_linear
+from distiq.kernels.tinygemm import cuda_capability
+from distiq.kernels.w4a16 import GEMV_MAX_ROWS, _triton_kernel, _triton_w4a16, select_w4a16_kernel
 from distiq.quant.functional import choose_qparams, dequantize, quantize
 from distiq.quant.spec import PerChannel, PerGroup, QuantSpec
 
@@ -111,17 +121,51 @@ class W4A16:
 
 
 class W4A16Distiq:
-    """distiq's own W4A16 path (``distiq.kernels.w4a16_linear``): the Triton GEMV for decode,
-    dequantize + cuBLAS for prefill. Same quantized values as ``W4A16`` (tinygemm)."""
+    """distiq's library path (``distiq.kernels.w4a16_linear``) on the same quantized values as
+    ``W4A16`` (tinygemm). Calls at construction build the tinygemm cache (and compile and
+    autotune Triton where that path is taken), so that neither happens inside the timed graph."""
 
     def __init__(self, w: torch.Tensor):
         s, z = choose_qparams(w.float(), W4)
         codes = quantize(w.float(), s, z, W4)
         self.reference = dequantize(codes, s, z, W4)
         self.weight = pack_w4a16(codes, s, z, W4.group_size, dtype=torch.bfloat16)
+        for rows in (1, GEMV_MAX_ROWS):
+            self(torch.zeros(rows, w.shape[1], device=w.device, dtype=w.dtype))
+
+    def path(self, x: torch.Tensor) -> str:
+        return select_w4a16_kernel(
+            device_type=x.device.type,
+            dtype=x.dtype,
+            group_size=self.weight.group_size,
+            shape=self.weight.shape,
+            rows=x.shape[0],
+            capability=cuda_capability(x.device),
+            triton_available=_triton_kernel() is not None,
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return w4a16_linear(x, self.weight)
+
+
+class W4A16Dequant(W4A16Distiq):
+    """``w4a16_linear``'s fallback, forced: dequantize to bf16, then cuBLAS."""
+
+    def path(self, x: torch.Tensor) -> str:
+        return "dequantize"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, dequantize_w4a16(self.weight, x.dtype))
+
+
+class W4A16Triton(W4A16Distiq):
+    """distiq's Triton GEMV, forced (autotuned at construction)."""
+
+    def path(self, x: torch.Tensor) -> str:
+        return "triton"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _triton_w4a16(x, self.weight)
 
 
 class BF16:
@@ -139,6 +183,8 @@ KERNELS = {
     "fp8": FP8,
     "w4a16_tinygemm": W4A16,
     "w4a16_distiq": W4A16Distiq,
+    "w4a16_distiq_dequant": W4A16Dequant,
+    "w4a16_triton": W4A16Triton,
 }
 
 
@@ -191,40 +237,46 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/cuda_kernels.json")
     parser.add_argument("--quick", action="store_true", help="one shape, fewer repeats")
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument(
+        "--batches", default="1,8,16,64,128,256,2048", help="comma-separated rows of x (M)"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("cuda_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False)")
     torch.manual_seed(0)
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096), (4096, 11008)]
-    batches = [1, 2048]
+    batches = [int(b) for b in args.batches.split(",")]
     repeats = 20 if args.quick else args.repeats
     records = []
     print(
-        f"{'N×K':>12} {'M':>5} {'kernel':>7} {'ms':>9} {'× bf16':>7} {'TB/s(w)':>8} {'rel.err':>8}"
+        f"{'N×K':>12} {'M':>5} {'kernel':>20} {'path':>10} {'ms':>9} {'× bf16':>7} "
+        f"{'TB/s(w)':>8} {'rel.err':>8}"
     )
     for n, k in shapes:
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
-        for m in batches:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            base_ms = None
-            for name, cls in KERNELS.items():
-                kernel = cls(w)
+        xs = {m: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for m in batches}
+        base_ms = {}
+        for name, cls in KERNELS.items():  # bf16 first: the baseline of every batch
+            copies = max(1, math.ceil(L2_BYTES_TO_BEAT / weight_bytes(name, n, k)))
+            fns = [cls(w) for _ in range(min(copies, 64))]
+            kernel = fns[0]
+            for m, x in xs.items():
+                if name == "w4a16_triton" and m > GEMV_MAX_ROWS:
+                    continue
                 got = kernel(x).float()
                 want = x.float() @ kernel.reference.t()
                 rel_err = float((got - want).norm() / want.norm())
-                copies = max(1, math.ceil(L2_BYTES_TO_BEAT / weight_bytes(name, n, k)))
-                fns = [kernel] + [cls(w) for _ in range(min(copies, 64) - 1)]
                 ms, mode = time_kernel(fns, x, repeats)
-                del fns
-                base_ms = ms if name == "bf16" else base_ms
+                base_ms.setdefault(m, ms)
                 tbps = weight_bytes(name, n, k) / (ms * 1e-3) / 1e12
                 rec = {
                     "n": n,
                     "k": k,
                     "m": m,
                     "kernel": name,
+                    "path": kernel.path(x) if hasattr(kernel, "path") else None,
                     "ms": ms,
-                    "speedup_vs_bf16": base_ms / ms,
+                    "speedup_vs_bf16": base_ms[m] / ms,
                     "weight_tb_per_s": tbps,
                     "rel_error_vs_dequantized": rel_err,
                     "ok": rel_err < 2e-2,
@@ -232,9 +284,11 @@ def main() -> None:
                 }
                 records.append(rec)
                 print(
-                    f"{n:>5}×{k:<6} {m:>5} {name:>14} {ms:9.4f} {base_ms / ms:7.2f} {tbps:8.2f} {rel_err:8.1e}"
+                    f"{n:>5}×{k:<6} {m:>5} {name:>20} {rec['path'] or '':>10} {ms:9.4f} "
+                    f"{base_ms[m] / ms:7.2f} {tbps:8.2f} {rel_err:8.1e}"
                 )
-                torch.cuda.empty_cache()
+            del fns, kernel
+            torch.cuda.empty_cache()
     result = {
         "benchmark": "cuda_kernels",
         "machine": machine_info(),

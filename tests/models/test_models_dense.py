@@ -106,6 +106,29 @@ def test_detection_loss_is_the_models_own(dense_family, saved):
     assert ours.loss.requires_grad and set(ours.loss_terms) >= {"loss_bbox", "loss_giou"}
 
 
+def test_rtdetr_training_forward_drops_its_denoising_queries():
+    """With denoising queries (training with targets), RT-DETR's outputs put them before the
+    model's Q queries; the adapter returns the Q queries, equal to the same forward's last Q."""
+    model, adapter = build_dense(
+        "rt_detr", num_labels=4, image_size=32, seed=1, config={"num_denoising": 6}
+    )
+    model.train()
+    boxes = [torch.tensor([[4.0, 6.0, 30.0, 28.0]]), torch.tensor([[0.0, 0.0, 10.0, 12.0]])]
+    targets = adapter.detection_targets(
+        boxes, [torch.tensor([2]), torch.tensor([0])], [(32, 32)] * 2
+    )
+    pixels = adapter.pixel_values(_images(size=(32, 32)))
+    torch.manual_seed(0)
+    ours = adapter.forward(model, pixels, targets=targets)
+    torch.manual_seed(0)
+    theirs = model(pixel_values=pixels, labels=targets)
+    queries = model.config.num_queries
+    assert theirs.logits.shape[1] > queries  # the denoising queries are there
+    assert ours.logits.shape[:2] == ours.boxes.shape[:2] == (2, queries)
+    torch.testing.assert_close(ours.logits, theirs.logits[:, -queries:])
+    torch.testing.assert_close(ours.boxes, theirs.pred_boxes[:, -queries:])
+
+
 @pytest.mark.parametrize("dense_family", ["rt_detr", "detr"])
 def test_detections_are_pixel_boxes_best_first(dense_family, saved):
     model, adapter = load_dense(saved[dense_family])

@@ -49,7 +49,8 @@ class DenseOutputs:
         logits: segmentation ``(B, C, h, w)`` class logits at the model's output resolution;
             detection ``(B, Q, K)`` per-query class logits (``K = C + 1`` with the no-object class
             last for softmax families, ``K = C`` sigmoid scores for RT-DETR); None for depth.
-        boxes: detection ``(B, Q, 4)`` boxes as (cx, cy, w, h) fractions of the input image.
+        boxes: detection ``(B, Q, 4)`` boxes as (cx, cy, w, h) fractions of the input image
+            (the model's Q queries only: a training forward's denoising queries are dropped).
         depth: ``(B, h, w)`` predicted depth (the model's units: metres for metric models).
         loss: the model's own loss when targets were given (detection), else None.
         loss_terms: its parts (``loss_ce``, ``loss_bbox``, ``loss_giou``, ...), for logging.

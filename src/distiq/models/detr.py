@@ -67,9 +67,12 @@ class DetectionAdapter(DenseAdapter):
             for k, v in (getattr(out, "loss_dict", None) or {}).items()
             if isinstance(v, torch.Tensor) and v.dim() == 0 and v.requires_grad
         }
-        return DenseOutputs(
-            logits=out.logits, boxes=out.pred_boxes, loss=out.loss, loss_terms=terms
-        )
+        logits, boxes = out.logits, out.pred_boxes
+        meta = getattr(out, "denoising_meta_values", None)
+        if meta:  # training with denoising: (B, dn + Q, ·), the denoising queries first
+            queries = meta["dn_num_split"][1]
+            logits, boxes = logits[:, -queries:], boxes[:, -queries:]
+        return DenseOutputs(logits=logits, boxes=boxes, loss=out.loss, loss_terms=terms)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """``(B, Q, C)`` class probabilities of each query."""

@@ -239,6 +239,25 @@ def test_kd_distils_a_smaller_checkpoint_through_feature_projections(
     assert {"task", "kd", "feat"} <= set(next(x for x in lines if x["kind"] == "train")["terms"])
 
 
+def test_shipped_dense_recipes_load_and_name_their_families():
+    from distiq.models import dense_families
+    from distiq.train import load_recipe
+    from distiq.train.dense_teacher import load_dense_teacher_recipe
+
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    families = dense_families()
+    for name, task in [("segformer", "segmentation"), ("rtdetr", "detection"), ("depth", "depth")]:
+        teacher = load_dense_teacher_recipe(root / f"teacher-{name}.yaml")
+        assert teacher.task.name == task and families[teacher.model.family].task == task
+        student = load_recipe(root / f"qad-w4a8-{name}.yaml")
+        assert (student.method, student.task.name) == ("qad", task)
+        assert student.train.best_metric == {"segmentation": "miou", "detection": "map"}.get(
+            task, "delta1"
+        )
+        activation = student.quantization.activation  # static: what the ONNX export holds
+        assert (activation.bits, activation.dynamic) == (8, False)
+
+
 def test_dense_recipes_refuse_what_only_vqa_has(tmp_path):
     from distiq.config import ConfigError
     from distiq.train.recipe import recipe_from_dict

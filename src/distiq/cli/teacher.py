@@ -1,5 +1,6 @@
-"""``distiq teacher RECIPE``: train the demo's built-in teacher (a ``method: teacher`` recipe,
-:mod:`distiq.demo.recipe`)."""
+"""``distiq teacher RECIPE``: train a teacher from a ``method: teacher`` recipe — the demo's
+built-in edge VLM (:mod:`distiq.demo.recipe`), or, with ``task: segmentation | detection |
+depth``, a dense vision model (:mod:`distiq.train.dense_teacher`)."""
 
 from __future__ import annotations
 
@@ -20,5 +21,6 @@ def command(
     overwrite: OverwriteOption = False,
     resume: ResumeOption = False,
 ) -> None:
-    """Train the built-in edge VLM teacher on generated scenes (method: teacher)."""
+    """Train a teacher (method: teacher): the built-in edge VLM on generated scenes, or a dense
+    vision model (task: segmentation | detection | depth)."""
     run_recipe("teacher", recipe, out=out, overwrite=overwrite, resume=resume)

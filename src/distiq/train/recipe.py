@@ -449,8 +449,9 @@ def recipe_from_dict(data: dict, *, source: str | None = None) -> Recipe:
     """Build and validate a :class:`Recipe` from a plain mapping (every problem at once)."""
     if isinstance(data, dict) and data.get("method") == "teacher":
         raise ConfigError(
-            "method: teacher trains the demo's built-in teacher; run it with "
-            "`distiq teacher RECIPE` (distiq.demo.train_teacher in Python)",
+            "method: teacher trains a teacher; run it with `distiq teacher RECIPE` "
+            "(distiq.demo.train_teacher, or distiq.train.dense_teacher.train_dense_teacher for "
+            "task: segmentation | detection | depth, in Python)",
             source,
         )
     return from_dict(Recipe, data, source=source)

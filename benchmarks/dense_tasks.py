@@ -48,6 +48,11 @@ def _yaml(name: str) -> dict:
     return yaml.safe_load((ROOT / "recipes" / f"{name}.yaml").read_text())
 
 
+def _with_scenes(data: dict, scenes: Path) -> dict:
+    """A recipe's data section on the benchmark's scene set (generated here with --count)."""
+    return {**{k: v for k, v in data.items() if k != "generate"}, "scenes": str(scenes)}
+
+
 def _with_steps(train: dict, steps: int) -> dict:
     """``train`` with ``steps``; warm-up and evaluation intervals shrink with a shorter run."""
     return {
@@ -68,7 +73,7 @@ def _teacher(task: str, args: argparse.Namespace, scenes: Path) -> Path:
     if (output / "results.json").is_file() and read_records(output / "results.json"):
         return output  # trained before with the same recipe (recipe.yaml is beside it)
     data["output"] = str(output)
-    data["data"] = {**data.get("data", {}), "scenes": str(scenes)}
+    data["data"] = _with_scenes(data.get("data", {}), scenes)
     if args.teacher_steps:
         data["train"] = _with_steps(data["train"], args.teacher_steps)
     started = time.perf_counter()
@@ -90,7 +95,7 @@ def _student_recipe(task: str, method: str, seed: int, args, scenes: Path, teach
         output=str(args.out / "runs" / f"{method}-{task}-s{seed}"),
         name=f"{method}-w4a8-{task}-s{seed}",
     )
-    data["data"] = {**data["data"], "scenes": str(scenes)}
+    data["data"] = _with_scenes(data["data"], scenes)
     data["train"] = {**data["train"], "seed": seed}
     if args.steps:
         data["train"] = _with_steps(data["train"], args.steps)

@@ -332,3 +332,27 @@ def test_answers_are_balanced_per_question_text(scene_set):
     # Yes/no questions: neither answer dominates.
     answers = Counter(r["answer"] for r in train.records if r["answer"] in ("yes", "no"))
     assert 0.35 < answers["yes"] / (answers["yes"] + answers["no"]) < 0.65
+
+
+def test_generate_scenes_at_writes_the_named_folder_reuses_it_and_refuses_others(tmp_path):
+    folder = tmp_path / "data" / "edge-scenes"
+    made = scenes.generate_scenes_at(folder, 30, seed=2, image_size=32)
+    assert made.root == folder and (folder / "meta.json").is_file()
+    meta = json.loads((folder / "meta.json").read_text())
+    assert (meta["count"], meta["seed"], meta["image_size"]) == (30, 2, 32)
+    reference = scenes.generate_scenes(tmp_path / "ref", count=30, seed=2, image_size=32)
+    assert sorted(p.name for p in folder.glob("*/images/*.png")) == sorted(
+        p.name for p in reference.root.glob("*/images/*.png")
+    )  # the same set generate_scenes writes
+    stamp = (folder / "meta.json").stat().st_mtime_ns
+    scenes.generate_scenes_at(folder, 30, seed=2, image_size=32)  # reused, not rewritten
+    assert (folder / "meta.json").stat().st_mtime_ns == stamp
+    with pytest.raises(FileExistsError, match="another scene set"):
+        scenes.generate_scenes_at(folder, 40, seed=2, image_size=32)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a scene set"):
+        scenes.generate_scenes_at(mine, 30)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert not list(tmp_path.glob("data/.*staging*"))

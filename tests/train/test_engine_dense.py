@@ -274,3 +274,31 @@ def test_dense_recipes_refuse_what_only_vqa_has(tmp_path):
         )
     with pytest.raises(ConfigError, match="the reg term distils dense outputs"):
         recipe_from_dict({**base, "task": "vqa", "objective": {"terms": {"kd": {}, "reg": {}}}})
+
+
+def test_a_dense_teacher_recipe_generates_its_scene_set(tmp_path, runner):
+    """data.generate writes the scene set into data.scenes on first use (then it is reused);
+    without it a missing folder is named with the key that would make it."""
+    folder = tmp_path / "data" / "edge-scenes"
+    recipe = {
+        "method": "teacher",
+        "task": "segmentation",
+        "output": str(tmp_path / "teacher"),
+        "model": {"family": "segformer", "image_size": IMAGE, "config": {}},
+        "data": {"scenes": str(folder), "val_images": 2, "test_images": 3},
+        "train": {"steps": 1, "batch_size": 4, "warmup_steps": 0},
+        "eval": {"batch_images": 4},
+    }
+    recipe_file = tmp_path / "teacher.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    result = runner.invoke(app, ["teacher", str(recipe_file)])
+    assert result.exit_code == 1 and "data.generate" in result.output
+    assert not folder.exists() and not (tmp_path / "teacher").exists()
+    recipe["data"]["generate"] = {"count": 30, "image_size": IMAGE}
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    result = runner.invoke(app, ["teacher", str(recipe_file)])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((folder / "meta.json").read_text())
+    assert (meta["count"], meta["image_size"]) == (30, IMAGE)
+    (record,) = read_records(tmp_path / "teacher" / "results.json")
+    assert record.extra["num_images"] == 3

@@ -72,6 +72,27 @@ def test_invalid_recipe_reports_every_problem_at_once():
     assert "quantization.weight: bits=9" in message
 
 
+def test_scene_generation_needs_its_folder_and_sane_settings():
+    with pytest.raises(ConfigError) as info:
+        recipe_from_dict(
+            {"method": "rtn", "data": {"generate": {"count": 10, "image_size": 8, "seed": -1}}}
+        )
+    message = str(info.value)
+    assert "data.generate: count must be >= 30" in message
+    assert "data.generate: image_size must be in [32, 1024]" in message
+    assert "data.generate: seed must be >= 0" in message
+    with pytest.raises(ConfigError, match="generate makes a scene set: it needs scenes"):
+        recipe_from_dict({"method": "rtn", "data": {"generate": {"count": 100}}})
+    recipe = recipe_from_dict(
+        {
+            "method": "rtn",
+            "quantization": {"scheme": "W4A16"},
+            "data": {"scenes": "d", "generate": {}},
+        }
+    )
+    assert (recipe.data.generate.count, recipe.data.generate.image_size) == (3000, 64)
+
+
 def test_cross_section_checks():
     with pytest.raises(ConfigError) as info:
         recipe_from_dict(

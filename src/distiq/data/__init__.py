@@ -58,6 +58,7 @@ from distiq.data.scenes import (
     blind_baseline_accuracy,
     blind_baseline_by_type,
     generate_scenes,
+    generate_scenes_at,
     vocabulary,
 )
 from distiq.data.segmentation import (
@@ -94,6 +95,7 @@ __all__ = [
     "collate_segmentation",
     "collate_vqa",
     "generate_scenes",
+    "generate_scenes_at",
     "load_ade20k",
     "load_bdd100k",
     "load_bdd100k_detection",

@@ -44,6 +44,46 @@ class EngineData:
         )
 
 
+def check_scenes(data: Any) -> None:
+    """``data.scenes`` is a generated scene set, or (with ``data.generate``) a folder one can be
+    generated into: missing or empty."""
+    root = Path(data.scenes)
+    if (root / "meta.json").is_file():
+        return
+    if data.generate is not None:
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise FileExistsError(
+                f"data.scenes: {root} is not a scene set (no meta.json) and not empty, so "
+                "data.generate cannot write one there; point data.scenes at a new folder"
+            )
+        return
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data.scenes: {root} does not exist; add data.generate: {{count: 3000}} to the "
+            "recipe to generate a scene set there"
+        )
+    if not any(root.iterdir()):
+        raise FileNotFoundError(
+            f"data.scenes: {root} is empty; add data.generate: {{count: 3000}} to the recipe "
+            "to generate a scene set there"
+        )
+    raise FileNotFoundError(
+        f"data.scenes: {root} is not a generated scene set (no meta.json); point at the folder "
+        "distiq.data.generate_scenes returned (edge-scenes-s...), or at a new folder with "
+        "data.generate: {count: 3000}"
+    )
+
+
+def prepare_scenes(data: Any) -> None:
+    """Generate the scene set ``data.generate`` asks for into ``data.scenes`` (reused when it
+    is there already); nothing without ``data.generate``."""
+    if data.scenes is not None and data.generate is not None:
+        from distiq.data import generate_scenes_at
+
+        spec = data.generate
+        generate_scenes_at(data.scenes, spec.count, seed=spec.seed, image_size=spec.image_size)
+
+
 def check_data(data: Any) -> None:
     """Fail fast on a missing or empty data path (before any long work)."""
     if data.scenes is None and data.vqa is None and data.hf is None:
@@ -52,16 +92,7 @@ def check_data(data: Any) -> None:
             "in memory: distiq.compress(data=...))"
         )
     if data.scenes is not None:
-        root = Path(data.scenes)
-        if not root.is_dir():
-            raise FileNotFoundError(f"data.scenes: {root} does not exist")
-        if not any(root.iterdir()):
-            raise FileNotFoundError(f"data.scenes: {root} is empty; generate the scenes first")
-        if not (root / "meta.json").is_file():
-            raise FileNotFoundError(
-                f"data.scenes: {root} is not a generated scene set (no meta.json); point at the "
-                "folder distiq.data.generate_scenes returned (edge-scenes-s...)"
-            )
+        check_scenes(data)
         return
     if data.hf is not None:
         if not Path(data.hf.path).is_dir():

@@ -44,6 +44,7 @@ import torch
 
 from distiq.config import from_dict
 from distiq.train.config import TrainConfig
+from distiq.train.data_setup import prepare_scenes
 from distiq.train.recipe import DataConfig, EvalConfig, read_recipe_file
 from distiq.train.recipe_task import DENSE_TASKS, TaskConfig
 
@@ -219,6 +220,7 @@ def train_dense_teacher(
     if not isinstance(recipe, DenseTeacherRecipe):
         recipe = load_dense_teacher_recipe(recipe)
     check_dense_teacher(recipe, overwrite=overwrite, resume=resume)
+    prepare_scenes(recipe.data)
     run_dir = Path(recipe.output)
     with RunLock(run_dir):
         prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)

@@ -48,6 +48,7 @@ Schema (every key but ``method`` and ``teacher`` optional; defaults shown)::
     objective: {terms: {task: {}}}   # distiq.objective's schema
     data:                        # exactly one of scenes / vqa / hf / format
       scenes: data/edge-scenes-s0-n25000-64px-xxxxxxxx   # a generated scene set
+      generate: null             # {count, image_size, seed}: make that set first if missing
       vqa: null                  # {split: {questions, annotations, images}} (VQA v2 files)
       hf: null                   # a datasets folder (save_to_disk): {path, columns: {...}}
       format: null               # dense tasks: a data set's own format (coco, voc, kitti,
@@ -240,12 +241,34 @@ class HFDataConfig:
 
 
 @dataclass(frozen=True)
+class ScenesGeneration:
+    """A scene set to generate into ``data.scenes`` when that folder does not exist yet
+    (:func:`distiq.data.generate_scenes_at`; a set already there with the same settings is
+    reused, anything else is refused)."""
+
+    count: int = 3000
+    image_size: int = 64
+    seed: int = 0
+
+    def _validate(self) -> list[str]:
+        errors = []
+        if self.count < 30:
+            errors.append(f"count must be >= 30 scenes (got {self.count})")
+        if not 32 <= self.image_size <= 1024:
+            errors.append(f"image_size must be in [32, 1024] pixels (got {self.image_size})")
+        if self.seed < 0:
+            errors.append(f"seed must be >= 0 (got {self.seed})")
+        return errors
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the data is (a generated scene set, VQA v2 files, a ``datasets`` folder, or — for
     the dense tasks — a data set in its own ``format`` with loader keys per split) and which
     splits."""
 
     scenes: Path | None = None
+    generate: ScenesGeneration | None = None
     vqa: dict[str, VQAFiles] | None = None
     hf: HFDataConfig | None = None
     format: str | None = None
@@ -268,6 +291,8 @@ class DataConfig:
                 "give one of scenes (a generated scene set), vqa (VQA v2 files), hf "
                 "(a datasets folder) and format (a data set in its own format), not several"
             )
+        if self.generate is not None and self.scenes is None:
+            errors.append("generate makes a scene set: it needs scenes (the folder to write)")
         if (self.format is None) != (self.splits is None):
             errors.append("format and splits go together: the format, and its keys per split")
         if self.vqa is not None:

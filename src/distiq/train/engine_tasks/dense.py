@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,15 +86,11 @@ class DenseEngineTask(EngineTask):
 
     # ------------------------------------------------------------------ data
     def check_data(self, data: Any) -> None:
+        from distiq.train.data_setup import check_scenes
         from distiq.train.engine_tasks.dense_data import check_split_args
 
         if data.scenes is not None:
-            root = Path(data.scenes)
-            if not (root / "meta.json").is_file():
-                raise FileNotFoundError(
-                    f"data.scenes: {root} is not a generated scene set (no meta.json); point at "
-                    "the folder distiq.data.generate_scenes returned (edge-scenes-s...)"
-                )
+            check_scenes(data)
             return
         if data.format is None:
             raise ValueError(

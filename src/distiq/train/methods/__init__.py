@@ -36,7 +36,7 @@ from torch import nn
 
 from distiq.config import dump_yaml
 from distiq.results import ResultRecord, read_records, upsert_records
-from distiq.train.data_setup import EngineData
+from distiq.train.data_setup import EngineData, prepare_scenes
 from distiq.train.distributed import launched_rank
 from distiq.train.engine_tasks import engine_task
 from distiq.train.lock import RunLock
@@ -146,6 +146,8 @@ def compress(
         if data is None:
             engine_task(recipe).check_data(recipe.data)
         _check_output_apart(recipe)
+    if data is None:
+        prepare_scenes(recipe.data)
     run_dir = Path(recipe.output)
     with RunLock(run_dir):
         prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)

@@ -27,7 +27,9 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks
 .venv/bin/lint-imports
-.venv/bin/python -m pytest "$@"
+# two worker processes (pytest-xdist): the tests are mostly single-threaded Python, so two
+# processes keep both cores busy; DISTIQ_TEST_WORKERS=0 runs them in this one
+.venv/bin/python -m pytest -n "${DISTIQ_TEST_WORKERS:-2}" "$@"
 
 # The main job on a core install (no extras): a second venv and a few-step demo in it
 # (scripts/check_core_install.sh), with the whole suite only (no pytest arguments given).

@@ -9,7 +9,8 @@ timed against their fp32 export.
     .venv/bin/python benchmarks/dense_tasks.py [--out DIR] [--tasks segmentation detection depth]
         [--seeds 0 1 2] [--count 3000] [--teacher-steps N] [--steps N] [--threads 1]
 
-Writes ``benchmarks/results/dense_tasks.json``: the machine and the command, each teacher's
+Writes ``benchmarks/results/dense_tasks.json`` and the runs' report (``distiq.report``, into
+``--out/report``): the machine and the command, each teacher's
 record, every run's record (``distiq.results.ResultRecord``: task, metric, value, retention,
 seed, steps, wall seconds), the ONNX parity and latency of the qad runs, and the goals:
 
@@ -194,8 +195,10 @@ def main() -> None:
         "scenes": str(scenes),
         "tasks": {},
     }
+    report_dirs: list[Path] = []  # the teachers and runs of this invocation, for the report
     for task in args.tasks:
         teacher = _teacher(task, args, scenes)
+        report_dirs.append(teacher)
         (teacher_record,) = read_records(teacher / "results.json")
         records, onnx = [], {}
         for seed in args.seeds:
@@ -203,6 +206,7 @@ def main() -> None:
                 recipe = _student_recipe(task, method, seed, args, scenes, teacher)
                 run_started = time.perf_counter()
                 run_dir = compress(recipe, overwrite=True)
+                report_dirs.append(run_dir)
                 (record,) = [r for r in read_records(run_dir / "results.json")]
                 record = record.replace(
                     extra={
@@ -222,6 +226,10 @@ def main() -> None:
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")  # after each task
+    from distiq.report import collect_inputs, write_report
+
+    files = write_report(collect_inputs(report_dirs), args.out / "report", goals=())
+    report["report"] = str(files.markdown)
     report["seconds"] = round(time.perf_counter() - started, 1)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
     for task, body in report["tasks"].items():

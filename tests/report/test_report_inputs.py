@@ -101,6 +101,18 @@ def test_predictions_belong_to_the_record_of_their_folder(tmp_path, fixtures):
     assert collect_inputs([demo]).predictions["gptq"].scores == {"q1": 1.0, "q2": 0.0}
 
 
+def test_dense_runs_per_image_rows_are_not_read_as_question_scores(tmp_path):
+    """A segmentation run's predictions.jsonl holds one row of metrics per test image (no
+    question ids); the report collects its record and leaves the file out of the pairing."""
+    run = tmp_path / "qad-seg"
+    record = ResultRecord("qad-seg", "qad", 4, 8, task="segmentation", metric="miou", value=61.0)
+    write_records(run / "results.json", [record])
+    rows = [{"image_id": i, "miou": 0.5, "pixel_accuracy": 0.9} for i in (1, 2)]
+    (run / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    inputs = collect_inputs([run])
+    assert [r.name for r in inputs.records] == ["qad-seg"] and inputs.predictions == {}
+
+
 @pytest.mark.parametrize(
     "line, message",
     [

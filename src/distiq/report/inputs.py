@@ -210,6 +210,10 @@ def collect_inputs(paths: list[str | os.PathLike]) -> ReportInputs:
                 directory.resolve().name,
             )
             return True
+        owner = next((r for r in records if r.name == name), None)
+        if owner is not None and owner.task != "vqa":
+            # dense tasks keep per-image metrics there, not per-question scores to pair
+            return True
         if name in predictions:
             logger.warning("%s replaces %s for %s", file, predictions[name].path, name)
         predictions[name] = read_predictions(file, name)

@@ -9,8 +9,8 @@ timed against their fp32 export.
     .venv/bin/python benchmarks/dense_tasks.py [--out DIR] [--tasks segmentation detection depth]
         [--seeds 0 1 2] [--count 3000] [--teacher-steps N] [--steps N] [--threads 1]
 
-Writes ``benchmarks/results/dense_tasks.json`` and the runs' report (``distiq.report``, into
-``--out/report``): the machine and the command, each teacher's
+Writes the runs' report (``distiq.report``) into ``--out/report``, and
+``benchmarks/results/dense_tasks.json``: the machine and the command, each teacher's
 record, every run's record (``distiq.results.ResultRecord``: task, metric, value, retention,
 seed, steps, wall seconds), the ONNX parity and latency of the qad runs, and the goals:
 

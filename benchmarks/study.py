@@ -262,7 +262,11 @@ def run(study: Study, names: list[str], jobs: int) -> dict[str, float]:
     recipes = {n: recipe_from_dict(study.planned[n], source=n) for n in names}
     todo = []
     for name, recipe in recipes.items():
-        action = cache_action(Path(recipe.output), recipe_to_dict(recipe))
+        action = cache_action(
+            Path(recipe.output),
+            recipe_to_dict(recipe),
+            lambda written: recipe_to_dict(recipe_from_dict(written)),
+        )
         if action != "reuse":
             todo.append(Job(name, compress, recipe, action))
     if not todo:

@@ -9,10 +9,11 @@ from types import SimpleNamespace
 from typing import ClassVar
 
 import pytest
+import yaml
 
 import distiq
 from distiq.cli import app
-from distiq.config import dump_yaml
+from distiq.config import dump_yaml, load_yaml
 from distiq.demo import run as demo
 from distiq.demo.jobs import default_jobs
 from distiq.demo.plan import (
@@ -81,6 +82,17 @@ def test_cache_action(tmp_path):
     assert cache_action(run, planned) == "reuse"
     changed = recipe_to_dict(recipe_from_dict(planned_recipe("rtn-w4a8", FULL, tmp_path, tmp_path)))
     assert cache_action(run, changed) == "run"
+    # a run written before a key with a default joined the schema: the same run once normalized
+    older = load_yaml(run / "recipe.yaml")
+    del older["data"]["generate"]
+    (run / "recipe.yaml").write_text(yaml.safe_dump(older))
+    assert cache_action(run, planned) == "run"
+    normalize = lambda written: recipe_to_dict(recipe_from_dict(written))  # noqa: E731
+    assert cache_action(run, planned, normalize) == "reuse"
+    assert cache_action(run, changed, normalize) == "run"
+    older["quantization"]["weight"]["bitz"] = 4  # one the schema refuses: run anew
+    (run / "recipe.yaml").write_text(yaml.safe_dump(older))
+    assert cache_action(run, planned, normalize) == "run"
     (run / "results.json").write_text("{corrupt")
     assert cache_action(run, planned) == "run"
 

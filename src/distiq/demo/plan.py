@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -170,16 +171,23 @@ def run_dir(out: Path, name: str) -> Path:
 Action = Literal["reuse", "resume", "run"]
 
 
-def cache_action(directory: Path, recipe_as_run: dict) -> Action:
+def cache_action(
+    directory: Path, recipe_as_run: dict, normalize: Callable[[dict], dict] | None = None
+) -> Action:
     """What to do with a run directory, given the planned recipe as the engine writes it to
-    ``recipe.yaml`` (``recipe_to_dict`` of the validated recipe)."""
+    ``recipe.yaml`` (``recipe_to_dict`` of the validated recipe).
+
+    ``normalize`` (the recipe's validation and ``recipe_to_dict``) is applied to the stored
+    recipe first, so a run written before a key with a default was added to the schema still
+    matches; a stored recipe the schema refuses is run anew."""
     from distiq.results import read_records
 
     stored = directory / "recipe.yaml"
     if not stored.is_file():
         return "run"
     try:
-        same = load_yaml(stored) == recipe_as_run
+        written = load_yaml(stored)
+        same = (normalize(written) if normalize else written) == recipe_as_run
         records = read_records(directory / "results.json")
     except ConfigError:
         return "run"  # a corrupt file: start anew

@@ -105,7 +105,16 @@ def _action(engine: _Engine, name: str, recipe: Any, reused: list, fresh: bool) 
     """``run`` | ``resume`` | ``reuse`` (said and noted in ``reused``) for one recipe; ``fresh``
     forces a new run (its teacher changed)."""
     directory = Path(recipe.output)
-    action = "run" if fresh else cache_action(directory, engine.recipe_to_dict(recipe))
+    build = engine.teacher_recipe_from_dict if name == TEACHER else engine.recipe_from_dict
+    action = (
+        "run"
+        if fresh
+        else cache_action(
+            directory,
+            engine.recipe_to_dict(recipe),
+            lambda written: engine.recipe_to_dict(build(written, source=str(directory))),
+        )
+    )
     if action == "reuse":
         say(f"{name}: reusing {directory}")
         reused.append(name)

@@ -12,7 +12,8 @@ timed against their fp32 export.
 Writes the runs' report (``distiq.report``) into ``--out/report``, and
 ``benchmarks/results/dense_tasks.json``: the machine and the command, each teacher's
 record, every run's record (``distiq.results.ResultRecord``: task, metric, value, retention,
-seed, steps, wall seconds), the ONNX parity and latency of the qad runs, and the goals:
+seed, steps, wall seconds; None for a run reused from an earlier invocation with the same
+recipe), the ONNX parity and latency of the qad runs, and the goals:
 
 - segmentation: W4A8 qad keeps >= 98 % of the teacher's mIoU (mean over seeds) and is ahead of
   rtn, gptq and qat (mean over seeds, and in how many seeds);
@@ -182,8 +183,10 @@ def main() -> None:
     import torch
 
     from distiq.data import generate_scenes
+    from distiq.demo.plan import cache_action
     from distiq.results import read_records
     from distiq.train.methods import compress
+    from distiq.train.recipe import recipe_from_dict, recipe_to_dict
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -205,15 +208,15 @@ def main() -> None:
             for method in args.methods:
                 recipe = _student_recipe(task, method, seed, args, scenes, teacher)
                 run_started = time.perf_counter()
-                run_dir = compress(recipe, overwrite=True)
+                run_dir = Path(recipe.output)
+                normalize = lambda written: recipe_to_dict(recipe_from_dict(written))  # noqa: E731
+                reused = cache_action(run_dir, recipe_to_dict(recipe), normalize) == "reuse"
+                if not reused:  # the same recipe run before (another seed list) is reused
+                    compress(recipe, overwrite=True)
                 report_dirs.append(run_dir)
                 (record,) = [r for r in read_records(run_dir / "results.json")]
-                record = record.replace(
-                    extra={
-                        **record.extra,
-                        "wall_seconds": round(time.perf_counter() - run_started, 1),
-                    }
-                )
+                wall = None if reused else round(time.perf_counter() - run_started, 1)
+                record = record.replace(extra={**record.extra, "wall_seconds": wall})
                 records.append(record)
                 logging.info("%s %s seed %d: %.2f", task, method, seed, record.value)
                 if method == "qad" and seed == args.seeds[0]:

@@ -254,6 +254,12 @@ def test_shipped_dense_recipes_load_and_name_their_families():
         assert student.train.best_metric == {"segmentation": "miou", "detection": "map"}.get(
             task, "delta1"
         )
+        # both make (or reuse) the same scene set, so they run from a fresh clone in any order
+        assert teacher.data.generate is not None
+        assert (student.data.scenes, student.data.generate) == (
+            teacher.data.scenes,
+            teacher.data.generate,
+        )
         activation = student.quantization.activation  # static: what the ONNX export holds
         assert (activation.bits, activation.dynamic) == (8, False)
 

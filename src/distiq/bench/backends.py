@@ -129,23 +129,36 @@ def _fp32_bytes(model: nn.Module) -> int:
     return sum(4 * v.numel() for v in model.state_dict().values() if v.is_floating_point())
 
 
-def _inputs(model: nn.Module, adapter: Any, seq_len: int | None) -> dict[str, torch.Tensor]:
-    from distiq.export.onnx_parts import image_facts
+# The prompt length of the language workloads for families whose image-token count depends on
+# the image (Idefics3 splitting, Qwen2-VL's grid): a typical single-image prompt.
+DEFAULT_PROMPT_TOKENS = 128
+VISION_ONLY_LLAVA = (
+    "the vision workload times LLaVA-layout towers (one fixed-size image); this family's "
+    "processor makes its own patches or tiles"
+)
 
-    facts = image_facts(model, adapter)
+
+def _inputs(model: nn.Module, adapter: Any, seq_len: int | None) -> dict[str, torch.Tensor]:
+    """Random prompt embeddings ``(1, L, hidden)``, one decode step's embedding and, for
+    LLaVA-layout models, one image ``(1, 3, H, W)`` (``pixel_values``; absent otherwise)."""
+    from distiq.export.onnx_parts import image_facts
     from distiq.models.multitask import unwrap_vlm
 
     vlm = unwrap_vlm(model)
-    length = seq_len or facts["num_image_tokens"] + 16
-    length = min(length, adapter.max_length)
+    llava = getattr(adapter, "family", None) == "llava"
+    facts = image_facts(model, adapter) if llava else None
+    default = facts["num_image_tokens"] + 16 if facts else DEFAULT_PROMPT_TOKENS
+    length = min(seq_len or default, adapter.max_length)
     generator = torch.Generator().manual_seed(0)
     vocab = vlm.get_input_embeddings().weight.shape[0]
     ids = torch.randint(0, vocab, (1, length), generator=generator)
     with torch.no_grad():
         embeds = vlm.get_input_embeddings()(ids).float()
-    height, width = facts["image_size"]
-    pixels = torch.randn(1, 3, height, width, generator=generator)
-    return {"inputs_embeds": embeds, "step_embeds": step_embedding(model), "pixel_values": pixels}
+    inputs = {"inputs_embeds": embeds, "step_embeds": step_embedding(model)}
+    if facts is not None:
+        height, width = facts["image_size"]
+        inputs["pixel_values"] = torch.randn(1, 3, height, width, generator=generator)
+    return inputs
 
 
 def _torch_call(
@@ -258,10 +271,14 @@ def export_backends(
             exports[backend] = _first_problem(str(exc))
             continue
         target = root / f"onnx-{precision}"
-        export_onnx(
-            source, target, adapter=adapter, precision=precision, int8_weights=int8_weights,
-            overwrite=True,
-        )  # fmt: skip
+        try:
+            export_onnx(
+                source, target, adapter=adapter, precision=precision,
+                int8_weights=int8_weights, overwrite=True,
+            )  # fmt: skip
+        except ValueError as exc:  # a family the ONNX export does not cover: said, not fatal
+            exports[backend] = _first_problem(str(exc))
+            continue
         exports[backend] = target
     return exports
 
@@ -291,7 +308,8 @@ def measure_model(
         warmup, repeats: untimed and timed runs per backend (timed runs interleaved).
         workloads: ``language_model`` (the prefill), ``decode`` (one token after the
             prompt's cache), ``vision``.
-        seq_len: the prompt length L of the language workloads (default: image tokens + 16).
+        seq_len: the prompt length L of the language workloads (default: image tokens + 16 for
+            LLaVA-layout models, :data:`DEFAULT_PROMPT_TOKENS` for the others).
         workdir: where ONNX exports go (default: a temporary directory, removed after).
         exports: the ONNX models of the ``ort-*`` backends, exported before by
             :func:`export_backends` from this model for the same ``backends`` (then nothing is
@@ -323,7 +341,17 @@ def measure_model(
         results = []
         prompt_tokens = int(inputs["inputs_embeds"].shape[1])
         for workload in workloads:
-            reference = _torch_call(model, adapter, workload, inputs)()
+            if workload == "vision" and "pixel_values" not in inputs:
+                results += [
+                    BackendResult(b, workload, False, reason=VISION_ONLY_LLAVA) for b in backends
+                ]
+                continue
+            try:
+                reference = _torch_call(model, adapter, workload, inputs)()
+            except ValueError as exc:  # a family whose parts the timing cannot isolate
+                reason = _first_problem(str(exc))
+                results += [BackendResult(b, workload, False, reason=reason) for b in backends]
+                continue
             calls: dict[str, Callable] = {}
             for backend in backends:
                 result = BackendResult(backend, workload, True)

@@ -14,6 +14,7 @@ def demo_report(tmp_path_factory, fixtures):
     from typer.testing import CliRunner
 
     root = fixtures.write_demo_dir(tmp_path_factory.mktemp("demo"))
+    (root / "demo_times.json").write_text('{"seconds": {}}\n')  # what distiq demo leaves
     result = CliRunner().invoke(app, ["report", str(root)], env={"COLUMNS": "200"})
     return root, result
 
@@ -37,6 +38,14 @@ def test_report_demo_dir(demo_report):
     assert "![training curves of rtn-w4a8](curves_rtn-w4a8.png)" in md
     html = (root / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4
+
+
+def test_a_users_runs_are_not_judged_by_the_demos_goals(runner, tmp_path, fixtures):
+    root = fixtures.write_demo_dir(tmp_path / "mine")  # the same runs, not a demo's output
+    result = runner.invoke(app, ["report", str(root)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "goals" not in result.stdout
+    assert "## Goals" not in (root / "report.md").read_text()
 
 
 def test_report_several_paths_needs_out(runner, tmp_path, fixtures):

@@ -9,6 +9,8 @@ import typer
 
 from distiq.cli._common import console, records_table, user_errors
 
+DEMO_TIMES = "demo_times.json"  # what `distiq demo` leaves in its output directory
+
 
 def default_out(paths: list[Path]) -> Path:
     """Where the report goes without ``--out``: the one directory given (or the folder of the one
@@ -43,7 +45,8 @@ def command(
         ),
     ] = None,
 ) -> None:
-    """Write report.md and report.html (tables, goals, plots, training curves) from result JSON."""
+    """Write report.md and report.html (tables, plots, training curves; the demo's goals for a
+    demo output directory) from result JSON."""
     from distiq.report import DEFAULT_GOALS, collect_inputs, goals_summary, write_report
 
     for path in paths:  # clear errors before anything is created
@@ -54,12 +57,16 @@ def command(
             )
     out_dir = out if out is not None else default_out(paths)
     inputs = collect_inputs(paths)
+    # the demo's goals judge the demo's runs; a user's own runs have none of them
+    demo = any(p.is_dir() and (p / DEMO_TIMES).is_file() for p in paths)
+    goals = DEFAULT_GOALS if demo else ()
     term = console()
     with term.status("Rendering the report…"):
-        files = write_report(inputs, out_dir, DEFAULT_GOALS)
+        files = write_report(inputs, out_dir, goals)
     if inputs.records:
         term.print(records_table(inputs.records, title="Results"))
-        term.print(goals_summary(files.goals))  # as the report shows them
+        if goals:
+            term.print(goals_summary(files.goals))  # as the report shows them
     # plain echo (no wrapping) so that the paths can be copied
     typer.echo(f"report: {files.markdown}")
     typer.echo(f"report: {files.html}")

@@ -58,9 +58,9 @@ def command(
             "--out",
             "-o",
             help=(
-                "Output folder (default: RUN_DIR/export/<format>). Replaces only an earlier "
-                "distiq export, once the new one is verified; never the run or a folder "
-                "containing it."
+                "Output folder (default: RUN_DIR/export/<format>, onnx-<precision> for ONNX). "
+                "Replaces only an earlier distiq export, once the new one is verified; never "
+                "the run or a folder containing it."
             ),
             show_default=False,
         ),

@@ -39,8 +39,9 @@ def resolve_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
-            f"teacher directory {path} does not exist; train one with a `method: teacher` recipe "
-            "(distiq teacher RECIPE) or point teacher: at a saved model directory"
+            f"teacher directory {path} does not exist (relative paths start from the directory "
+            f"distiq runs in, here {Path.cwd()}); point teacher: at a Hugging Face model folder "
+            "(save_pretrained with its processor), or train one with `distiq teacher RECIPE`"
         )
     if (path / "config.json").is_file():
         return path

@@ -304,6 +304,7 @@ def test_a_dense_teacher_recipe_generates_its_scene_set(tmp_path, runner):
     recipe_file.write_text(yaml.safe_dump(recipe))
     result = runner.invoke(app, ["teacher", str(recipe_file)])
     assert result.exit_code == 0, result.output
+    assert f"stage scenes (30 into {folder}): done in" in result.output
     meta = json.loads((folder / "meta.json").read_text())
     assert (meta["count"], meta["image_size"]) == (30, IMAGE)
     (record,) = read_records(tmp_path / "teacher" / "results.json")

@@ -79,9 +79,14 @@ def prepare_scenes(data: Any) -> None:
     is there already); nothing without ``data.generate``."""
     if data.scenes is not None and data.generate is not None:
         from distiq.data import generate_scenes_at
+        from distiq.progress import stage
 
         spec = data.generate
-        generate_scenes_at(data.scenes, spec.count, seed=spec.seed, image_size=spec.image_size)
+        if (Path(data.scenes) / "meta.json").is_file():  # made before: reused (or refused)
+            generate_scenes_at(data.scenes, spec.count, seed=spec.seed, image_size=spec.image_size)
+            return
+        with stage(f"scenes ({spec.count:,} into {data.scenes})"):
+            generate_scenes_at(data.scenes, spec.count, seed=spec.seed, image_size=spec.image_size)
 
 
 def check_data(data: Any) -> None:

@@ -195,3 +195,15 @@ def test_fmt_p():
         "0.0012",
         "< 0.0001",
     ]
+
+
+def test_dense_groups_are_compared_by_their_means_and_say_why_not_tested():
+    records = [
+        ResultRecord(f"{m}-s{s}", m, 4, 8, task="segmentation", metric="miou", value=v, seed=s)
+        for m, values in (("qad", (90.5, 90.9)), ("qat", (91.1, 91.7)))
+        for s, v in enumerate(values)
+    ]
+    qad, qat = sorted(group_records(records), key=lambda g: g.key.method)
+    result = compare(qad, qat, {})
+    assert not result.tested and result.difference == pytest.approx(-0.7)
+    assert result.reason == "segmentation scores the whole split, not question by question"

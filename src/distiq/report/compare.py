@@ -123,6 +123,10 @@ def compare(a: Group, b: Group, predictions: Mapping[str, QuestionScores]) -> Co
     if not runs_a or not runs_b:
         empty = a if not runs_a else b
         return Comparison(a, b, reason=f"{empty.label} has no record with a value")
+    dense = sorted({r.task for r in runs_a + runs_b if r.task != "vqa"})
+    if dense:  # mIoU / mAP / depth metrics are computed over the split, not per question
+        reason = f"{'/'.join(dense)} scores the whole split, not question by question"
+        return Comparison(a, b, difference=_mean_difference(a, b), reason=reason)
     missing = [r.name for r in runs_a + runs_b if r.name not in predictions]
     if missing:
         reason = f"no predictions.jsonl for {', '.join(missing)}"

@@ -355,7 +355,9 @@ def measure_shape(key: str, layers: int, args, root: Path) -> dict:
         source = model if weight is None else quantized(model, adapter, weight, activation)
         exports[name] = root / key / f"onnx-{name}"
         export_onnx(source, exports[name], adapter=adapter, precision=precision)
-        sizes[f"onnx-{name}"] = (exports[name] / "language_model.onnx").stat().st_size
+        sizes[f"onnx-{name}"] = sum(
+            f.stat().st_size for f in exports[name].glob("language_model.onnx*")
+        )  # the graph and, above 2 GB, its external data
         if args.llama_cpp and name in ("fp32", "int4-g32"):
             kinds = {"F32": "f32", "F16": "f16"} if name == "fp32" else {"Q4_0": "f32"}
             for kind, float_type in kinds.items():

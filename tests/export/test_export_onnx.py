@@ -3,6 +3,7 @@ onnxruntime (logits and answers), the fused kernels onnxruntime runs, heads, and
 
 import collections
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -318,3 +319,36 @@ def test_manifest_graph_files_must_stay_inside(tmp_path):
         (export / "manifest.json").write_text(json.dumps(manifest))
         with pytest.raises(ValueError, match="graphs\\['vision'\\].file"):
             read_onnx_manifest(export)
+
+
+def test_graphs_too_large_for_one_protobuf_keep_their_weights_beside_them(
+    vlm_setup, tmp_path, monkeypatch
+):
+    """Above the protobuf limit (lowered here) each graph is written with one external data
+    file, the tracer's own external files are gone, and the export answers as before."""
+    import distiq.export.onnx as onnx_export
+
+    adapter, data, models, _ = vlm_setup
+    monkeypatch.setattr(onnx_export, "LARGE_GRAPH_BYTES", 0)
+    export = export_onnx(models["int4"], tmp_path / "big", adapter=adapter, precision="int4")
+    for graph in export.graphs.values():
+        assert Path(f"{graph}.data").is_file(), graph
+    assert not [p for p in (tmp_path / "big").iterdir() if p.name.startswith(".")]
+    onnx_files = {p.name for p in (tmp_path / "big").glob("*.onnx*")}
+    assert onnx_files == {Path(g).name for g in export.graphs.values()} | {
+        f"{Path(g).name}.data" for g in export.graphs.values()
+    }
+    report = check_parity(
+        models["int4"], export.path, data, adapter=adapter, max_new_tokens=3, threads=1,
+        int4_accuracy_level=0,
+    )  # fmt: skip
+    assert report.max_abs_logit_diff <= 1e-5 and report.answers_identical
+    module = torch.nn.Linear(64, 32)  # weights above onnx's 1 KiB external-data threshold
+    file = onnx_export.export_module(
+        module, (torch.randn(2, 64),), tmp_path / "one" / "linear.onnx", input_names=["x"],
+        output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, precision="fp32",
+    )  # fmt: skip
+    assert (tmp_path / "one" / "linear.onnx.data").is_file() and file is not None
+    x = torch.randn(3, 64)
+    (got,) = _session(tmp_path / "one" / "linear.onnx").run(None, {"x": x.numpy()})
+    np.testing.assert_allclose(got, module(x).detach().numpy(), atol=1e-6, rtol=0)

@@ -224,7 +224,7 @@ def _first_problem(message: str) -> str:
 
 
 def _export_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*.onnx"))
+    return sum(f.stat().st_size for f in path.glob("*.onnx*"))  # graphs and their .data
 
 
 def _diff(output, reference: torch.Tensor) -> float:

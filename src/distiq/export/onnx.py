@@ -176,13 +176,43 @@ def _blockwise(plans: list[LayerPlan]) -> bool:
     return any(p.block_size is not None for p in plans)
 
 
-def _save_graph(file: Path, opset: int) -> None:
-    import onnx
+# Protobuf cannot serialize a message over 2 GiB: larger graphs keep their weights in one
+# external data file beside the graph (``<name>.onnx.data``), and are checked from disk.
+LARGE_GRAPH_BYTES = 1_800_000_000
 
-    proto = finalize_graph(onnx.load(str(file)), opset)
-    onnx.checker.check_model(proto)
-    large = proto.ByteSize() > 1_800_000_000
-    onnx.save(proto, str(file), save_as_external_data=large)
+
+def _save_graph(file: Path, opset: int) -> None:
+    """Finish the traced graph in ``file`` (opset, checks) and write it back: one file, or the
+    graph plus ``<name>.onnx.data`` when it is too large for one protobuf message (the tracer's
+    own external-data files are removed then)."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    model = onnx.load(str(file), load_external_data=False)
+    traced_data = {
+        entry.value
+        for tensor in model.graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    if traced_data:
+        load_external_data_for_model(model, str(file.parent))
+    proto = finalize_graph(model, opset)
+    for name in traced_data:  # the tracer wrote them into the export's own temporary folder
+        path = (file.parent / name).resolve()
+        if path.parent == file.parent.resolve():
+            path.unlink(missing_ok=True)
+    if proto.ByteSize() <= LARGE_GRAPH_BYTES:
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(file))
+        return
+    data = file.with_name(file.name + ".data")
+    data.unlink(missing_ok=True)  # save appends to an existing data file
+    onnx.save(
+        proto, str(file), save_as_external_data=True, all_tensors_to_one_file=True,
+        location=data.name,
+    )  # fmt: skip
+    onnx.checker.check_model(str(file))
 
 
 def export_module(
@@ -214,6 +244,9 @@ def export_module(
                 _blockwise(plans), exporter,
             )  # fmt: skip
         _save_graph(tmp / file.name, 21)
+        data = tmp / (file.name + ".data")
+        if data.is_file():  # a large graph's weights: beside it, where the graph points
+            os.replace(data, file.with_name(data.name))
         os.replace(tmp / file.name, file)
     finally:
         module.train(was_training)

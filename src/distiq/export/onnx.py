@@ -202,7 +202,9 @@ def _save_graph(file: Path, opset: int) -> None:
         path = (file.parent / name).resolve()
         if path.parent == file.parent.resolve():
             path.unlink(missing_ok=True)
-    if proto.ByteSize() <= LARGE_GRAPH_BYTES:
+    # the initializers' bytes: ByteSize() itself fails on a message over 2 GiB
+    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+    if weight_bytes <= LARGE_GRAPH_BYTES:
         onnx.checker.check_model(proto)
         onnx.save(proto, str(file))
         return

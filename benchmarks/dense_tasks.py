@@ -199,6 +199,10 @@ def main() -> None:
         "tasks": {},
     }
     report_dirs: list[Path] = []  # the teachers and runs of this invocation, for the report
+
+    def normalize(written: dict) -> dict:  # a stored recipe through the current schema
+        return recipe_to_dict(recipe_from_dict(written))
+
     for task in args.tasks:
         teacher = _teacher(task, args, scenes)
         report_dirs.append(teacher)
@@ -209,7 +213,6 @@ def main() -> None:
                 recipe = _student_recipe(task, method, seed, args, scenes, teacher)
                 run_started = time.perf_counter()
                 run_dir = Path(recipe.output)
-                normalize = lambda written: recipe_to_dict(recipe_from_dict(written))  # noqa: E731
                 reused = cache_action(run_dir, recipe_to_dict(recipe), normalize) == "reuse"
                 if not reused:  # the same recipe run before (another seed list) is reused
                     compress(recipe, overwrite=True)

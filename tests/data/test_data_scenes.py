@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from distiq.config import ConfigError, from_dict
-from distiq.data import _generate, scenes
+from distiq.data import _generate, generate_scenes_at, scenes
 from distiq.data._render import COLOUR_RGB, SHAPE_PLURALS
 from distiq.data.scenes import (
     SceneConfig,
@@ -336,7 +336,7 @@ def test_answers_are_balanced_per_question_text(scene_set):
 
 def test_generate_scenes_at_writes_the_named_folder_reuses_it_and_refuses_others(tmp_path):
     folder = tmp_path / "data" / "edge-scenes"
-    made = scenes.generate_scenes_at(folder, 30, seed=2, image_size=32)
+    made = generate_scenes_at(folder, 30, seed=2, image_size=32)
     assert made.root == folder and (folder / "meta.json").is_file()
     meta = json.loads((folder / "meta.json").read_text())
     assert (meta["count"], meta["seed"], meta["image_size"]) == (30, 2, 32)
@@ -345,14 +345,14 @@ def test_generate_scenes_at_writes_the_named_folder_reuses_it_and_refuses_others
         p.name for p in reference.root.glob("*/images/*.png")
     )  # the same set generate_scenes writes
     stamp = (folder / "meta.json").stat().st_mtime_ns
-    scenes.generate_scenes_at(folder, 30, seed=2, image_size=32)  # reused, not rewritten
+    generate_scenes_at(folder, 30, seed=2, image_size=32)  # reused, not rewritten
     assert (folder / "meta.json").stat().st_mtime_ns == stamp
     with pytest.raises(FileExistsError, match="another scene set"):
-        scenes.generate_scenes_at(folder, 40, seed=2, image_size=32)
+        generate_scenes_at(folder, 40, seed=2, image_size=32)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a scene set"):
-        scenes.generate_scenes_at(mine, 30)
+        generate_scenes_at(mine, 30)
     assert (mine / "notes.txt").read_text() == "keep me"
     assert not list(tmp_path.glob("data/.*staging*"))

@@ -52,13 +52,13 @@ from distiq.data.driving import (
 )
 from distiq.data.formats import IGNORE_INDEX, LabelMap, load_label_map, write_label_map
 from distiq.data.records import BadRecordError, BadRecordSummary, RecordDataset
+from distiq.data.scene_folder import generate_scenes_at
 from distiq.data.scenes import (
     SceneConfig,
     ScenePaths,
     blind_baseline_accuracy,
     blind_baseline_by_type,
     generate_scenes,
-    generate_scenes_at,
     vocabulary,
 )
 from distiq.data.segmentation import (

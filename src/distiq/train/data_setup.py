@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,10 +83,8 @@ def prepare_scenes(data: Any) -> None:
         from distiq.progress import stage
 
         spec = data.generate
-        if (Path(data.scenes) / "meta.json").is_file():  # made before: reused (or refused)
-            generate_scenes_at(data.scenes, spec.count, seed=spec.seed, image_size=spec.image_size)
-            return
-        with stage(f"scenes ({spec.count:,} into {data.scenes})"):
+        made = (Path(data.scenes) / "meta.json").is_file()  # then reused (or refused): no stage
+        with nullcontext() if made else stage(f"scenes ({spec.count:,} into {data.scenes})"):
             generate_scenes_at(data.scenes, spec.count, seed=spec.seed, image_size=spec.image_size)
 
 
